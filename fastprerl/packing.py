@@ -1,0 +1,141 @@
+"""One varlen token stream for both views of the rollouts a loss needs.
+
+For sample i with prompt x_i and response y_i, the prompt-conditioned view packs [x_i; y_i] and the
+prompt-free view packs [e; y_i] (e = the empty-context token). Positions restart at 0 for every packed
+sequence. The hidden state at stream index j predicts the token at j + 1, so the response token y_i[k]
+is scored at row  start + len(x_i) - 1 + k  (conditioned) or  start + k  (prompt-free).
+Only the samples selected for a view are packed at all.
+
+The stream is cut into bins of at most `max_tokens` tokens (a sequence never straddles two bins; one
+longer than the budget gets a bin of its own). A bin is one micro-batch: one model forward with
+block-diagonal causal attention derived from the restarting positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+VIEWS = ("cond", "free")  # log P(y|x) and log P(y)
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor      # (T,) int64 token stream
+    position_ids: torch.Tensor   # (T,) int64, restarting at 0 per sequence
+    seq_lens: List[int]          # length of every packed sequence, in stream order
+    bins: List[tuple]            # [(start, end)] token ranges of the micro-batches
+    rows: torch.Tensor           # (R,) stream index whose hidden state predicts a response token
+    targets: torch.Tensor        # (R,) that response token
+    row_sample: torch.Tensor     # (R,) sample index of the row
+    row_view: torch.Tensor       # (R,) 0 = cond (log P(y|x)), 1 = free (log P(y))
+    row_pos: torch.Tensor        # (R,) position of the token within its response
+    num_samples: int
+    view_rows: Dict[str, torch.Tensor] = field(default_factory=dict)  # view -> indices into R
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def bin_row_index(self, b: int) -> torch.Tensor:
+        """Indices into R of the rows whose stream index lies in bin b."""
+        s, e = self.bins[b]
+        return torch.nonzero((self.rows >= s) & (self.rows < e), as_tuple=False).view(-1)
+
+    def unpack(self, values: torch.Tensor, view: str) -> List[torch.Tensor]:
+        """Split per-row values (R,) of one view into a list of per-sample (len(y_i),) tensors;
+        samples not packed for that view get an empty tensor."""
+        idx = self.view_rows[view]
+        samp = self.row_sample[idx]
+        out = [values.new_zeros(0) for _ in range(self.num_samples)]
+        if idx.numel():
+            vals = values[idx]
+            counts = torch.bincount(samp, minlength=self.num_samples).tolist()
+            parts = torch.split(vals, counts)
+            for i, part in enumerate(parts):
+                if counts[i]:
+                    out[i] = part
+        return out
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+         cond: Optional[Sequence[bool]] = None, free: Optional[Sequence[bool]] = None,
+         empty_token: int, max_tokens: int = 4096) -> PackedBatch:
+    """Pack the selected samples' views. cond/free: per-sample booleans (None = none of that view)."""
+    n = len(prompts)
+    if len(responses) != n:
+        raise ValueError(f"pack: {n} prompts but {len(responses)} responses")
+    if max_tokens < 2:
+        raise ValueError(f"pack: max_tokens must be >= 2, got {max_tokens}")
+    sel = {"cond": list(cond) if cond is not None else [False] * n,
+           "free": list(free) if free is not None else [False] * n}
+    for v in VIEWS:
+        if len(sel[v]) != n:
+            raise ValueError(f"pack: mask for view {v!r} has {len(sel[v])} entries, expected {n}")
+
+    seqs = []  # (tokens, view_id, sample, first_scored_offset, n_resp)
+    for vid, view in enumerate(VIEWS):
+        for i in range(n):
+            if not sel[view][i] or len(responses[i]) == 0:
+                continue
+            y = list(responses[i])
+            if view == "cond":
+                x = list(prompts[i])
+                if not x:
+                    raise ValueError(f"pack: sample {i} has an empty prompt")
+                seqs.append((x + y, vid, i, len(x) - 1, len(y)))
+            else:
+                seqs.append(([empty_token] + y, vid, i, 0, len(y)))
+
+    ids, pos, lens, bins = [], [], [], []
+    rows, targets, rsamp, rview, rpos = [], [], [], [], []
+    bin_start = cur = 0
+    for toks, vid, i, first, ny in seqs:
+        L = len(toks)
+        if cur > bin_start and cur + L - bin_start > max_tokens:
+            bins.append((bin_start, cur))
+            bin_start = cur
+        ids.extend(toks)
+        pos.extend(range(L))
+        lens.append(L)
+        rows.extend(range(cur + first, cur + first + ny))
+        targets.extend(toks[first + 1:first + 1 + ny])
+        rsamp.extend([i] * ny)
+        rview.extend([vid] * ny)
+        rpos.extend(range(ny))
+        cur += L
+    if cur > bin_start:
+        bins.append((bin_start, cur))
+
+    lt = lambda xs: torch.tensor(xs, dtype=torch.long)
+    batch = PackedBatch(input_ids=lt(ids), position_ids=lt(pos), seq_lens=lens, bins=bins,
+                        rows=lt(rows), targets=lt(targets), row_sample=lt(rsamp), row_view=lt(rview),
+                        row_pos=lt(rpos), num_samples=n)
+    for vid, view in enumerate(VIEWS):
+        batch.view_rows[view] = torch.nonzero(batch.row_view == vid, as_tuple=False).view(-1)
+    return batch
+
+
+def bin_hidden(model, batch: PackedBatch, b: int) -> torch.Tensor:
+    """Final hidden states (L_b, H) of bin b: one forward of the model body, no LM head.
+
+    Attention is causal within each packed sequence: transformers derives the block-diagonal mask
+    from the restarting position ids (flash-attn varlen when the model uses flash_attention_2,
+    otherwise SDPA/eager with a mask over this bin only)."""
+    from .models import decoder_of
+
+    s, e = batch.bins[b]
+    dev = next(model.parameters()).device
+    ids = batch.input_ids[s:e].to(dev).unsqueeze(0)
+    pos = batch.position_ids[s:e].to(dev).unsqueeze(0)
+    out = decoder_of(model)(input_ids=ids, position_ids=pos, use_cache=False)
+    return out.last_hidden_state[0]
+
+
+def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
+    """Hidden states (T, H) of the whole stream, bin by bin."""
+    if not batch.bins:
+        p = next(model.parameters())
+        return p.new_zeros(0, model.config.hidden_size)
+    return torch.cat([bin_hidden(model, batch, b) for b in range(len(batch.bins))], dim=0)

@@ -1,0 +1,169 @@
+"""Public entry points of fastprerl.kernels.
+
+Per-token log-probs of `targets` under softmax(hidden @ weight.T / temperature), computed without
+materialising the (rows x vocab) logits, for an optional compacted subset of rows.
+
+Implementations (``impl``):
+  "triton"  fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1, for tests)
+  "torch"   chunked PyTorch (rows x vocab tiles, online logsumexp); the CPU default
+  "naive"   full logits; the oracle, small shapes only
+  "auto"    "triton" on CUDA tensors when Triton is importable, else "torch"; announced once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .reference import naive_token_logprobs
+
+log = logging.getLogger("fastprerl.kernels")
+
+IMPLS = ("auto", "triton", "torch", "naive")
+_announced: set = set()
+
+
+@dataclass
+class TokenLogprobs:
+    """Result of `token_logprobs`: every field has shape (N,) and dtype float32.
+
+    Rows outside `rows` hold 0 in every field."""
+    logp: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    lse: torch.Tensor
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map "auto" to a concrete implementation and announce the choice once per (impl, device type)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        chosen = "triton" if device.type == "cuda" and _triton_usable(device) else "torch"
+        key = (chosen, device.type)
+        if key not in _announced:
+            _announced.add(key)
+            log.info("fastprerl.kernels: impl='auto' -> %r on %s", chosen, device.type)
+        return chosen
+    if impl == "triton" and not _triton_usable(device):
+        raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                           f"got tensors on {device}")
+    return impl
+
+
+def _check_inputs(hidden, weight, targets, rows, temperature):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (N, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be (V, H={hidden.shape[1]}), got shape {tuple(weight.shape)}")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must be ({hidden.shape[0]},), got shape {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64, got {targets.dtype}")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"hidden dtype must be float32/bfloat16/float16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if rows is not None:
+        if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"rows must be a 1-D int64 index, got shape {tuple(rows.shape)} {rows.dtype}")
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _compact(hidden, targets, rows):
+    if rows is None:
+        return hidden, targets.long()
+    rows = rows.to(device=hidden.device, dtype=torch.long)
+    return hidden.index_select(0, rows), targets.index_select(0, rows).long()
+
+
+def _scatter(values: Optional[torch.Tensor], n: int, rows):
+    if values is None or rows is None:
+        return values
+    out = values.new_zeros(n)
+    return out.index_copy(0, rows.to(device=values.device, dtype=torch.long), values)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   rows: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                   with_entropy: bool = False, impl: str = "auto",
+                   deterministic: bool = False) -> TokenLogprobs:
+    """log softmax(hidden @ weight.T / temperature)[targets] per row, without (N, V) logits.
+
+    hidden (N, H) fp32/bf16/fp16, weight (V, H) same dtype, targets (N,) int64.
+    rows: optional int64 index of the active rows; only these are computed (compaction), the others
+    get 0. Differentiable w.r.t. hidden and weight, through entropy too when `with_entropy`.
+    `deterministic` selects the Triton backward that accumulates dW without atomics.
+    """
+    _check_inputs(hidden, weight, targets, rows, temperature)
+    impl = resolve_impl(impl, hidden.device)
+    n = hidden.shape[0]
+    h, t = _compact(hidden, targets, rows)
+    if impl == "naive":
+        logp, ent, lse = naive_token_logprobs(h, weight, t, temperature, with_entropy)
+        if logp.dtype != torch.float64:
+            logp, lse = logp.float(), lse.float()
+            ent = ent.float() if ent is not None else None
+    elif impl == "torch":
+        from .torch_logprob import chunked_token_logprobs
+        logp, ent, lse = chunked_token_logprobs(h, weight, t, temperature, with_entropy)
+    else:
+        from .triton_logprob import triton_token_logprobs
+        logp, ent, lse = triton_token_logprobs(h, weight, t, temperature, with_entropy, deterministic)
+    return TokenLogprobs(logp=_scatter(logp, n, rows), entropy=_scatter(ent, n, rows),
+                         lse=_scatter(lse, n, rows))
+
+
+@torch.no_grad()
+def token_logprobs_no_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                           rows: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                           with_entropy: bool = False, impl: str = "auto") -> TokenLogprobs:
+    """`token_logprobs` without autograd: old-policy / reference-model log-probs."""
+    return token_logprobs(hidden.detach(), weight.detach(), targets, rows=rows, temperature=temperature,
+                          with_entropy=with_entropy, impl=impl)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
+               rows: Optional[torch.Tensor] = None, temperature: float = 1.0, impl: str = "auto",
+               chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """Scalar sum over active rows of loss_fn(logp_chunk, row_index_chunk).
+
+    loss_fn gets float32 log-probs of a chunk of active rows and the int64 indices (into the N rows) of
+    those rows, and returns per-token losses of the same shape; it must be differentiable in torch.
+    The loss math stays in torch; the vocabulary sweep is fused. With impl="torch" the gradients
+    w.r.t. hidden and weight are formed during the forward sweep (3 matmuls for forward + backward
+    instead of 4) and backward only scales them.
+    """
+    _check_inputs(hidden, weight, targets, rows, temperature)
+    impl = resolve_impl(impl, hidden.device)
+    if rows is None:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+    rows = rows.to(device=hidden.device, dtype=torch.long)
+    h, t = _compact(hidden, targets, rows)
+    if impl == "torch":
+        from .torch_logprob import fused_token_loss
+        return fused_token_loss(h, weight, t, rows, loss_fn, temperature, chunk_rows)
+    if impl == "naive":
+        logp = naive_token_logprobs(h, weight, t, temperature)[0]
+    else:
+        from .triton_logprob import triton_token_logprobs
+        logp = triton_token_logprobs(h, weight, t, temperature, False, False)[0]
+    if logp.numel() == 0:
+        return (hidden.sum() * 0 + weight.sum() * 0).float()
+    return loss_fn(logp.float(), rows).sum()

@@ -1,0 +1,4 @@
+# Metadata lives in pyproject.toml; this shim exists for tools that still call setup.py.
+from setuptools import setup
+
+setup()

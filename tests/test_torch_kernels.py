@@ -1,0 +1,169 @@
+"""fastprerl.kernels torch path against the float64 oracle (error bound relative to naive's own error)."""
+import pytest
+import torch
+
+from fastprerl.kernels import naive_token_logprobs, token_logprobs, token_logprobs_no_grad, token_loss
+
+from tolerances import TOL, max_err
+
+SHAPES = [(1, 16, 50), (37, 61, 1000), (64, 32, 257)]
+ROWS = ["all", "none", "random", "negatives"]
+
+
+def make(n, h, v, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * (2.0 / h ** 0.5)
+    t = torch.randint(0, v, (n,), generator=g)
+    return hid.to(dtype), w.to(dtype), t
+
+
+def row_index(pattern, n, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    if pattern == "all":
+        return None
+    if pattern == "none":
+        return torch.zeros(0, dtype=torch.long)
+    if pattern == "random":
+        return torch.nonzero(torch.rand(n, generator=g) < 0.4).view(-1)
+    # "negatives": a contiguous-blocks pattern like the rows of negative samples in a packed batch
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[: max(1, n // 3)] = True
+    mask[n // 2: n // 2 + n // 5] = True
+    return torch.nonzero(mask).view(-1)
+
+
+def oracle_and_naive(hid, w, t, rows, T, gl, ge):
+    """Values and grads of the float64 oracle and of the naive computation in the input dtype."""
+    out = {}
+    for name, (h_, w_) in {"oracle": (hid.double(), w.double()), "naive": (hid, w)}.items():
+        h_ = h_.detach().clone().requires_grad_()
+        w_ = w_.detach().clone().requires_grad_()
+        lp, ent, lse = naive_token_logprobs(h_, w_, t, T, with_entropy=True)
+        mask = torch.zeros(hid.shape[0], dtype=torch.bool)
+        mask[rows if rows is not None else slice(None)] = True
+        lp, ent = lp * mask, ent * mask
+        (lp.double() * gl + ent.double() * ge).sum().backward()
+        out[name] = (lp.detach(), ent.detach(), h_.grad, w_.grad)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows_pattern", ROWS)
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_torch_path_within_naive_error(dtype, shape, rows_pattern, T):
+    n, h, v = shape
+    hid, w, t = make(n, h, v, dtype)
+    rows = row_index(rows_pattern, n)
+    g = torch.Generator().manual_seed(7)
+    gl = torch.randn(n, generator=g, dtype=torch.float64)
+    ge = torch.randn(n, generator=g, dtype=torch.float64)
+    ref = oracle_and_naive(hid, w, t, rows, T, gl, ge)
+
+    h_ = hid.clone().requires_grad_()
+    w_ = w.clone().requires_grad_()
+    r = token_logprobs(h_, w_, t, rows=rows, temperature=T, with_entropy=True, impl="torch",)
+    assert r.logp.dtype == torch.float32 and r.logp.shape == (n,)
+    (r.logp.double() * gl + r.entropy.double() * ge).sum().backward()
+    got = (r.logp, r.entropy, h_.grad, w_.grad)
+    tol = TOL[dtype]
+    for k, q in enumerate(["logp", "entropy", "grad", "grad"]):
+        o, nv, gt = ref["oracle"][k], ref["naive"][k], got[k]
+        assert gt.shape == o.shape
+        assert max_err(gt, o) <= max_err(nv, o) + tol[q] * max(1.0, o.abs().max().item()), (q, k)
+    if rows is not None:
+        inactive = torch.ones(n, dtype=torch.bool)
+        inactive[rows] = False
+        assert torch.all(r.logp[inactive] == 0) and torch.all(r.entropy[inactive] == 0)
+    assert torch.all(r.logp <= 0)  # a sign bug (positive log-probs) must never pass
+
+
+def test_gradcheck_float64_torch_path():
+    hid, w, t = make(5, 7, 23, torch.float64)
+    rows = torch.tensor([0, 2, 3])
+
+    def f(h_, w_):
+        r = token_logprobs(h_, w_, t, rows=rows, temperature=0.7, with_entropy=True, impl="torch")
+        return r.logp, r.entropy
+
+    assert torch.autograd.gradcheck(f, (hid.requires_grad_(), w.requires_grad_()))
+
+
+def test_gradcheck_float64_token_loss():
+    hid, w, t = make(6, 5, 19, torch.float64)
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, -1.0], dtype=torch.float64)
+
+    def f(h_, w_):
+        # a clipped-ratio style loss with a nonlinearity, to exercise the chain rule through loss_fn
+        return token_loss(h_, w_, t, lambda lp, i: -adv[i] * torch.exp(lp) + 0.1 * lp ** 2,
+                          temperature=0.7, impl="torch", chunk_rows=4)
+
+    assert torch.autograd.gradcheck(f, (hid.requires_grad_(), w.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_pattern", ROWS)
+def test_token_loss_matches_oracle(dtype, rows_pattern):
+    n, h, v = 37, 61, 1000
+    hid, w, t = make(n, h, v, dtype, seed=3)
+    rows = row_index(rows_pattern, n)
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    loss_fn = lambda lp, idx: -adv[idx] * lp  # noqa: E731
+    h_, w_ = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = token_loss(h_, w_, t, loss_fn, rows=rows, temperature=0.7, impl="torch", chunk_rows=16)
+    loss.backward()
+    ref = oracle_and_naive(hid, w, t, rows, 0.7, -adv.double(), torch.zeros(n, dtype=torch.float64))
+    lp_o = ref["oracle"][0]
+    want = (-adv.double() * lp_o).sum()
+    naive_loss = (-adv.double() * ref["naive"][0].double()).sum()
+    tol = TOL[dtype]
+    assert abs(loss.item() - want.item()) <= abs(naive_loss.item() - want.item()) + tol["logp"] * n
+    for got, k in ((h_.grad, 2), (w_.grad, 3)):
+        o, nv = ref["oracle"][k], ref["naive"][k]
+        assert max_err(got, o) <= max_err(nv, o) + tol["grad"] * max(1.0, o.abs().max().item())
+
+
+def test_no_grad_entry_and_naive_impl_agree():
+    hid, w, t = make(9, 16, 100, torch.float32)
+    a = token_logprobs_no_grad(hid, w, t, impl="torch", with_entropy=True)
+    b = token_logprobs(hid, w, t, impl="naive", with_entropy=True)
+    assert not a.logp.requires_grad
+    assert max_err(a.logp, b.logp) < 1e-5 and max_err(a.entropy, b.entropy) < 1e-5
+
+
+def test_hand_computed_two_token_vocab():
+    # logits = h @ W.T = [[2, 0]]; log softmax = [2 - log(e^2 + 1), -log(e^2 + 1)]
+    hid = torch.tensor([[1.0, 0.0]])
+    w = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    for impl in ("torch", "naive"):
+        r = token_logprobs(hid, w, torch.tensor([1]), impl=impl, with_entropy=True)
+        lse = torch.log(torch.exp(torch.tensor(2.0)) + 1)
+        assert abs(r.logp.item() - (-lse.item())) < 1e-6
+        p = torch.tensor([torch.exp(2 - lse), torch.exp(-lse)])
+        assert abs(r.entropy.item() - (-(p * p.log()).sum()).item()) < 1e-6
+
+
+def test_bad_inputs_raise_clear_errors():
+    hid, w, t = make(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        token_logprobs(hid, w[:, :4], t)
+    with pytest.raises(ValueError, match="targets must be"):
+        token_logprobs(hid, w, t[:2])
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(hid, w, t, temperature=0.0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        token_logprobs(hid, w, t, impl="cuda")
+    with pytest.raises(ValueError, match="per-token losses"):
+        token_loss(hid.requires_grad_(), w, t, lambda lp, i: lp.sum(), impl="torch")
+
+
+@pytest.mark.slow
+def test_large_vocab_128k():
+    n, h, v = 64, 256, 131072
+    hid, w, t = make(n, h, v, torch.float32, seed=11)
+    lp_o, ent_o, _ = naive_token_logprobs(hid.double(), w.double(), t, 1.0, True)
+    lp_n, ent_n, _ = naive_token_logprobs(hid, w, t, 1.0, True)
+    r = token_logprobs(hid, w, t, impl="torch", with_entropy=True)
+    assert max_err(r.logp, lp_o) <= max_err(lp_n, lp_o) + 2e-5
+    assert max_err(r.entropy, ent_o) <= max_err(ent_n, ent_o) + 2e-5
