@@ -1,0 +1,353 @@
+"""Configuration: TOML -> nested frozen dataclasses. Every default lives here; unknown keys are errors.
+
+`load_config(path, overrides)` reads a TOML file, applies dotted `key=value` overrides, validates every
+field and returns a `Config`. Problems raise `ConfigError` naming the key, the expected values and, for an
+unknown key, the closest valid key; the CLI turns that into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+OBJECTIVES = ("grpo", "prerl", "nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl", "w_reinforce")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/dsrl"
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    threads: int = 0                # torch CPU threads; 0 = torch's default
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "builtin:smollm2-135m"
+    dtype: str = "float32"          # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"   # sdpa | eager | flash_attention_2 | flex_attention
+    gradient_checkpointing: bool = False
+    empty_token: Union[int, str] = "auto"   # id, token string, or auto (BOS, else chat turn-start)
+    logprob_impl: str = "auto"      # auto | torch | triton | naive
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "builtin:addition"    # builtin:addition | reasoning_gym:<task> | local file | hub id
+    split: str = "train"
+    prompt_field: str = "problem"
+    answer_field: str = "answer"
+    format: str = "completion"      # completion | chat
+    system_prompt: str = ""
+    template: str = "{prompt}"      # applied to the prompt text (completion format)
+    size: int = 10000               # generated problems for builtin / reasoning_gym sources
+    digits: int = 2                 # builtin:addition operand digits
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: str = "hf"             # hf | vllm
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_at_newline: bool = False
+    generation_batch_size: int = 64  # sequences per generate() call
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    fn: str = "math"                # math | reasoning_gym | module:function
+    extract: Tuple[str, ...] = ("boxed", "gsm8k", "answer_is")   # answer extraction modes ("math")
+    timeout: float = 5.0
+    workers: int = 2
+    format_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip_c: float = 10.0
+    adv_norm: str = "std"           # std | mean   (GRPO advantages)
+    negative_rule: str = "group_advantage"   # group_advantage | reward_threshold
+    reward_threshold: float = 0.5
+    w_reinforce_lambda: float = 0.1
+    kl_coef: float = 0.0            # k3 KL to a reference model on log P(y|x); 0 = off
+    old_logp: str = "detached"      # detached (on-policy, ratio 1) | rollout (behaviour log-probs)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "grpo"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    name: str = "grpo"
+    steps: int = 20
+    objectives: Tuple[ObjectiveConfig, ...] = (ObjectiveConfig(),)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    phases: Tuple[PhaseConfig, ...] = (
+        PhaseConfig(name="nsr_prerl", steps=20, objectives=(ObjectiveConfig("nsr_prerl", 1.0),)),
+        PhaseConfig(name="grpo", steps=20, objectives=(ObjectiveConfig("grpo", 1.0),)),
+    )
+    reset_optimizer_at_switch: bool = False
+    resync_reference_at_switch: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    max_tokens_per_microbatch: int = 4096
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    console: bool = True
+    progress: bool = True
+    entropy: bool = True
+    view_gap: bool = False          # also score log P(y|x) vs log P(y) during pre-train-space phases
+    tensorboard: bool = False
+    samples_every: int = 0          # write completion samples every N steps (0 = never)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.schedule.phases)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "run.device": ("auto", "cpu", "cuda"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+    "model.logprob_impl": ("auto", "torch", "triton", "naive"),
+    "data.format": ("completion", "chat"),
+    "rollout.backend": ("hf", "vllm"),
+    "algo.adv_norm": ("std", "mean"),
+    "algo.negative_rule": ("group_advantage", "reward_threshold"),
+    "algo.old_logp": ("detached", "rollout"),
+    "objective.name": OBJECTIVES,
+}
+POSITIVE = {"rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
+            "rollout.temperature", "rollout.generation_batch_size", "reward.timeout", "reward.workers",
+            "optim.lr", "optim.max_tokens_per_microbatch", "data.size", "data.digits", "phase.steps"}
+NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "algo.clip_eps_low", "algo.clip_eps_high",
+                "algo.kl_coef", "algo.w_reinforce_lambda", "run.threads", "logging.samples_every",
+                "optim.eps", "reward.format_penalty"}
+RANGES = {"rollout.top_p": (0.0, 1.0, False), "optim.beta1": (0.0, 1.0, True), "optim.beta2": (0.0, 1.0, True)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(key: str, tp, value):
+    """Check/convert one scalar value against the field type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(key, alt, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected one of types {[_type_name(a) for a in typing.get_args(tp)]}, "
+                          f"got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _closest(name: str, options, prefix: str = "") -> str:
+    m = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return f" (did you mean {prefix + m[0]!r}?)" if m else ""
+
+
+def _check_value(key: str, short: str, value):
+    if short in CHOICES and value not in CHOICES[short]:
+        raise ConfigError(f"{key}: expected one of {list(CHOICES[short])}, got {value!r}")
+    if short in POSITIVE and not value > 0:
+        raise ConfigError(f"{key}: expected a value > 0, got {value!r}")
+    if short in NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
+    if short in RANGES:
+        lo, hi, open_hi = RANGES[short]
+        if not (lo < value and (value < hi if open_hi else value <= hi)):
+            raise ConfigError(f"{key}: expected {lo} < value {'<' if open_hi else '<='} {hi}, got {value!r}")
+
+
+def _build(cls, data: Dict[str, Any], prefix: str, short_prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for k in data:
+        if k not in fields:
+            raise ConfigError(f"unknown key {prefix + k!r}{_closest(k, fields, prefix)}; "
+                              f"valid keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key, short = prefix + name, short_prefix + name
+        tp, val = hints[name], data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, val, key + ".", name + ".")
+        elif typing.get_origin(tp) in (tuple, Tuple) and not dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            inner = typing.get_args(tp)[0]
+            if not isinstance(val, list):
+                raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {type(val).__name__}")
+            kwargs[name] = tuple(_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(val))
+        elif typing.get_origin(tp) in (tuple, Tuple):
+            inner = typing.get_args(tp)[0]
+            if not isinstance(val, list):
+                raise ConfigError(f"{key}: expected a list of tables, got {type(val).__name__}")
+            sub = "phase." if inner is PhaseConfig else "objective."
+            kwargs[name] = tuple(_build(inner, v, f"{key}[{i}].", sub) for i, v in enumerate(val))
+        else:
+            kwargs[name] = _coerce(key, tp, val)
+            _check_value(key, short, kwargs[name])
+    return cls(**kwargs)
+
+
+def _parse_override_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def _apply_override(data: Dict[str, Any], dotted: str, value):
+    parts = dotted.split(".")
+    node, cls, path = data, Config, ""
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+        if cls is not None and part not in fields:
+            raise ConfigError(f"unknown key {path + part!r}{_closest(part, fields, path)}; "
+                              f"valid keys here: {sorted(fields)}")
+        path += part + "."
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        tp = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override {dotted!r}: {path[:-1]!r} is not a table")
+        node = node.setdefault(part, {})
+        cls = tp
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks."""
+    if not cfg.schedule.phases:
+        raise ConfigError("schedule.phases: expected at least one phase")
+    for i, ph in enumerate(cfg.schedule.phases):
+        if not ph.objectives:
+            raise ConfigError(f"schedule.phases[{i}].objectives: expected at least one objective")
+    if cfg.algo.clip_eps_low >= 1:
+        raise ConfigError(f"algo.clip_eps_low: expected a value < 1, got {cfg.algo.clip_eps_low}")
+    if cfg.algo.dual_clip_c <= 1:
+        raise ConfigError(f"algo.dual_clip_c: expected a value > 1, got {cfg.algo.dual_clip_c}")
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: List[str] = ()) -> Config:
+    data: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {str(p)!r}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value, e.g. optim.lr=1e-6")
+        k, v = ov.split("=", 1)
+        _apply_override(data, k.strip(), _parse_override_value(v.strip()))
+    return validate(_build(Config, data, "", ""))
+
+
+def config_from_dict(data: Dict[str, Any]) -> Config:
+    return validate(_build(Config, json.loads(json.dumps(data)), "", ""))
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (saved in the run directory)."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    d = cfg.to_dict()
+    lines = []
+    for section, body in d.items():
+        if section == "schedule":
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in body.items()]
+        lines.append("")
+    sch = d["schedule"]
+    lines.append("[schedule]")
+    lines += [f"{k} = {fmt(v)}" for k, v in sch.items() if k != "phases"]
+    lines.append("")
+    for ph in sch["phases"]:
+        lines.append("[[schedule.phases]]")
+        lines.append(f"name = {fmt(ph['name'])}")
+        lines.append(f"steps = {ph['steps']}")
+        objs = ", ".join(f"{{ name = {fmt(o['name'])}, weight = {o['weight']!r} }}" for o in ph["objectives"])
+        lines.append(f"objectives = [{objs}]")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Prompt sources: built-in tasks, reasoning-gym generators, local files and hub datasets.
+
+Every source yields samples as dicts with at least "prompt" (text before formatting) and "answer"
+(gold answer text); reasoning-gym samples also carry "entry" (the generator's entry) for its own scorer.
+
+  builtin:addition         "Question: What is a + b?\\nAnswer: a + b =" with `data.digits`-digit operands
+  reasoning_gym:<task>     any reasoning-gym generator (basic_arithmetic, chain_sum, countdown, gsm_symbolic, ...)
+  path/to/file.jsonl|.json|.parquet|.csv   local data via `datasets` (fields: data.prompt_field / answer_field)
+  anything else            a hub dataset id loaded with `datasets.load_dataset` (needs network)
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Dict, List
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def addition_problems(n: int, digits: int, seed: int) -> List[Dict]:
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        out.append({"prompt": f"Question: What is {a} + {b}?\nAnswer: {a} + {b} =", "answer": str(a + b)})
+    return out
+
+
+def reasoning_gym_problems(task: str, n: int, seed: int) -> List[Dict]:
+    import reasoning_gym
+
+    try:
+        ds = reasoning_gym.create_dataset(task, size=n, seed=seed)
+    except Exception as e:  # reasoning-gym raises various types for unknown names
+        raise ValueError(f"data.source: reasoning-gym has no task {task!r} ({e})") from None
+    return [{"prompt": e["question"], "answer": str(e["answer"]), "entry": e} for e in ds]
+
+
+def file_problems(source: str, split: str, prompt_field: str, answer_field: str) -> List[Dict]:
+    import datasets
+
+    path = Path(source)
+    if path.suffix in LOCAL_FORMATS:
+        if not path.exists():
+            raise ValueError(f"data.source: file not found: {source!r}")
+        ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(source, split=split)
+    for key, name in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
+        if name not in ds.column_names:
+            raise ValueError(f"{key}: column {name!r} not in {source!r}; columns: {ds.column_names}")
+    return [{"prompt": str(r[prompt_field]), "answer": str(r[answer_field])} for r in ds]
+
+
+def load_problems(cfg, seed: int) -> List[Dict]:
+    """cfg: DataConfig."""
+    src = cfg.source
+    if src == "builtin:addition":
+        return addition_problems(cfg.size, cfg.digits, seed)
+    if src.startswith("builtin:"):
+        raise ValueError(f"data.source: unknown builtin {src!r}; choose builtin:addition or reasoning_gym:<task>")
+    if src.startswith("reasoning_gym:"):
+        return reasoning_gym_problems(src.split(":", 1)[1], cfg.size, seed)
+    return file_problems(src, cfg.split, cfg.prompt_field, cfg.answer_field)
+
+
+def format_prompt(sample: Dict, cfg, tokenizer) -> List[int]:
+    """Token ids of the prompt as the policy sees it (completion text or chat template)."""
+    text = cfg.template.format(prompt=sample["prompt"])
+    if cfg.format == "chat":
+        msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
+        msgs.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    if cfg.system_prompt:
+        text = cfg.system_prompt + "\n\n" + text
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class PromptStream:
+    """Deterministic, resumable stream of problems: shuffled per epoch with (seed, epoch)."""
+
+    def __init__(self, problems: List[Dict], seed: int, shuffle: bool = True):
+        if not problems:
+            raise ValueError("data.source produced no problems")
+        self.problems, self.seed, self.shuffle = problems, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self):
+        order = list(range(len(self.problems)))
+        if self.shuffle:
+            random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> List[Dict]:
+        out = []
+        while len(out) < n:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self.problems[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> Dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: Dict):
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._make_order()

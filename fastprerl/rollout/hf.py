@@ -1,0 +1,75 @@
+"""Hugging Face `generate` backend: batched sampling with left padding, behaviour log-probs kept."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .base import RolloutBatch
+
+
+class _StopOnTokens(StoppingCriteria):
+    """Finishes a sequence once its last token is in `ids` (e.g. every token containing a newline)."""
+
+    def __init__(self, ids, device):
+        self.ids = torch.tensor(sorted(ids), device=device)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.isin(input_ids[:, -1], self.ids)
+
+
+class HFRollout:
+    def __init__(self, cfg, model, tokenizer):
+        self.cfg, self.model, self.tok = cfg, model, tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.newline_ids = None
+        if cfg.stop_at_newline:
+            self.newline_ids = {i for t, i in tokenizer.get_vocab().items()
+                                if "\n" in tokenizer.convert_tokens_to_string([t])}
+
+    @torch.no_grad()
+    def generate(self, prompts: List[List[int]], n: int) -> RolloutBatch:
+        cfg, model = self.cfg, self.model
+        dev = next(model.parameters()).device
+        flat = [p for p in prompts for _ in range(n)]
+        was_training = model.training
+        model.eval()
+        model.config.use_cache = True
+        resp, logps, trunc = [], [], []
+        try:
+            for s in range(0, len(flat), cfg.generation_batch_size):
+                chunk = flat[s:s + cfg.generation_batch_size]
+                L = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), L), self.pad, dtype=torch.long)
+                att = torch.zeros((len(chunk), L), dtype=torch.long)
+                for i, p in enumerate(chunk):
+                    ids[i, L - len(p):] = torch.tensor(p)
+                    att[i, L - len(p):] = 1
+                extra = {}
+                if self.newline_ids is not None:
+                    extra["stopping_criteria"] = StoppingCriteriaList([_StopOnTokens(self.newline_ids, dev)])
+                out = model.generate(
+                    input_ids=ids.to(dev), attention_mask=att.to(dev), do_sample=True,
+                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                    max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
+                    return_dict_in_generate=True, output_logits=True, **extra)
+                gen = out.sequences[:, L:].cpu()
+                # behaviour log-probs of the sampled tokens under logits / T (same quantity the trainer scores)
+                logits = torch.stack(out.logits, dim=1).float().cpu() / cfg.temperature
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+                for i in range(gen.shape[0]):
+                    toks = gen[i].tolist()
+                    end, hit = len(toks), False
+                    for j, t in enumerate(toks):
+                        if t == self.eos or (self.newline_ids is not None and t in self.newline_ids):
+                            end, hit = j + 1, True
+                            break
+                    resp.append(toks[:end])
+                    logps.append(lp[i, :end].tolist())
+                    trunc.append(not hit)
+        finally:
+            model.config.use_cache = False
+            model.train(was_training)
+        return RolloutBatch(prompt_ids=flat, response_ids=resp, behaviour_logp=logps, truncated=trunc)

@@ -1,0 +1,70 @@
+"""Config loading, validation messages, overrides, and every shipped config."""
+from pathlib import Path
+
+import pytest
+
+from fastprerl.cli import main
+from fastprerl.config import ConfigError, config_from_dict, load_config, to_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_round_trips(path):
+    cfg = load_config(path)
+    assert cfg.total_steps > 0
+    import tomllib
+    assert config_from_dict(tomllib.loads(to_toml(cfg))) == cfg
+
+
+def test_shipped_set_includes_the_issue_configs():
+    names = {p.name for p in SHIPPED}
+    assert {"dsrl.toml", "tiny.toml", "dsrl_qwen3_4b.toml"} <= names
+
+
+def test_dsrl_default_schedule():
+    cfg = load_config(ROOT / "configs" / "dsrl.toml")
+    first, second = cfg.schedule.phases
+    assert [o.name for o in first.objectives] == ["nsr_prerl"] and 10 <= first.steps <= 25
+    assert [o.name for o in second.objectives] == ["grpo"]
+    assert cfg.model.path == "builtin:smollm2-135m"
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(ROOT / "configs" / "tiny.toml", ["optim.lr=3e-6", "rollout.top_p=0.9",
+                                                        "model.empty_token=7", "run.output_dir=x/y"])
+    assert cfg.optim.lr == 3e-6 and cfg.rollout.top_p == 0.9 and cfg.model.empty_token == 7
+    assert cfg.run.output_dir == "x/y"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.lrr=1e-6"], "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    (["optimm.lr=1e-6"], "unknown key 'optimm' (did you mean 'optim'?)"),
+    (["optim.lr=-1"], "optim.lr: expected a value > 0"),
+    (["optim.lr=fast"], "optim.lr: expected float"),
+    (["algo.adv_norm=z"], "algo.adv_norm: expected one of ['std', 'mean']"),
+    (["rollout.top_p=1.5"], "rollout.top_p: expected 0.0 < value <= 1.0"),
+    (["optim.lr"], "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "tiny.toml", override)
+    assert message in str(e.value)
+
+
+def test_unknown_key_in_file_and_bad_objective(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[rollout]\nsamples_per_promt = 4\n")
+    with pytest.raises(ConfigError, match="did you mean 'rollout.samples_per_prompt'"):
+        load_config(p)
+    p.write_text('[[schedule.phases]]\nname = "a"\nsteps = 2\nobjectives = [{ name = "nsr" }]\n')
+    with pytest.raises(ConfigError, match=r"schedule.phases\[0\].objectives\[0\].name: expected one of"):
+        load_config(p)
+
+
+def test_cli_exit_code_2_on_config_errors(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["train", str(ROOT / "configs" / "tiny.toml"), "optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Objectives with hand-computed values (the arithmetic is in the comments)."""
+import math
+
+import pytest
+import torch
+
+from fastprerl import objectives as obj
+
+
+def test_grpo_std_advantages_hand_computed():
+    # group [1,0,0,1]: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 0.57735 -> A = +-0.5 / (0.57735 + 1e-6)
+    a = obj.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4)
+    want = 0.5 / (math.sqrt(1 / 3) + 1e-6)
+    assert torch.allclose(a, torch.tensor([want, -want, -want, want]), atol=1e-6)
+
+
+def test_grpo_mean_advantages_and_all_equal_groups():
+    a = obj.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]), 4, norm="mean")
+    assert a.tolist() == [0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0, 0.0]
+    # an all-equal group gives exactly zero advantage under std normalisation (0 / (0 + eps))
+    b = obj.grpo_advantages(torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0]), 3)
+    assert b[3:].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_group_of_one():
+    r = torch.tensor([1.0, 0.0, 1.0])
+    assert obj.grpo_advantages(r, 1).tolist() == [1.0, 0.0, 1.0]   # verl: mean 0, std 1
+    assert obj.grpo_advantages(r, 1, norm="mean").tolist() == [0.0, 0.0, 0.0]
+    assert obj.mean_centred_advantages(r, 1).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="groups of 3"):
+        obj.grpo_advantages(torch.tensor([1.0, 0.0]), 3)
+
+
+def test_nsr_prerl_masks_reference_rule():
+    # group 1 [1,0,0,0]: A_pre = [.75,-.25,-.25,-.25] -> negatives 1..3; group 2 all wrong -> no gradient
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    t = obj.sample_terms("nsr_prerl", r, 4)
+    assert t.view == "free"
+    assert t.mask.tolist() == [False, True, True, True, False, False, False, False]
+    assert t.advantage.tolist() == [0.0, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0, 0.0]
+    p = obj.sample_terms("psr_prerl", r, 4)
+    assert p.mask.tolist() == [True] + [False] * 7 and p.advantage[0].item() == 0.75
+    full = obj.sample_terms("prerl", r, 4)
+    assert full.mask.all() and full.advantage.tolist()[:4] == [0.75, -0.25, -0.25, -0.25]
+
+
+def test_nsr_threshold_rule_every_wrong_sample_minus_one():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    t = obj.sample_terms("nsr_prerl", r, 4, negative_rule="reward_threshold", threshold=0.5)
+    assert t.mask.tolist() == [False] + [True] * 7
+    assert t.advantage.tolist() == [0.0] + [-1.0] * 7
+
+
+def test_nsr_rl_uses_grpo_advantage_on_negatives_and_cond_view():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    t = obj.sample_terms("nsr_rl", r, 4)
+    want = 0.5 / (math.sqrt(1 / 3) + 1e-6)
+    assert t.view == "cond" and t.mask.tolist() == [False, True, True, False]
+    assert torch.allclose(t.advantage, torch.tensor([0.0, -want, -want, 0.0]), atol=1e-6)
+
+
+def test_w_reinforce():
+    t = obj.sample_terms("w_reinforce", torch.tensor([1.0, 0.0, 1.0]), 3, w_lambda=0.1)
+    assert torch.allclose(t.advantage, torch.tensor([0.1, -1.0, 0.1])) and t.mask.all()
+
+
+def test_policy_loss_clip_and_dual_clip_hand_computed():
+    old = torch.zeros(5)
+    ratio = torch.tensor([1.5, 1.5, 20.0, 0.5, 0.5])
+    adv = torch.tensor([1.0, -1.0, -1.0, -1.0, 1.0])
+    loss = obj.policy_loss(torch.log(ratio), old, adv, eps_low=0.2, eps_high=0.2, dual_clip_c=10.0)
+    # A=+1, r=1.5: max(-1.5, -1.2) = -1.2        A=-1, r=1.5: max(1.5, 1.2) = 1.5
+    # A=-1, r=20: max(20, 1.2) = 20 -> dual-clip min(20, 10) = 10
+    # A=-1, r=0.5: max(0.5, 0.8) = 0.8           A=+1, r=0.5: max(-0.5, -0.8) = -0.5
+    assert torch.allclose(loss, torch.tensor([-1.2, 1.5, 10.0, 0.8, -0.5]), atol=1e-6)
+
+
+def test_on_policy_gradient_is_minus_advantage():
+    lp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    adv = torch.tensor([0.5, -2.0])
+    obj.policy_loss(lp, lp.detach(), adv).sum().backward()
+    assert torch.allclose(lp.grad, -adv)   # rho = 1, d(-A rho)/dlogp = -A
+
+
+def test_k3_kl_hand_computed():
+    # d = ref - logp = 1: e^1 - 1 - 1 = 0.71828
+    assert abs(obj.k3_kl(torch.tensor([0.0]), torch.tensor([1.0])).item() - (math.e - 2)) < 1e-6
+    assert obj.k3_kl(torch.tensor([-1.3]), torch.tensor([-1.3])).item() == 0.0
+
+
+def test_normalisers_count_only_kept_tokens():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    lens = torch.tensor([3, 5, 7, 11])
+    terms = {"grpo": obj.sample_terms("grpo", r, 4), "nsr_prerl": obj.sample_terms("nsr_prerl", r, 4)}
+    assert obj.token_normalisers(terms, lens) == {"grpo": 26, "nsr_prerl": 23}
