@@ -1,6 +1,7 @@
 """Hugging Face `generate` backend: batched sampling with left padding, behaviour log-probs kept."""
 from __future__ import annotations
 
+import inspect
 from typing import List
 
 import torch
@@ -25,9 +26,24 @@ class HFRollout:
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.newline_ids = None
+        # transformers renamed the cache argument ("past_key_values" -> "cache"); use what forward takes
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         if cfg.stop_at_newline:
             self.newline_ids = {i for t, i in tokenizer.get_vocab().items()
                                 if "\n" in tokenizer.convert_tokens_to_string([t])}
+
+    def _shared_prefix_cache(self, ids, att, n):
+        """KV cache of every prompt but its last token, computed once per prompt and repeated n times,
+        so the G samples of a group do not each pay for the prompt's forward."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        self.model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=pos[:, :-1],
+                   use_cache=True, **{self.cache_kwarg: cache})
+        cache.batch_repeat_interleave(n)
+        return cache
 
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], n: int) -> RolloutBatch:
@@ -38,21 +54,25 @@ class HFRollout:
         model.eval()
         model.config.use_cache = True
         resp, logps, trunc = [], [], []
+        per_call = max(1, cfg.generation_batch_size // n)  # prompts per generate() call
         try:
-            for s in range(0, len(flat), cfg.generation_batch_size):
-                chunk = flat[s:s + cfg.generation_batch_size]
+            for s in range(0, len(prompts), per_call):
+                chunk = prompts[s:s + per_call]
                 L = max(len(p) for p in chunk)
                 ids = torch.full((len(chunk), L), self.pad, dtype=torch.long)
                 att = torch.zeros((len(chunk), L), dtype=torch.long)
                 for i, p in enumerate(chunk):
                     ids[i, L - len(p):] = torch.tensor(p)
                     att[i, L - len(p):] = 1
+                ids, att = ids.to(dev), att.to(dev)
                 extra = {}
                 if self.newline_ids is not None:
                     extra["stopping_criteria"] = StoppingCriteriaList([_StopOnTokens(self.newline_ids, dev)])
+                if n > 1 and L > 1:
+                    extra[self.cache_kwarg] = self._shared_prefix_cache(ids, att, n)
                 out = model.generate(
-                    input_ids=ids.to(dev), attention_mask=att.to(dev), do_sample=True,
-                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                    input_ids=ids.repeat_interleave(n, 0), attention_mask=att.repeat_interleave(n, 0),
+                    do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                     max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
                     return_dict_in_generate=True, output_logits=True, **extra)
                 gen = out.sequences[:, L:].cpu()
