@@ -28,7 +28,15 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     threads: int = 0                # torch CPU threads; 0 = torch's default
-    resume: bool = False
+    resume: bool = False            # continue from the newest complete checkpoint (the CLI's --resume)
+    checkpoint_every: int = 0       # write a checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = 2       # keep the newest K checkpoints
+
+    def __post_init__(self):
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"run.checkpoint_every: expected a value >= 0, got {self.checkpoint_every!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"run.keep_checkpoints: expected a value >= 1, got {self.keep_checkpoints!r}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,8 @@ class LoggingConfig:
     view_gap: bool = False          # also score log P(y|x) vs log P(y) during pre-train-space phases
     tensorboard: bool = False
     samples_every: int = 0          # write completion samples every N steps (0 = never)
+    wandb: bool = False             # also log to Weights & Biases (needs `wandb`; WANDB_MODE=offline works offline)
+    wandb_project: str = "fastprerl"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""Metric sinks: metrics.jsonl always, TensorBoard when enabled, readable console lines, samples file."""
+"""Metric sinks: metrics.jsonl always, TensorBoard and Weights & Biases when enabled, readable console lines,
+completion samples file, and the behaviour counts of responses."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -34,14 +37,44 @@ def _clean(v):
     return v
 
 
+def _keep_rows_before(path: Path, step: int) -> None:
+    """Drops the rows of a jsonl file with "step" >= step (and a line cut short by a crash), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", step) < step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
+    """Sinks for one metrics row per step: metrics.jsonl (always), TensorBoard event files, Weights & Biases,
+    a console line; completion samples go to samples.jsonl.
+
+    start_step > 0 continues a run: rows of steps >= start_step (written after the checkpoint the run resumes
+    from) are dropped from metrics.jsonl and samples.jsonl, and TensorBoard is told to purge its events from
+    that step on, so every sink shows the run as if it had never stopped. Weights & Biases continues the same
+    run id (saved in wandb_id.txt); it ignores rows of steps it already has."""
+
     CONSOLE_KEYS = ("reward/mean", "loss/policy", "rollout/response_len_mean", "train/entropy",
                     "train/grad_norm", "perf/step_s")
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool = False, console: bool = True, resume: bool = False):
+    def __init__(self, out_dir: Path, *, tensorboard: bool = False, console: bool = True, start_step: int = 0,
+                 wandb_project: Optional[str] = None, run_config: Optional[Dict] = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        mode = "a" if resume else "w"
+        if start_step > 0:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                _keep_rows_before(self.out_dir / name, start_step)
+        mode = "a" if start_step > 0 else "w"
         self._jsonl = open(self.out_dir / "metrics.jsonl", mode)
         self._samples = None
         self._samples_mode = mode
@@ -49,17 +82,24 @@ class MetricsLogger:
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                     purge_step=start_step if start_step > 0 else None)
+        self._wandb = None
+        if wandb_project is not None:
+            self._wandb = _wandb_run(self.out_dir, wandb_project, run_config, resume=start_step > 0)
 
     def log(self, row: Dict, write=None):
         self._jsonl.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         self._jsonl.flush()
         step = row["step"]
+        numeric = {k: v for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self._tb.add_scalar(k, v, step)
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
         if self.console:
             parts = [f"step {step:>4d}", f"[{row.get('phase', '')}]"]
             for k in self.CONSOLE_KEYS:
@@ -68,10 +108,11 @@ class MetricsLogger:
             (write or (lambda s: print(s, file=sys.stderr)))("  ".join(parts))
 
     def log_samples(self, step: int, rows: List[Dict]):
+        """rows: one dict per completion (prompt, response, answer, reward, advantage)."""
         if self._samples is None:
             self._samples = open(self.out_dir / "samples.jsonl", self._samples_mode)
         for r in rows:
-            self._samples.write(json.dumps({"step": step, **r}) + "\n")
+            self._samples.write(json.dumps({"step": step, **{k: _clean(v) for k, v in r.items()}}) + "\n")
         self._samples.flush()
 
     def close(self):
@@ -80,8 +121,34 @@ class MetricsLogger:
             self._samples.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_run(out_dir: Path, project: str, run_config: Optional[Dict], resume: bool):
+    """A W&B run for this output directory; the same run id across resumes (wandb_id.txt)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("logging.wandb = true but the `wandb` package is not installed: pip install wandb "
+                           "(or set logging.wandb = false)") from None
+    id_file = out_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:12]
+    run = wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), name=out_dir.name,
+                     config=run_config)
+    id_file.write_text(run_id + "\n")
+    return run
 
 
 def read_metrics(path) -> List[Dict]:
+    """The rows of a metrics.jsonl file (a last line cut short by a crash is skipped)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise
+    return rows

@@ -1,23 +1,34 @@
-"""The training loop, top to bottom: rollout -> reward -> advantages -> pack -> fused loss -> step."""
+"""The training loop, top to bottom: rollout -> reward -> advantages -> pack -> fused loss -> step -> metrics,
+checkpoint.
+
+Durability: a checkpoint (checkpoint.py) holds everything the loop carries from one step to the next, so a
+run resumed from it (run.resume / --resume) is bit-identical on CPU to one that never stopped. SIGINT/SIGTERM
+finish the current step and write a checkpoint; a second one abandons the step at once. A non-finite reward,
+loss or gradient norm stops the run (NonFiniteError) before the optimizer step, with the batch statistics.
+"""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
+from . import checkpoint as ckpt
 from . import objectives as obj
 from .config import Config, to_toml
 from .data import PromptStream, format_prompt, load_problems
 from .kernels import token_logprobs_no_grad, token_loss
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, behaviour_counts
 from .models import empty_context_token, lm_head_weight, load_model, load_tokenizer
 from .packing import bin_hidden, pack
 from .rewards import get_reward_fn
@@ -36,11 +47,74 @@ def _device(name: str) -> torch.device:
 
 
 def _score(reward_fn, texts: List[str], samples: List[Dict]):
-    """Scores (B,) and has-answer flags (B,) from a reward function's results."""
+    """Scores (B,), has-answer flags (B,) and verdicts (B,) from a reward function's results."""
     out = reward_fn(texts, samples)
     scores = [float(getattr(r, "score", r)) for r in out]
     has = [bool(getattr(r, "has_answer", True)) for r in out]
-    return scores, has
+    correct = [float(getattr(r, "correct", getattr(r, "score", r))) for r in out]
+    return scores, has, correct
+
+
+class NonFiniteError(FloatingPointError):
+    """A reward, the loss or the gradient norm of a step is NaN/inf; the step was not applied."""
+
+
+class StepAbandoned(BaseException):
+    """Raised by the second SIGINT/SIGTERM (a BaseException, so that no `except Exception` swallows it)."""
+
+
+class StopSignals:
+    """First SIGINT/SIGTERM: `requested` is set and the loop stops after the current step and a checkpoint.
+    Second one: StepAbandoned is raised wherever the loop is; the newest checkpoint stays as it was."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            print(f"fastprerl: {name}: finishing this step, then writing a checkpoint "
+                  f"(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            return
+        raise StepAbandoned(name)
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+def _batch_report(step: int, phase: str, problem: str, *, rewards, resp_lens, truncated, terms=None,
+                  rows: Optional[int] = None, bins: Optional[int] = None, loss: Optional[float] = None,
+                  grad_norm: Optional[float] = None, texts: Optional[List[str]] = None) -> str:
+    """The message of a NonFiniteError: what went wrong and the statistics of the step's batch."""
+    def stats(x: torch.Tensor) -> str:
+        x = x.float()
+        bad = int((~torch.isfinite(x)).sum())
+        fin = x[torch.isfinite(x)]
+        rng = f"min {fin.min().item():.4g}, max {fin.max().item():.4g}, " if fin.numel() else ""
+        return f"mean {x.mean().item():.4g}, {rng}non-finite {bad} of {x.numel()}"
+
+    lines = [f"step {step} (phase {phase!r}): {problem}; the step was not applied to the weights.",
+             f"  rewards: {stats(rewards)}",
+             f"  response length: mean {resp_lens.float().mean().item():.1f}, max {int(resp_lens.max())} tokens; "
+             f"truncated {sum(truncated)} of {len(truncated)}"]
+    for name, t in (terms or {}).items():
+        lines.append(f"  {name}: {int(t.mask.sum())} samples in the loss; advantages {stats(t.advantage)}")
+    if rows is not None:
+        lines.append(f"  packed rows {rows} in {bins} micro-batches; loss {loss}; grad norm {grad_norm}")
+    if texts:
+        bad = [i for i, r in enumerate(rewards.tolist()) if not math.isfinite(r)][:3]
+        lines += [f"  sample {i}: reward {rewards[i].item()} for response {texts[i]!r}" for i in bad]
+    return "\n".join(lines)
 
 
 def _make_reward_fn(rc):
@@ -85,6 +159,11 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        resume_from = self._resume_point()
+        if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+            raise RuntimeError("logging.wandb = true but the `wandb` package is not installed: pip install wandb "
+                               "(or set logging.wandb = false)")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(to_toml(cfg))
         if cfg.run.threads:
@@ -103,20 +182,83 @@ class Trainer:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
         self.schedule = Schedule(cfg.schedule)
-        self.optimizer = self._make_optimizer()
+        self.optimizer, self.scheduler = self._make_optimizer()
         self.stream = PromptStream(load_problems(cfg.data, cfg.run.seed), cfg.run.seed, cfg.data.shuffle)
         self.rollout = make_backend(cfg.rollout, self.model, self.tok)
         self.reward_fn = _make_reward_fn(cfg.reward)
-        self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console)
-        self.step = 0
+        self.step = 0                       # completed steps = the index of the next step
+        self.last_checkpoint: Optional[Path] = None
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)   # restores the RNG states last
+        self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
+                                     start_step=self.step, run_config=cfg.to_dict(),
+                                     wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
 
     def _make_optimizer(self):
+        """AdamW and its LR scheduler (constant LR, as the paper; kept so that checkpoints carry one)."""
         o = self.cfg.optim
-        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-                                 betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
+                                betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_point(self) -> Optional[Path]:
+        """The checkpoint this run continues from (run.resume), checked against the config; None: step 0."""
+        existing = ckpt.list_checkpoints(self.ckpt_root)
+        if not self.cfg.run.resume:
+            if existing:
+                raise ckpt.ResumeError(
+                    f"run.output_dir {str(self.out)!r} already holds checkpoints (newest: {existing[0][1].name}); "
+                    f"pass --resume (run.resume = true) to continue that run, or choose another run.output_dir")
+            return None
+        path, skipped = ckpt.find_latest_valid(self.ckpt_root)
+        if path is None:
+            if skipped:
+                raise ckpt.ResumeError(f"no complete checkpoint in {self.ckpt_root}: "
+                                       + "; ".join(f"{p.name}: {why}" for p, why in skipped))
+            log.info("no checkpoint in %s yet; starting at step 0", self.ckpt_root)
+            return None
+        ckpt.check_resume_config(path, self.cfg.to_dict())
+        for p, _ in skipped:  # set aside, so that they are neither verified again nor counted as the newest
+            aside = p.with_name(p.name + ".corrupt")
+            while aside.exists():
+                aside = aside.with_name(aside.name + "_")
+            os.replace(p, aside)
+            log.warning("moved the damaged checkpoint %s to %s", p, aside)
+        return path
+
+    def _load_checkpoint(self, path: Path):
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     ref_model=self.ref_model)
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["data"])
+        ckpt.restore_rng(state["rng"])
+        self.last_checkpoint = path
+        log.info("resuming from %s: step %d of %d", path, self.step, self.schedule.total_steps)
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint of the state after `self.step` completed steps (see checkpoint.py for the contents)."""
+        import transformers
+
+        state = {"step": self.step, "phase": self.schedule.phase_at(self.step - 1)[1].name,
+                 "total_steps": self.schedule.total_steps, "data": self.stream.state_dict(),
+                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.ckpt_root, self.step, model=self.model, tokenizer=self.tok, optimizer=self.optimizer,
+            scheduler=self.scheduler, ref_model=self.ref_model, state=state, config=self.cfg.to_dict(),
+            config_toml=to_toml(self.cfg), keep=self.cfg.run.keep_checkpoints)
+        log.info("step %d: wrote %s", self.step, self.last_checkpoint)
+        return self.last_checkpoint
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.run.checkpoint_every
+        return self.step == self.schedule.total_steps or (every > 0 and self.step % every == 0)
 
     # ------------------------------------------------------------------ the loop
-    def train(self):
+    def train(self) -> str:
+        """Runs the schedule from `self.step`. Returns "complete" (final model in <output_dir>/final),
+        "stopped" (first SIGINT/SIGTERM: the step finished and was checkpointed) or "abandoned" (second one:
+        the step in progress was dropped; the newest checkpoint is unchanged). Raises NonFiniteError."""
         total = self.schedule.total_steps
         bar = None
         if self.cfg.logging.progress:
@@ -124,29 +266,44 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True)
         write = bar.write if bar is not None else None
+        status = "complete"
         try:
-            while self.step < total:
-                phase_idx, phase = self.schedule.phase_at(self.step)
-                if self.schedule.is_switch(self.step):
-                    self._switch_phase(phase)
-                row = self.train_step(phase)
-                row = {"step": self.step, "phase": phase.name, **row}
-                self.metrics.log(row, write=write)
-                self.step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{row['reward/mean']:.3f}", phase=phase.name)
+            with StopSignals() as stop:
+                while self.step < total:
+                    phase_idx, phase = self.schedule.phase_at(self.step)
+                    if self.schedule.is_switch(self.step):
+                        self._switch_phase(phase)
+                    row = self.train_step(phase)
+                    row = {"step": self.step, "phase": phase.name, **row}
+                    self.metrics.log(row, write=write)
+                    self.step += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", phase=phase.name)
+                    if self._checkpoint_due() or stop.requested:
+                        self.save_checkpoint()
+                    if stop.requested and self.step < total:
+                        status = "stopped"
+                        log.warning("%s: stopped after step %d; checkpoint %s; continue with --resume",
+                                    stop.requested, self.step - 1, self.last_checkpoint)
+                        break
+                if status == "complete":
+                    self.save_model(self.out / "final")
+        except StepAbandoned as e:
+            status = "abandoned"
+            log.warning("%s again: abandoned step %d; newest checkpoint: %s", e, self.step,
+                        self.last_checkpoint or "none")
         finally:
             if bar is not None:
                 bar.close()
             self.metrics.close()
-        self.save_model(self.out / "final")
+        return status
 
     def _switch_phase(self, phase):
         """Policy reincarnation: same weights; optionally a fresh optimizer and a re-synced reference."""
         sch = self.cfg.schedule
         if sch.reset_optimizer_at_switch:
-            self.optimizer = self._make_optimizer()
+            self.optimizer, self.scheduler = self._make_optimizer()
         if sch.resync_reference_at_switch and self.ref_model is not None:
             self.ref_model.load_state_dict(self.model.state_dict())
         log.info("step %d: switching to phase %r", self.step, phase.name)
@@ -166,9 +323,13 @@ class Trainer:
         texts = self.tok.batch_decode(roll.response_ids, skip_special_tokens=True)
 
         # 3. rewards
-        scores, has_answer = _score(self.reward_fn, texts, samples)
+        scores, has_answer, correct = _score(self.reward_fn, texts, samples)
         rewards = torch.tensor(scores, dtype=torch.float32)
         resp_lens = torch.tensor([len(r) for r in roll.response_ids], dtype=torch.long)
+        report = dict(rewards=rewards, resp_lens=resp_lens, truncated=roll.truncated)
+        if not torch.isfinite(rewards).all():
+            raise NonFiniteError(self._stop_message(_batch_report(self.step, phase.name, "non-finite rewards",
+                                                                  texts=texts, **report)))
         t_rew = time.perf_counter()
 
         # 4. advantages and masks of every objective of the phase
@@ -231,13 +392,17 @@ class Trainer:
         self.model.train()
         loss_total, entropy = backward_packed(self.model, batch, loss_rows, temperature=cfg.rollout.temperature,
                                               impl=cfg.model.logprob_impl, with_entropy=cfg.logging.entropy)
-        if not math.isfinite(loss_total):
-            raise FloatingPointError(f"step {self.step}: non-finite loss {loss_total} "
-                                     f"(rewards mean {rewards.mean():.3f}, rows {R})")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+        if not (math.isfinite(loss_total) and math.isfinite(float(grad_norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "non-finite loss" if not math.isfinite(loss_total) else "non-finite gradient norm"
+            raise NonFiniteError(self._stop_message(_batch_report(
+                self.step, phase.name, what, terms=terms, rows=R, bins=len(batch.bins), loss=loss_total,
+                grad_norm=float(grad_norm), **report)))
         if R > 0:
             self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_end = time.perf_counter()
 
@@ -246,6 +411,7 @@ class Trainer:
         gmin, gmax = groups.min(1).values, groups.max(1).values
         m = {
             "reward/mean": rewards.mean().item(),
+            "reward/accuracy": sum(correct) / B,
             "reward/format": sum(has_answer) / B,
             "rollout/response_len_mean": resp_lens.float().mean().item(),
             "rollout/truncated_frac": sum(roll.truncated) / B,
@@ -286,12 +452,19 @@ class Trainer:
                                                   stash[free_rows].tolist()) if (s, p) in c]
             if d:
                 m["logp/cond_minus_free"] = sum(d) / len(d)
+        counts = [behaviour_counts(t) for t in texts]
+        for kind in ("transition", "reflection", "execution"):
+            m[f"behaviour/{kind}"] = sum(c[kind] for c in counts) / B
         if cfg.logging.samples_every and self.step % cfg.logging.samples_every == 0:
             adv0 = next(iter(terms.values())).advantage
             self.metrics.log_samples(self.step, [
                 {"prompt": samples[i]["prompt"], "response": texts[i], "answer": samples[i]["answer"],
                  "reward": scores[i], "advantage": float(adv0[i])} for i in range(B)])
         return m
+
+    def _stop_message(self, report: str) -> str:
+        return (f"{report}\n  newest checkpoint: {self.last_checkpoint or 'none'}; metrics of the earlier steps "
+                f"are in {self.out / 'metrics.jsonl'}")
 
     @torch.no_grad()
     def _reference_logp(self, batch) -> torch.Tensor:
@@ -311,7 +484,8 @@ class Trainer:
     def save_model(self, path: Path):
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        self.model.save_pretrained(tmp)
+        with ckpt.quiet_hf_progress():
+            self.model.save_pretrained(tmp)
         self.tok.save_pretrained(tmp)
         if path.exists():
             import shutil
