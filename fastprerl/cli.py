@@ -1,5 +1,7 @@
-"""Command line: `fastprerl train CONFIG [key=value ...] [--resume]`, `fastprerl plot RUN_DIR`.
-No training logic here.
+"""Command line: `fastprerl train CONFIG [key=value ...] [--resume]`, `fastprerl plot RUN_DIR`,
+`fastprerl eval MODEL_OR_RUN --data SOURCE [...]` (Avg@k, pass@k, lengths, behaviour counts; see
+fastprerl/evaluate.py), `fastprerl align MODEL_OR_RUN --data SOURCE --n 50` (gradient alignment of log P(y) and
+log P(y|x); see fastprerl/align.py). No training logic here.
 
 Exit codes: 0 done (also after a SIGINT/SIGTERM stop, which leaves a checkpoint to resume from), 2 bad config or
 a run that cannot start/resume as asked, 3 a non-finite reward/loss/gradient stopped the run, 130 interrupted
@@ -21,6 +23,29 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plot", help="render a run's progress (reward, accuracy, length, entropy, behaviours)")
     pl.add_argument("run_dir", help="a run's output_dir (holding metrics.jsonl)")
     pl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/progress.png)")
+    ev = sub.add_parser("eval", help="Avg@k, pass@k, response length, truncation and behaviour counts")
+    _sampling_args(ev, k_default=8)
+    ev.add_argument("--baseline", default=None, metavar="MODEL",
+                    help="also evaluate this model on the same prompts; report behaviour-count ratios against it")
+    ev.add_argument("--transition-words", default=None, metavar="W1,W2,...",
+                    help="comma-separated transition keywords (default: the SEAL list in fastprerl/metrics.py)")
+    ev.add_argument("--reflection-words", default=None, metavar="W1,W2,...",
+                    help="comma-separated reflection keywords (default: the SEAL list in fastprerl/metrics.py)")
+    ev.add_argument("--samples", default=None, metavar="PATH", help="also write every response to this JSONL")
+    ev.add_argument("--out", default=None, help="JSON report path (default: RUN/eval.json or ./eval.json)")
+    al = sub.add_parser("align", help="gradient alignment of log P(y) and log P(y|x) on sampled rollouts")
+    _sampling_args(al, k_default=1)
+    al.add_argument("--n", type=int, default=50, help="rollouts per dataset (default 50)")
+    al.add_argument("--samples-per-prompt", type=int, default=1, help="rollouts per prompt (default 1)")
+    al.add_argument("--params", default=None, metavar="REGEX",
+                    help="only parameters whose name matches this regex (default: all trainable)")
+    al.add_argument("--empty-token", default=None,
+                    help="empty-context token: id, token string or auto (default: the run's, else auto)")
+    al.add_argument("--impl", default="auto", choices=("auto", "torch", "triton", "naive"),
+                    help="fused log-prob implementation")
+    al.add_argument("--no-token-diffs", action="store_true", help="leave per-token differences out of the JSON")
+    al.add_argument("--verbose", action="store_true", help="print a line per rollout")
+    al.add_argument("--out", default=None, help="JSON report path (default: RUN/align.json or ./align.json)")
     args, extra = parser.parse_known_args(argv)  # overrides may also follow --resume
     if extra and (args.command != "train" or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -30,7 +55,53 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.command == "plot":
         return _plot(args)
+    if args.command == "eval":
+        from .evaluate import run_eval_cli
+        return run_eval_cli(args)
+    if args.command == "align":
+        from .align import run_align_cli
+        return run_align_cli(args)
     return _train(args)
+
+
+def _sampling_args(p, k_default: int):
+    """Options shared by eval and align: the model, the data, prompts, sampling and rewards."""
+    p.add_argument("model", metavar="MODEL_OR_RUN",
+                   help="builtin:*, a local Hugging Face folder, a hub id, or a run directory (its final/ model, "
+                        "else its newest checkpoints/step_<N>/)")
+    p.add_argument("--data", action="append", required=True, metavar="SOURCE",
+                   help="builtin:addition | reasoning_gym:<task> | champ | a local .jsonl/.json/.parquet/.csv with "
+                        "problem/answer fields; repeat for several datasets")
+    if k_default > 1:
+        p.add_argument("--k", type=int, default=k_default, help=f"samples per problem (default {k_default})")
+    else:
+        p.set_defaults(k=1)
+    p.add_argument("--n-problems", type=int, default=None,
+                   help="problems per dataset (default: all of a fixed set, 100 from a generator)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit (default 256)")
+    p.add_argument("--format", choices=("completion", "chat"), default=None,
+                   help="prompt format (default: the run's, else completion)")
+    p.add_argument("--template", default=None,
+                   help="str.format template of the prompt text with {prompt} (default per dataset: files and "
+                        "champ append a \\boxed{} instruction)")
+    p.add_argument("--system-prompt", default=None, help="system prompt (default per dataset: none)")
+    p.add_argument("--stop-at-newline", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop a response at its first newline (default: on for builtin:addition)")
+    p.add_argument("--reward", default=None,
+                   help="math (\\boxed extraction) | last_number | reasoning_gym | module:function (default: "
+                        "last_number for builtin:addition, reasoning_gym for reasoning_gym:*, math otherwise)")
+    p.add_argument("--reward-timeout", type=float, default=5.0, help="seconds per verification (default 5)")
+    p.add_argument("--digits", type=int, default=None, help="builtin:addition operand digits (default 2)")
+    p.add_argument("--prompt-field", default="problem", help="problem field of a local file (default problem)")
+    p.add_argument("--answer-field", default="answer", help="answer field of a local file (default answer)")
+    p.add_argument("--seed", type=int, default=0, help="problem subset and sampling seed (default 0)")
+    p.add_argument("--generation-batch-size", type=int, default=32,
+                   help="sequences per generate() call (default 32)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default)")
 
 
 def _plot(args) -> int:

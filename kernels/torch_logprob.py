@@ -178,16 +178,21 @@ class _FusedLoss(torch.autograd.Function):
                 torch.mm(dz, wf, out=dh[s:e])
             if need_dw:
                 dw.addmm_(dz.t(), hc)
-        ctx.save_for_backward(dh if dh is not None else total, dw if dw is not None else total)
+        # Plain attributes, not save_for_backward: backward hands these very tensors to autograd, which
+        # can then adopt them as .grad without a copy (one d_weight in the peak, not two).
+        ctx.grads = (dh, dw)
         ctx.meta = (need_dh, need_dw, h.dtype, weight.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        dh, dw = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("token_loss(impl='torch') hands its precomputed gradients to autograd once; "
+                               "call token_loss again instead of backpropagating twice through one result")
+        (dh, dw), ctx.grads = ctx.grads, None
         need_dh, need_dw, h_dtype, w_dtype = ctx.meta
-        gh = (dh * grad_out).to(h_dtype) if need_dh else None
-        gw = (dw * grad_out).to(w_dtype) if need_dw else None
+        gh = dh.mul_(grad_out).to(h_dtype) if need_dh else None
+        gw = dw.mul_(grad_out).to(w_dtype) if need_dw else None
         return gh, gw, None, None, None, None, None
 
 

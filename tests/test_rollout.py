@@ -1,4 +1,5 @@
 """HF rollout backend: shared-prefix generation equals plain generate, log-probs are the sampler's."""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -11,11 +12,12 @@ class _Tok:
     eos_token_id, pad_token_id = 2, 2
 
 
-def test_shared_prefix_generation_matches_plain_generate_and_logprobs():
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_shared_prefix_generation_matches_plain_generate_and_logprobs(top_p):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", 300)).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13]]
-    cfg = RolloutConfig(max_new_tokens=6, temperature=0.8, generation_batch_size=64)
+    cfg = RolloutConfig(max_new_tokens=6, temperature=0.8, top_p=top_p, generation_batch_size=64)
     roll = HFRollout(cfg, model, _Tok())
     torch.manual_seed(3)
     out = roll.generate(prompts, 3)
@@ -31,7 +33,7 @@ def test_shared_prefix_generation_matches_plain_generate_and_logprobs():
     torch.manual_seed(3)
     with torch.no_grad():
         ref = model.generate(input_ids=ids.repeat_interleave(3, 0), attention_mask=att.repeat_interleave(3, 0),
-                             do_sample=True, temperature=0.8, top_k=0, max_new_tokens=6, eos_token_id=2,
+                             do_sample=True, temperature=0.8, top_p=top_p, top_k=0, max_new_tokens=6, eos_token_id=2,
                              pad_token_id=2)
     for i in range(9):
         got = out.response_ids[i]

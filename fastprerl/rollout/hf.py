@@ -5,9 +5,38 @@ import inspect
 from typing import List
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .base import RolloutBatch
+
+
+class _BehaviourLogprobs(LogitsProcessor):
+    """Records log softmax(logits / T) of each sampled token without keeping (steps x vocab) logits.
+
+    Custom processors run before generate's temperature / top-p warpers, so `scores` are the model's
+    logits. At step t the token sampled at step t-1 is the last column of input_ids: gather it from the
+    previous step's log-probs; the final token is gathered by `finish`. Memory: one (batch, vocab) buffer.
+    """
+
+    def __init__(self, temperature: float, prompt_len: int):
+        self.inv_t, self.prompt_len = 1.0 / temperature, prompt_len
+        self.prev, self.out = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float() * self.inv_t, dim=-1)
+        return scores
+
+    def finish(self, sequences) -> torch.Tensor:
+        """(batch, generated) log-probs of sequences[:, prompt_len:]."""
+        n_gen = sequences.shape[1] - self.prompt_len
+        if n_gen > len(self.out) and self.prev is not None:
+            self.out.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
+        self.prev = None
+        if not self.out:
+            return torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.out[:n_gen], dim=1)
 
 
 class _StopOnTokens(StoppingCriteria):
@@ -70,15 +99,16 @@ class HFRollout:
                     extra["stopping_criteria"] = StoppingCriteriaList([_StopOnTokens(self.newline_ids, dev)])
                 if n > 1 and L > 1:
                     extra[self.cache_kwarg] = self._shared_prefix_cache(ids, att, n)
+                recorder = _BehaviourLogprobs(cfg.temperature, L)
                 out = model.generate(
                     input_ids=ids.repeat_interleave(n, 0), attention_mask=att.repeat_interleave(n, 0),
                     do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                     max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
-                    return_dict_in_generate=True, output_logits=True, **extra)
+                    logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True, **extra)
                 gen = out.sequences[:, L:].cpu()
-                # behaviour log-probs of the sampled tokens under logits / T (same quantity the trainer scores)
-                logits = torch.stack(out.logits, dim=1).float().cpu() / cfg.temperature
-                lp = torch.log_softmax(logits, dim=-1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+                # behaviour log-probs of the sampled tokens under logits / T (the quantity the trainer scores;
+                # with top_p < 1 the sampler drew from the truncated distribution, this is the full one)
+                lp = recorder.finish(out.sequences).cpu()
                 for i in range(gen.shape[0]):
                     toks = gen[i].tolist()
                     end, hit = len(toks), False
