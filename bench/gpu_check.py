@@ -1,0 +1,412 @@
+"""GPU check of the fused log-prob op: correctness at real shapes, then the benchmark.
+
+    bash bench/gpu_check.sh                  (from the repo root; what a GPU machine runs)
+    PYTHONPATH=. python bench/gpu_check.py [--out DIR] [--budget-s 450]
+    PYTHONPATH=. python bench/gpu_check.py --cpu-smoke    (tiny shapes, Triton interpreter: checks
+                                                           that the script itself runs)
+
+Needs only torch, triton and this checkout (nothing installed, no network); Liger-Kernel and Cut
+Cross-Entropy are used when importable and skipped with the reason otherwise. Never changes GPU
+settings. Every section runs in try/except: a failure is printed and the next section runs.
+
+Sections
+  1. correctness: token_logprobs(impl="triton") (logp, entropy, lse, d/dh, d/dW of
+     sum(a * logp) + sum(b * entropy)) against a float64 oracle (the naive reference on float64
+     copies), at each model's real (H, V), fp32 and bf16, a random 40% `rows` subset, N not a
+     multiple of the blocks, temperature 1.0 and 0.7, atomic and deterministic backward.
+     Bound (as in tests/): |impl - oracle| <= |naive same dtype - oracle| + TOL * max(1, |oracle|).
+  2. matmul rate: bf16 (and fp32) torch.mm of a comparable size, TFLOP/s.
+  3. benchmark, Qwen3-4B head (N=16384, H=2560, V=151936, bf16), fwd+bwd of sum(w * logp):
+     naive (if memory allows), fastprerl triton (atomic and deterministic), fastprerl torch
+     (token_logprobs and token_loss), torch F.linear_cross_entropy (chunked) if present, Liger,
+     CCE. Median of 5 after warm-up; peak = torch.cuda.max_memory_allocated - baseline after the
+     inputs; achieved = 6 N H V / time / bf16 matmul rate; extra memory / naive bf16 logits size.
+     Also: triton vs torch-path agreement at this shape (N*V > 2^31: int64 offsets).
+Outputs: printed, and gpu_check.jsonl + gpu_check.md under --out (default $OUT, else bench/results).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+T0 = time.monotonic()
+BUDGET_S = 450.0
+LINES: list = []      # markdown report
+RECORDS: list = []    # JSON records
+_OUT = {"dir": None, "meta": {}, "written": 0}
+
+
+def flush_outputs():
+    """Append the new JSON records and rewrite the markdown report (after every section, so a run
+    stopped by the time limit still leaves what it measured)."""
+    d = _OUT["dir"]
+    if d is None:
+        return
+    with open(d / "gpu_check.jsonl", "a") as f:
+        for r in RECORDS[_OUT["written"]:]:
+            f.write(json.dumps({**_OUT["meta"], **r}, default=str) + "\n")
+    _OUT["written"] = len(RECORDS)
+    (d / "gpu_check.md").write_text("\n".join(LINES) + "\n")
+
+
+def say(msg: str = ""):
+    print(msg, flush=True)
+    LINES.append(msg)
+
+
+def left() -> float:
+    return BUDGET_S - (time.monotonic() - T0)
+
+
+def section(name):
+    def deco(fn):
+        def run(*a, **k):
+            say(f"\n## {name}  (t={time.monotonic() - T0:.0f} s)\n")
+            if left() < 20:
+                say(f"skipped: time budget spent ({BUDGET_S:.0f} s)")
+                return None
+            try:
+                return fn(*a, **k)
+            except Exception as e:  # noqa: BLE001
+                say(f"FAILED: {type(e).__name__}: {e}")
+                traceback.print_exc()
+                RECORDS.append({"section": name, "status": "error", "error": f"{type(e).__name__}: {e}"})
+                return None
+            finally:
+                flush_outputs()
+                gc.collect()
+                try:
+                    import torch
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                except Exception:  # noqa: BLE001
+                    pass
+        return run
+    return deco
+
+
+def load_tolerances():
+    spec = importlib.util.spec_from_file_location("_fastprerl_tolerances", REPO / "tests" / "tolerances.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. correctness
+# ----------------------------------------------------------------------------------------------
+def _run_api(K, impl, h, w, t, rows, a, b, temperature, deterministic=False):
+    import torch
+    h = h.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    kw = {"deterministic": deterministic} if impl == "triton" else {}
+    out = K.token_logprobs(h, w, t, rows=rows, temperature=temperature, with_entropy=True, impl=impl, **kw)
+    loss = (a.to(out.logp.dtype) * out.logp).sum() + (b.to(out.logp.dtype) * out.entropy).sum()
+    dh, dw = torch.autograd.grad(loss, [h, w])
+    return {"logp": out.logp.detach(), "entropy": out.entropy.detach(), "lse": out.lse.detach(),
+            "dh": dh, "dw": dw}
+
+
+@section("1. correctness: impl='triton' vs float64 oracle at real shapes")
+def correctness(K, dev, models, n_rows):
+    import torch
+    TOL = load_tolerances()
+    say("| model | H | V | N | rows | dtype | T | backward | quantity | max err impl | max err naive | bound | ok |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    n_fail = n_ok = 0
+    plan = []
+    for name, (H, V) in models.items():
+        for dtype in (torch.bfloat16, torch.float32):
+            plan.append((name, H, V, dtype, 1.0, False))
+    plan.append(("qwen3-4b", *models.get("qwen3-4b", next(iter(models.values()))), torch.bfloat16, 0.7, True))
+    for name, H, V, dtype, temp, det in plan:
+        if left() < 60:
+            say(f"(stopping correctness early: {left():.0f} s left)")
+            break
+        g = torch.Generator().manual_seed(0)
+        N = n_rows
+        h = torch.randn(N, H, generator=g).to(dev, dtype)
+        w = (torch.randn(V, H, generator=g) * (H ** -0.5) * 2.0).to(dev, dtype)
+        t = torch.randint(0, V, (N,), generator=g).to(dev)
+        rows = torch.randperm(N, generator=g)[: int(0.4 * N)].sort().values.to(dev)
+        a = torch.randn(N, generator=g).to(dev)
+        b = torch.randn(N, generator=g).to(dev)
+        t0 = time.monotonic()
+        got = _run_api(K, "triton", h, w, t, rows, a, b, temp, det)
+        naive = _run_api(K, "naive", h, w, t, rows, a, b, temp)
+        oracle = _run_api(K, "naive", h.double(), w.double(), t, rows, a.double(), b.double(), temp)
+        del h, w
+        tol = TOL[dtype]
+        case_ok = True
+        sign_ok = bool((got["logp"] <= 0).all())
+        for key, q in (("logp", "logp"), ("entropy", "entropy"), ("lse", "logp"), ("dh", "grad"), ("dw", "grad")):
+            gi, ni, oi = got[key].double(), naive[key].double(), oracle[key]
+            finite = bool(torch.isfinite(gi).all())
+            err = (gi - oi).abs().max().item()
+            ref = (ni - oi).abs().max().item()
+            scale = max(1.0, oi.abs().max().item())
+            bound = ref + tol[q] * scale
+            ok = finite and err <= bound and (sign_ok or key != "logp")
+            case_ok &= ok
+            say(f"| {name} | {H} | {V} | {N} | {rows.numel()} | {str(dtype).split('.')[-1]} | {temp} | "
+                f"{'deterministic' if det else 'atomic'} | {key} | {err:.3e} | {ref:.3e} | {bound:.3e} | "
+                f"{'ok' if ok else 'FAIL'}{'' if finite else ' (non-finite)'}{'' if sign_ok or key != 'logp' else ' (logp > 0)'} |")
+            RECORDS.append({"section": "correctness", "model": name, "H": H, "V": V, "N": N,
+                            "rows": rows.numel(), "dtype": str(dtype), "temperature": temp,
+                            "deterministic": det, "quantity": key, "err": err, "naive_err": ref,
+                            "bound": bound, "ok": ok})
+        n_ok += case_ok
+        n_fail += not case_ok
+        del got, naive, oracle
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"  ({name} {dtype} done in {time.monotonic() - t0:.1f} s)", flush=True)
+    say(f"\ncorrectness: {n_ok} cases ok, {n_fail} failed")
+    return n_fail == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. matmul rate
+# ----------------------------------------------------------------------------------------------
+def _time_cuda(fn, reps, warmup=1, dev=None):
+    import torch
+    for _ in range(warmup):
+        fn()
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if dev is not None and dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+@section("2. matmul rate (torch.mm)")
+def matmul_rate(dev, M, K, Nc):
+    import torch
+    rates = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(M, K, device=dev, dtype=dtype)
+        b = torch.randn(K, Nc, device=dev, dtype=dtype)
+        c = torch.empty(M, Nc, device=dev, dtype=dtype)
+        med, _ = _time_cuda(lambda: torch.mm(a, b, out=c), reps=10, warmup=2, dev=dev)
+        rate = 2.0 * M * K * Nc / med
+        rates[str(dtype)] = rate
+        say(f"torch.mm {str(dtype).split('.')[-1]} ({M}x{K}) @ ({K}x{Nc}): {med * 1e3:.2f} ms = "
+            f"{rate / 1e12:.1f} TFLOP/s" + ("  (fp32: torch's default matmul precision setting)" if dtype == torch.float32 else ""))
+        RECORDS.append({"section": "matmul", "dtype": str(dtype), "M": M, "K": K, "N": Nc, "median_s": med,
+                        "flops_per_s": rate})
+        del a, b, c
+    return rates
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. benchmark
+# ----------------------------------------------------------------------------------------------
+def _providers(K, dev):
+    """name -> (factory(h, W, t, w) -> step(), or a skip reason string)."""
+    import torch
+    import torch.nn.functional as F
+
+    provs = {}
+
+    def lp_step(f):
+        def make(h, W, t, w):
+            def step():
+                h.grad = W.grad = None
+                lp = f(h, W, t)
+                (w * lp).sum().backward()
+                return lp
+            return step
+        return make
+
+    provs["naive"] = lp_step(lambda h, W, t: (h @ W.t()).float().log_softmax(-1).gather(-1, t[:, None]).squeeze(-1))
+    provs["fastprerl_triton"] = lp_step(lambda h, W, t: K.token_logprobs(h, W, t, impl="triton").logp)
+    provs["fastprerl_triton_det"] = lp_step(
+        lambda h, W, t: K.token_logprobs(h, W, t, impl="triton", deterministic=True).logp)
+    provs["fastprerl_torch_logprobs"] = lp_step(lambda h, W, t: K.token_logprobs(h, W, t, impl="torch").logp)
+
+    def loss_make(h, W, t, w):
+        def step():
+            h.grad = W.grad = None
+            K.token_loss(h, W, t, lambda lp, i: w[i] * lp, impl="torch").backward()
+        return step
+    provs["fastprerl_torch_loss"] = loss_make
+
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        opts = torch.nn.LinearCrossEntropyOptions()
+        provs["torch_linear_cross_entropy"] = lp_step(
+            lambda h, W, t: -F.linear_cross_entropy(h, W, t, reduction="none", options=opts).float())
+    else:
+        provs["torch_linear_cross_entropy"] = f"torch {torch.__version__} has no chunked F.linear_cross_entropy"
+    try:
+        from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+        provs["liger_chunked_logprob"] = lp_step(
+            lambda h, W, t: LigerFusedLinearPPOBase.chunk_forward(h.unsqueeze(0), W, t.unsqueeze(0))[0])
+    except Exception as e:  # noqa: BLE001
+        provs["liger_chunked_logprob"] = f"liger-kernel not importable ({type(e).__name__}: {e})"
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        provs["liger_fused_linear_ce"] = lp_step(
+            lambda h, W, t: -liger_fused_linear_cross_entropy(h, W, t, reduction="none").float())
+    except Exception as e:  # noqa: BLE001
+        provs["liger_fused_linear_ce"] = f"liger-kernel fused linear CE not importable ({type(e).__name__}: {e})"
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+        impl = "cce" if dev.type == "cuda" else "torch_compile"
+        provs["cce"] = lp_step(lambda h, W, t: -cce(h, W, t, impl=impl, reduction="none").float())
+        if impl == "cce":
+            provs["cce_exact"] = lp_step(
+                lambda h, W, t: -cce(h, W, t, impl=impl, reduction="none", filter_eps=None).float())
+    except Exception as e:  # noqa: BLE001
+        provs["cce"] = f"cut-cross-entropy not importable ({type(e).__name__}: {e})"
+    return provs
+
+
+@section("3. benchmark (fwd+bwd of sum(w * logp))")
+def benchmark(K, dev, N, H, V, dtype_name, rates, reps):
+    import torch
+    dtype = getattr(torch, dtype_name)
+    el = torch.tensor([], dtype=dtype).element_size()
+    logits_bytes = N * V * el
+    flops = 6.0 * N * H * V
+    mm_rate = (rates.get(str(dtype)) or rates.get("torch.bfloat16")) if rates else None
+    say(f"shape: N={N} H={H} V={V} {dtype_name}; naive logits ({dtype_name}) = {logits_bytes / 2**30:.2f} GiB; "
+        f"6NHV = {flops / 1e12:.1f} TFLOP; matmul rate used = "
+        + (f"{mm_rate / 1e12:.1f} TFLOP/s" if mm_rate else "unknown"))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, H, generator=g).to(dev, dtype).requires_grad_(True)
+    W = (torch.randn(V, H, generator=g) * 0.02).to(dev, dtype).requires_grad_(True)
+    t = torch.randint(0, V, (N,), generator=g).to(dev)
+    w = (torch.rand(N, generator=g) + 0.5).to(dev)
+    say("\n| provider | median ms | peak extra GiB | extra / naive logits | achieved (6NHV/t/mm) | x naive | note |")
+    say("|---|---|---|---|---|---|---|")
+    results, keep = {}, {}
+    for name, make in _providers(K, dev).items():
+        if isinstance(make, str):
+            say(f"| {name} | - | - | - | - | - | skipped: {make} |")
+            RECORDS.append({"section": "benchmark", "provider": name, "status": "skipped", "reason": make})
+            continue
+        if left() < 45:
+            say(f"| {name} | - | - | - | - | - | skipped: time budget |")
+            continue
+        if name == "naive" and dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info()
+            need = logits_bytes * (1 + 3 * 4 // el) + 2 * V * H * el
+            if need > 0.9 * free:
+                say(f"| naive | - | - | - | - | - | skipped: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free |")
+                continue
+        try:
+            step = make(h, W, t, w)
+            t_c = time.monotonic()
+            step()  # warm-up (compilation)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            compile_s = time.monotonic() - t_c
+            h.grad = W.grad = None
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            med, times = _time_cuda(step, reps=reps, warmup=0, dev=dev)
+            peak = (torch.cuda.max_memory_allocated() - base) if dev.type == "cuda" else 0
+            if name in ("fastprerl_triton", "fastprerl_torch_logprobs"):
+                lp = step()
+                keep[name] = (lp.detach().float().clone(), W.grad.detach().float().clone())
+                del lp
+            ach = (flops / med / mm_rate) if mm_rate else None
+            results[name] = {"median_s": med, "peak_bytes": peak}
+            base_t = results.get("naive", {}).get("median_s")
+            cells = [name, f"{med * 1e3:.1f}", f"{peak / 2**30:.2f}", f"{peak / logits_bytes:.2f}",
+                     f"{ach:.2f}" if ach else "-", f"{med / base_t:.2f}" if base_t else "-",
+                     f"warm-up {compile_s:.1f} s"]
+            say("| " + " | ".join(cells) + " |")
+            RECORDS.append({"section": "benchmark", "provider": name, "N": N, "H": H, "V": V, "dtype": dtype_name,
+                            "mode": "fwd+bwd", "median_s": med, "times_s": times, "peak_mb": peak / 2**20,
+                            "extra_over_naive_logits": peak / logits_bytes, "achieved_fraction": ach,
+                            "warmup_s": compile_s, "status": "ok"})
+        except Exception as e:  # noqa: BLE001
+            say(f"| {name} | - | - | - | - | - | FAILED: {type(e).__name__}: {str(e)[:200]} |")
+            RECORDS.append({"section": "benchmark", "provider": name, "status": "error", "error": str(e)[:500]})
+            traceback.print_exc()
+        finally:
+            h.grad = W.grad = None
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    if "fastprerl_triton" in keep and "fastprerl_torch_logprobs" in keep:
+        (lp_a, gw_a), (lp_b, gw_b) = keep["fastprerl_triton"], keep["fastprerl_torch_logprobs"]
+        d_lp = (lp_a - lp_b).abs().max().item()
+        d_gw = ((gw_a - gw_b).norm() / gw_b.norm().clamp_min(1e-30)).item()
+        big = f"N*V = {N * V:.2e} {'>' if N * V > 2**31 else '<='} 2^31"
+        say(f"\ntriton vs torch path at this shape ({big}): "
+            f"max |logp diff| = {d_lp:.3e}, rel ||dW diff|| = {d_gw:.3e}; max logp = {lp_a.max().item():.3e} (must be <= 0)")
+        RECORDS.append({"section": "benchmark_agreement", "max_abs_logp_diff": d_lp, "rel_dw_diff": d_gw,
+                        "max_logp": lp_a.max().item()})
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    global BUDGET_S
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(BENCH / "results"))
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, Triton interpreter")
+    args = ap.parse_args(argv)
+    BUDGET_S = args.budget_s
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported
+    sys.path.insert(0, str(BENCH))
+    import torch
+    import harness
+    K = harness.import_kernels()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = harness.machine_info(dev.type)
+    vers = harness.versions()
+    sha = harness.git_sha()
+    _OUT["dir"] = out
+    _OUT["meta"] = {"machine": info, "versions": vers, "git_sha": sha,
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    say("# fastprerl GPU check\n")
+    say(f"- machine: {info.get('gpu', 'no GPU')}; {info['cpu']}; {info['cores']} cores; {info['platform']}")
+    say("- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v) + f"; git {sha}")
+    if dev.type != "cuda" and not args.cpu_smoke:
+        say("\nno CUDA device: nothing to check here (use --cpu-smoke to exercise the script)")
+        return 0
+    if args.cpu_smoke:
+        models = {"tiny-a": (64, 1000), "qwen3-4b": (96, 1500)}
+        n_rows, mm, bench_shape, reps = 45, (256, 256, 256), (64, 96, 1500), 2
+    else:
+        import shapes as S
+        models = dict(S.MODEL_SHAPES)
+        n_rows, mm, bench_shape, reps = 515, (16384, 2560, 16384), (16384, 2560, 151936), 5
+    ok = correctness(K, dev, models, n_rows)
+    rates = matmul_rate(dev, *mm) or {}
+    res = benchmark(K, dev, *bench_shape, "bfloat16" if dev.type == "cuda" else "float32", rates, reps)
+    say(f"\ntotal {time.monotonic() - T0:.0f} s")
+    flush_outputs()
+    print(f"wrote {out / 'gpu_check.jsonl'} and {out / 'gpu_check.md'}")
+    return 0 if ok is not False and res is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
