@@ -1,6 +1,6 @@
 """Per-token log-prob op: fastprerl against the naive baseline and the strongest peers.
 
-    pytest bench/test_logprob_bench.py -s            (default CPU set: a few minutes on 2 cores)
+    pytest bench/test_logprob_bench.py -s            (default CPU set: ~20 min on 2 slow cores)
     pytest bench/test_logprob_bench.py -s --quick    (smoke run, targets not asserted)
     FASTPRERL_BENCH_FULL=1 pytest bench/test_logprob_bench.py -s
 
@@ -262,7 +262,7 @@ def logprob_results():
     cases = logprob_cases(dev)
     return harness.run_cases(str(THIS), cases, bench="logprob",
                              title="Per-token log-probs: fastprerl vs naive and peers",
-                             extra_md=__doc__.split("Targets")[0].strip().replace("\n", "\n    "))
+                             extra_md="```\n" + __doc__.split("Targets")[0].strip() + "\n```")
 
 
 def _targets_apply(dev: str) -> bool:
