@@ -362,10 +362,10 @@ class Trainer:
             coef = torch.where((rv == vid) & t.mask[rs], torch.tensor(weights[name] / max(norms[name], 1)),
                                torch.tensor(0.0))
             row_terms.append((name, coef, t.advantage[rs]))
-        old_rows = None
-        if a.old_logp == "rollout":
-            old_rows = torch.tensor([roll.behaviour_logp[s][p] for s, p in zip(rs.tolist(), batch.row_pos.tolist())],
-                                    dtype=torch.float32)
+        # the sampler's log-prob of each packed row's token (old log-probs under "rollout", and the gap metric)
+        beh_rows = torch.tensor([roll.behaviour_logp[s][p] for s, p in zip(rs.tolist(), batch.row_pos.tolist())],
+                                dtype=torch.float32)
+        old_rows = beh_rows if a.old_logp == "rollout" else None
         ref_rows = self._reference_logp(batch) if use_kl else None
         kl_coef_row = torch.where(rv == 0, torch.tensor(a.kl_coef / max(int(resp_lens.sum()), 1)), torch.tensor(0.0))
         stash = torch.zeros(R)
@@ -441,9 +441,7 @@ class Trainer:
             m["train/entropy"] = entropy.mean().item()
         cond_rows = torch.nonzero(rv == 0).view(-1)
         if cond_rows.numel():
-            beh = torch.tensor([roll.behaviour_logp[s][p] for s, p in
-                                zip(rs[cond_rows].tolist(), batch.row_pos[cond_rows].tolist())])
-            m["rollout/logprob_gap"] = (beh - stash[cond_rows]).abs().mean().item()
+            m["rollout/logprob_gap"] = (beh_rows[cond_rows] - stash[cond_rows]).abs().mean().item()
         if cfg.logging.view_gap and R:
             c = {(s, p): v for s, p, v in zip(rs[cond_rows].tolist(), batch.row_pos[cond_rows].tolist(),
                                                stash[cond_rows].tolist())}
