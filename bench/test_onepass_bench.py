@@ -16,11 +16,12 @@ for every response token of every sample, and
   fwd+bwd   loss = sum w * (log P(y_t | x, y_<t) + log P(y_t | e, y_<t)), backward into the model.
 Providers:
   fastprerl_onepass            fastprerl.packing.pack (both views, the trainer's default bin budget
-                               max_tokens=4096) + packed_hidden (model body only, block-diagonal
-                               attention per bin) + ONE token_logprobs(impl="torch") call over the
-                               response rows
-  fastprerl_onepass_bins1024   the same with max_tokens=1024 (attention inside a bin is a dense
-                               masked SDPA on CPU, so smaller bins waste less attention compute)
+                               max_tokens=4096) + packed_hidden (model body only; causal SDPA per
+                               packed sequence, see fastprerl/attention.py) + ONE
+                               token_logprobs(impl="torch") call over the response rows
+  fastprerl_onepass_dense_mask the same with packed_hidden(per_sequence_attention=False): SDPA over
+                               the whole bin with transformers' block-diagonal mask (the bin^2
+                               attention cost that per-sequence attention removes)
   reference_two_padded         the reference code's way: two right-padded batched forwards of the
                                full CausalLM, one over [x; y] and one over [e; y], each
                                materialising the (B, L, V) logits, log_softmax, gather
@@ -106,6 +107,7 @@ def build(case: Case):
         from fastprerl.packing import pack, packed_hidden
 
         max_tokens = int(case.params.get("max_tokens", 4096))
+        per_seq = not case.params.get("dense_mask", False)
 
         def make_forward(prompts, responses, w_cond, w_free):
             n = len(prompts)
@@ -117,7 +119,7 @@ def build(case: Case):
                 w = torch.tensor([wtab[v][i][k] for v, i, k in zip(batch.row_view.tolist(),
                                                                    batch.row_sample.tolist(),
                                                                    batch.row_pos.tolist())])
-                hid = packed_hidden(model, batch)                                        # (T, H)
+                hid = packed_hidden(model, batch, per_seq)                               # (T, H)
                 tgt = torch.zeros(hid.shape[0], dtype=torch.long).index_copy_(0, batch.rows, batch.targets)
                 out = kernels.token_logprobs(hid, lm_head_weight(model), tgt, rows=batch.rows, impl="torch")
                 return (w * out.logp.index_select(0, batch.rows)).sum()
@@ -179,7 +181,7 @@ def onepass_cases(dev: str = "cpu"):
     cases = []
     for mode in ("fwd", "fwd+bwd"):
         for prov, params in ((BASELINE, {}), ("fastprerl_onepass", {"max_tokens": 4096}),
-                             ("fastprerl_onepass_bins1024", {"max_tokens": 1024})):
+                             ("fastprerl_onepass_dense_mask", {"max_tokens": 4096, "dense_mask": True})):
             est = int(avg_tokens * 49152 * 4 * (3 if mode == "fwd+bwd" else 2)) if prov == BASELINE else 0
             cases.append(Case(bench="onepass", provider=prov, shape_label="smollm2-135m " + size.label,
                               shape=shape, dtype="float32", mode=mode, params=params, repeats=repeats,
@@ -200,7 +202,7 @@ def test_onepass():
     lines, misses = [], []
     for mode in ("fwd", "fwd+bwd"):
         ref = harness.find(res, BASELINE, mode=mode)
-        for prov in ("fastprerl_onepass", "fastprerl_onepass_bins1024"):
+        for prov in ("fastprerl_onepass", "fastprerl_onepass_dense_mask"):
             a = harness.find(res, prov, mode=mode)
             ratio = a["median_s"] / ref["median_s"]
             ok_t, ok_m = ratio <= 0.6, a["peak_mb"] < ref["peak_mb"]

@@ -8,7 +8,7 @@ Only the samples selected for a view are packed at all.
 
 The stream is cut into bins of at most `max_tokens` tokens (a sequence never straddles two bins; one
 longer than the budget gets a bin of its own). A bin is one micro-batch: one model forward with
-block-diagonal causal attention derived from the restarting positions.
+causal attention inside each packed sequence (see `bin_hidden`).
 """
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ class PackedBatch:
         """Indices into R of the rows whose stream index lies in bin b."""
         s, e = self.bins[b]
         return torch.nonzero((self.rows >= s) & (self.rows < e), as_tuple=False).view(-1)
+
+    def bin_seq_lens(self, b: int) -> List[int]:
+        """Lengths of the sequences packed in bin b, in stream order."""
+        s, e = self.bins[b]
+        out, pos = [], 0
+        for n in self.seq_lens:
+            if s <= pos < e:
+                out.append(n)
+            pos += n
+        return out
 
     def unpack(self, values: torch.Tensor, view: str) -> List[torch.Tensor]:
         """Split per-row values (R,) of one view into a list of per-sample (len(y_i),) tensors;
@@ -117,25 +127,31 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *
     return batch
 
 
-def bin_hidden(model, batch: PackedBatch, b: int) -> torch.Tensor:
+def bin_hidden(model, batch: PackedBatch, b: int, per_sequence_attention: bool = True) -> torch.Tensor:
     """Final hidden states (L_b, H) of bin b: one forward of the model body, no LM head.
 
-    Attention is causal within each packed sequence: transformers derives the block-diagonal mask
-    from the restarting position ids (flash-attn varlen when the model uses flash_attention_2,
-    otherwise SDPA/eager with a mask over this bin only)."""
+    Attention is causal within each packed sequence: flash-attn varlen when the model uses
+    flash_attention_2, per-sequence SDPA for SDPA models (see attention.py; the model is switched to
+    it on first use), otherwise (eager, sliding windows) a block-diagonal mask over this bin only,
+    derived by transformers from the restarting position ids. per_sequence_attention=False keeps an
+    SDPA model on that dense-mask path (for comparisons)."""
+    from .attention import packed_attention_kwargs, use_varlen_attention
     from .models import decoder_of
 
     s, e = batch.bins[b]
     dev = next(model.parameters()).device
     ids = batch.input_ids[s:e].to(dev).unsqueeze(0)
     pos = batch.position_ids[s:e].to(dev).unsqueeze(0)
-    out = decoder_of(model)(input_ids=ids, position_ids=pos, use_cache=False)
+    impl = use_varlen_attention(model) if per_sequence_attention else model.config._attn_implementation
+    out = decoder_of(model)(input_ids=ids, position_ids=pos, use_cache=False,
+                            **packed_attention_kwargs(impl, batch.bin_seq_lens(b), dev))
     return out.last_hidden_state[0]
 
 
-def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
-    """Hidden states (T, H) of the whole stream, bin by bin."""
+def packed_hidden(model, batch: PackedBatch, per_sequence_attention: bool = True) -> torch.Tensor:
+    """Hidden states (T, H) of the whole stream, bin by bin (see `bin_hidden`)."""
     if not batch.bins:
         p = next(model.parameters())
         return p.new_zeros(0, model.config.hidden_size)
-    return torch.cat([bin_hidden(model, batch, b) for b in range(len(batch.bins))], dim=0)
+    return torch.cat([bin_hidden(model, batch, b, per_sequence_attention) for b in range(len(batch.bins))],
+                     dim=0)

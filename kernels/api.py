@@ -147,8 +147,9 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     loss_fn gets float32 log-probs of a chunk of active rows and the int64 indices (into the N rows) of
     those rows, and returns per-token losses of the same shape; it must be differentiable in torch.
     The loss math stays in torch; the vocabulary sweep is fused. With impl="torch" the gradients
-    w.r.t. hidden and weight are formed during the forward sweep (3 matmuls for forward + backward
-    instead of 4) and backward only scales them.
+    w.r.t. hidden and weight are formed during the forward (per row block: a stats sweep, loss_fn,
+    a gradient sweep), so autograd keeps no logits and backward only scales them. `chunk_rows`
+    caps the rows per block of the torch path (default 1024).
     """
     _check_inputs(hidden, weight, targets, rows, temperature)
     impl = resolve_impl(impl, hidden.device)
@@ -158,7 +159,7 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     h, t = _compact(hidden, targets, rows)
     if impl == "torch":
         from .torch_logprob import fused_token_loss
-        return fused_token_loss(h, weight, t, rows, loss_fn, temperature, chunk_rows)
+        return fused_token_loss(h, weight, t, rows, loss_fn, temperature, row_block=chunk_rows)
     if impl == "naive":
         logp = naive_token_logprobs(h, weight, t, temperature)[0]
     else:

@@ -1,136 +1,200 @@
-"""Chunked PyTorch implementation: the CPU default and the fallback everywhere.
+"""Tiled PyTorch implementation: the CPU default and the fallback everywhere.
 
-Rows are processed in chunks of `chunk_rows`; each chunk materialises only (chunk_rows x V) float32
-logits in one reused buffer, and every elementwise step runs in place on it. Row chunks are sized so
-the buffer stays near 16 MiB (see `_default_chunk_rows`). Half-precision inputs are computed in float32
-(the weight is upcast once per call), so the results are at least as accurate as the naive full-logits
+The rows are cut into equal row blocks of at most `_ROW_BLOCK` rows and the vocabulary into tiles, so
+that one (rows x vocab) float32 logits tile stays near `_TILE_ELEMS` elements (8 MiB). Large row
+blocks keep every matmul efficient (a matmul with a few dozen rows runs at half the rate), equal
+blocks mean a compacted row set never ends in a tiny block that still streams the whole weight.
+
+Per row block:
+  stats sweep    z = h W^T / T tile by tile, online max / sum-exp (and the entropy term), plus the
+                 target logit -> lse, log p, entropy                                       1 matmul
+  gradient sweep recompute z per tile, dz = d loss / d z, dh += dz W, dW[tile] += dz^T h  3 matmuls
+`token_logprobs` runs the stats sweep in forward and the gradient sweep in backward; `token_loss`
+runs both in its forward (the gradients are ready when backward is called and backward only scales
+them), so neither keeps more than one logits tile alive. Half-precision inputs are computed in float32
+one weight tile at a time, so the results are at least as accurate as the naive full-logits
 computation in the input dtype.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-_BUFFER_ELEMS = 1 << 22  # 4M float32 = 16 MiB of logits per chunk
+_TILE_ELEMS = 1 << 21   # 2M float32 = 8 MiB per logits tile
+_ROW_BLOCK = 1024       # rows per block (blocks are equal-sized: ceil(N / ceil(N / 1024)))
+_MIN_VOCAB_TILE = 256
 
 
-def _default_chunk_rows(n: int, v: int) -> int:
-    return max(16, min(max(n, 1), _BUFFER_ELEMS // max(v, 1)))
+@dataclass(frozen=True)
+class _Plan:
+    temperature: float
+    with_entropy: bool
+    row_block: int
+    vocab_tile: int
+
+
+def _plan(n: int, v: int, temperature: float, with_entropy: bool, row_block: Optional[int] = None) -> _Plan:
+    cap = max(1, row_block or _ROW_BLOCK)
+    blocks = max(1, math.ceil(n / cap))
+    r = max(1, math.ceil(n / blocks))
+    vt = min(v, max(_MIN_VOCAB_TILE, _TILE_ELEMS // r))
+    return _Plan(float(temperature), bool(with_entropy), r, max(1, vt))
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _chunk_logits(hc: torch.Tensor, wf: torch.Tensor, buf: torch.Tensor, inv_t: float) -> torch.Tensor:
-    z = torch.mm(hc, wf.t(), out=buf[: hc.shape[0]])
-    if inv_t != 1.0:
-        z.mul_(inv_t)
-    return z
+def _scaled_rows(h: torch.Tensor, s: int, e: int, inv_t: float) -> torch.Tensor:
+    """h[s:e] / T in float32 (float64 stays); the temperature is folded into the rows once."""
+    hs = _f32(h[s:e])
+    return hs * inv_t if inv_t != 1.0 else hs
 
 
-def _exp_shifted(z: torch.Tensor, out: torch.Tensor):
-    """out <- exp(z - rowmax(z)); returns (out, rowmax, rowsum)."""
-    m = z.amax(dim=1, keepdim=True)
-    torch.sub(z, m, out=out).exp_()
-    return out, m.squeeze(1), out.sum(dim=1)
+def _row_stats(hs, wf_tiles, targets, p: _Plan, buf, buf2):
+    """One stats sweep over the vocabulary for the rows hs (already divided by T).
+
+    Returns (logp, lse, entropy or None). Online update with reference max m:
+    S = sum exp(z - m), E = sum exp(z - m) (z - m) <= 0; moving m -> m' multiplies both by
+    a = exp(m - m') and adds (m - m') S to E. At the end lse = m + log S and
+    entropy = lse - E_p[z] = log S - E / S (two non-negative terms: no cancellation)."""
+    r = hs.shape[0]
+    dt = hs.dtype
+    m = torch.full((r,), -math.inf, dtype=dt, device=hs.device)
+    s_acc = torch.zeros(r, dtype=dt, device=hs.device)
+    e_acc = torch.zeros(r, dtype=dt, device=hs.device) if p.with_entropy else None
+    zt = torch.empty(r, dtype=dt, device=hs.device)
+    for a, wt in wf_tiles():
+        b = a + wt.shape[0]
+        z = torch.mm(hs, wt.t(), out=buf[:r, : b - a])
+        sel = (targets >= a) & (targets < b)
+        if sel.any():
+            idx = sel.nonzero().squeeze(1)
+            zt[idx] = z[idx, targets[idx] - a]
+        m_new = torch.maximum(m, z.amax(dim=1))
+        alpha = torch.exp(m - m_new)
+        zs = z.sub_(m_new.unsqueeze(1))
+        if p.with_entropy:
+            ex = torch.exp(zs, out=buf2[:r, : b - a])
+            tile_s = ex.sum(dim=1)
+            shift = torch.where(s_acc > 0, s_acc * (m - m_new), 0.0)  # first tile: m = -inf, S = 0
+            e_acc.add_(shift).mul_(alpha).add_(ex.mul_(zs).sum(dim=1))
+        else:
+            tile_s = zs.exp_().sum(dim=1)
+        s_acc.mul_(alpha).add_(tile_s)
+        m = m_new
+    log_s = s_acc.log()
+    lse = m + log_s
+    ent = (log_s - e_acc / s_acc) if p.with_entropy else None
+    return zt - lse, lse, ent
 
 
-@dataclass(frozen=True)
-class _Params:
-    temperature: float
-    with_entropy: bool
-    chunk_rows: int
+def _grad_sweep(hs, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan, buf, buf2, dh_out, dw):
+    """dz = d loss / d z for z = hs W^T per tile; dh_out <- dz W (sum over tiles); dW[tile] += dz^T hs.
+
+    d logp / dz = onehot(target) - p,  d entropy / dz = -p (z - E_p[z]),  p = exp(z - lse)."""
+    r = hs.shape[0]
+    if dh_out is not None:
+        dh_out.zero_()
+    gl = g_logp.unsqueeze(1)
+    for a, wt in wf_tiles():
+        b = a + wt.shape[0]
+        z = torch.mm(hs, wt.t(), out=buf[:r, : b - a])
+        zs = z.sub_(lse.unsqueeze(1))
+        if g_ent is not None:
+            pr = torch.exp(zs, out=buf2[:r, : b - a])
+            # z - E[z] = (z - lse) + entropy;  dz = -p * (g_logp + g_ent * (z - E[z]))
+            dz = zs.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1)).add_(gl).mul_(pr).neg_()
+        else:
+            dz = zs.exp_().mul_(-gl)
+        sel = (targets >= a) & (targets < b)
+        if sel.any():
+            idx = sel.nonzero().squeeze(1)
+            dz.index_put_((idx, targets[idx] - a), g_logp[idx], accumulate=True)
+        if dh_out is not None:
+            dh_out.addmm_(dz, wt)
+        if dw is not None:
+            dw[a:b].addmm_(dz.t(), hs)
 
 
-class _ChunkedLogprobs(torch.autograd.Function):
+def _weight_tiles(weight: torch.Tensor, vt: int):
+    """Callable yielding (start, float32 tile) over the vocabulary (half weights upcast per tile)."""
+    def tiles():
+        for a in range(0, weight.shape[0], vt):
+            yield a, _f32(weight[a:a + vt])
+    return tiles
+
+
+def _buffers(p: _Plan, v: int, dtype, device, two: bool):
+    shape = (p.row_block, min(p.vocab_tile, v))
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    return buf, (torch.empty(shape, dtype=dtype, device=device) if two else None)
+
+
+def _work_dtype(h: torch.Tensor):
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+class _TiledLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, p: _Params):
-        m_rows, v = h.shape[0], weight.shape[0]
-        out_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-        logp = torch.empty(m_rows, dtype=out_dtype, device=h.device)
+    def forward(ctx, h, weight, targets, p: _Plan):
+        n, v = h.shape[0], weight.shape[0]
+        dt = _work_dtype(h)
+        logp = torch.empty(n, dtype=dt, device=h.device)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if p.with_entropy else None
         inv_t = 1.0 / p.temperature
-        wf = _f32(weight)
-        c = p.chunk_rows
-        buf = torch.empty(min(c, m_rows), v, dtype=wf.dtype, device=h.device)
-        buf2 = torch.empty_like(buf) if p.with_entropy else None
-        for s in range(0, m_rows, c):
-            e = min(s + c, m_rows)
-            z = _chunk_logits(_f32(h[s:e]), wf, buf, inv_t)
-            zt = z.gather(1, targets[s:e].view(-1, 1)).squeeze(1)
-            if p.with_entropy:
-                mx = z.amax(dim=1, keepdim=True)
-                zs = z.sub_(mx)
-                ex = torch.exp(zs, out=buf2[: e - s])
-                sm = ex.sum(dim=1)
-                lse_c = mx.squeeze(1) + sm.log()
-                # entropy = lse - E[z] = log(sum) - E[z - max]; a pairwise sum keeps fp32 accurate
-                ent[s:e] = sm.log() - ex.mul_(zs).sum(dim=1) / sm
-            else:
-                m = z.amax(dim=1, keepdim=True)
-                lse_c = torch.logsumexp(z.sub_(m), dim=1) + m.squeeze(1)
-            lse[s:e] = lse_c
-            logp[s:e] = zt - lse_c
+        tiles = _weight_tiles(weight, p.vocab_tile)
+        buf, buf2 = _buffers(p, v, dt, h.device, p.with_entropy)
+        for s in range(0, n, p.row_block):
+            e = min(s + p.row_block, n)
+            lp, ls, en = _row_stats(_scaled_rows(h, s, e, inv_t), tiles, targets[s:e], p, buf, buf2)
+            logp[s:e], lse[s:e] = lp, ls
+            if ent is not None:
+                ent[s:e] = en
         ctx.p = p
         ctx.save_for_backward(h, weight, targets, lse, ent if ent is not None else lse)
-        if ent is not None:
-            ctx.mark_non_differentiable(lse)
-            return logp, ent, lse
         ctx.mark_non_differentiable(lse)
-        return logp, lse
+        return (logp, ent, lse) if ent is not None else (logp, lse)
 
     @staticmethod
     def backward(ctx, g_logp, *rest):
         h, weight, targets, lse, ent = ctx.saved_tensors
-        p: _Params = ctx.p
+        p: _Plan = ctx.p
         g_ent = rest[0] if p.with_entropy else None
-        m_rows, v = h.shape[0], weight.shape[0]
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, v = h.shape[0], weight.shape[0]
+        dt = _work_dtype(h)
         inv_t = 1.0 / p.temperature
-        wf = _f32(weight)
-        hf_all = _f32(h)
-        dh = torch.empty_like(hf_all)
-        dw = torch.zeros_like(wf)
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        c = p.chunk_rows
-        buf = torch.empty(min(c, m_rows), v, dtype=wf.dtype, device=h.device)
-        buf2 = torch.empty_like(buf) if p.with_entropy else None
-        for s in range(0, m_rows, c):
-            e = min(s + c, m_rows)
-            hc = hf_all[s:e]
-            z = _chunk_logits(hc, wf, buf, inv_t)
-            gl = g_logp[s:e].to(z.dtype)
-            if g_ent is not None:
-                pr = torch.sub(z, lse[s:e].unsqueeze(1), out=buf2[: e - s]).exp_()
-                ez = (lse[s:e] - ent[s:e]).to(z.dtype)
-                ge = g_ent[s:e].to(z.dtype)
-                # dz = p * (-g_lp - g_ent * (z - E[z])) + g_lp * onehot(target)
-                z.sub_(ez.unsqueeze(1)).mul_(-ge.unsqueeze(1)).sub_(gl.unsqueeze(1)).mul_(pr)
-                dz = z
-            else:
-                # dz = -g_lp * p + g_lp * onehot(target), p = exp(z - lse)
-                dz = z.sub_(lse[s:e].unsqueeze(1).to(z.dtype)).exp_().mul_(-gl.unsqueeze(1))
-            dz.scatter_add_(1, targets[s:e].view(-1, 1), gl.view(-1, 1))
-            if inv_t != 1.0:
-                dz.mul_(inv_t)
-            torch.mm(dz, wf, out=dh[s:e])
-            dw.addmm_(dz.t(), hc)
-        return dh.to(h.dtype), dw.to(weight.dtype), None, None
+        tiles = _weight_tiles(weight, p.vocab_tile)
+        buf, buf2 = _buffers(p, v, dt, h.device, g_ent is not None)
+        dh = torch.empty(h.shape, dtype=dt, device=h.device) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=dt, device=h.device) if need_dw else None
+        for s in range(0, n, p.row_block):
+            e = min(s + p.row_block, n)
+            _grad_sweep(_scaled_rows(h, s, e, inv_t), tiles, targets[s:e], lse[s:e], g_logp[s:e].to(dt),
+                        ent[s:e] if g_ent is not None else None,
+                        g_ent[s:e].to(dt) if g_ent is not None else None,
+                        p, buf, buf2, dh[s:e] if need_dh else None, dw)
+        # z = (h / T) W^T: dh = (dz W) / T, dW = dz^T (h / T) (already scaled in the sweep)
+        gh = dh.mul_(inv_t).to(h.dtype) if need_dh else None
+        gw = dw.to(weight.dtype) if need_dw else None
+        return gh, gw, None, None
 
 
 def chunked_token_logprobs(h, weight, targets, temperature: float, with_entropy: bool,
-                           chunk_rows: Optional[int] = None):
+                           row_block: Optional[int] = None):
     """(logp, entropy or None, lse) for the rows of h, float32 (float64 for float64 inputs)."""
-    c = chunk_rows or _default_chunk_rows(h.shape[0], weight.shape[0])
-    p = _Params(float(temperature), bool(with_entropy), int(c))
+    p = _plan(h.shape[0], weight.shape[0], temperature, with_entropy, row_block)
     if h.shape[0] == 0:
         z = h.new_zeros(0, dtype=torch.float32) + (h.sum() + weight.sum()).float() * 0
         return z, (z.clone() if with_entropy else None), z.detach().clone()
-    out = _ChunkedLogprobs.apply(h, weight, targets, p)
+    out = _TiledLogprobs.apply(h, weight, targets, p)
     if with_entropy:
         return out
     logp, lse = out
@@ -138,27 +202,23 @@ def chunked_token_logprobs(h, weight, targets, temperature: float, with_entropy:
 
 
 class _FusedLoss(torch.autograd.Function):
-    """Forward: one sweep computing the loss AND its gradients w.r.t. h and weight; backward scales them."""
+    """Forward: per row block a stats sweep, loss_fn, and a gradient sweep; backward scales the result."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, rows, loss_fn, temperature: float, chunk_rows: int):
-        m_rows, v = h.shape[0], weight.shape[0]
-        inv_t = 1.0 / temperature
-        wf = _f32(weight)
-        hf_all = _f32(h)
+    def forward(ctx, h, weight, targets, rows, loss_fn, p: _Plan):
+        n, v = h.shape[0], weight.shape[0]
+        dt = _work_dtype(h)
+        inv_t = 1.0 / p.temperature
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.empty_like(hf_all) if need_dh else None
-        dw = torch.zeros_like(wf) if need_dw else None
-        total = torch.zeros((), dtype=wf.dtype, device=h.device)
-        c = chunk_rows
-        buf = torch.empty(min(c, m_rows), v, dtype=wf.dtype, device=h.device)
-        for s in range(0, m_rows, c):
-            e = min(s + c, m_rows)
-            hc = hf_all[s:e]
-            z = _chunk_logits(hc, wf, buf, inv_t)
-            zt = z.gather(1, targets[s:e].view(-1, 1)).squeeze(1)
-            ex, mx, sm = _exp_shifted(z, z)
-            logp = zt - (mx + sm.log())
+        dh = torch.empty(h.shape, dtype=dt, device=h.device) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=dt, device=h.device) if need_dw else None
+        total = torch.zeros((), dtype=dt, device=h.device)
+        tiles = _weight_tiles(weight, p.vocab_tile)
+        buf, _ = _buffers(p, v, dt, h.device, False)
+        for s in range(0, n, p.row_block):
+            e = min(s + p.row_block, n)
+            hs = _scaled_rows(h, s, e, inv_t)
+            logp, lse, _ = _row_stats(hs, tiles, targets[s:e], p, buf, None)
             with torch.enable_grad():
                 lp = logp.detach().requires_grad_(True)
                 loss = loss_fn(lp, rows[s:e])
@@ -169,15 +229,13 @@ class _FusedLoss(torch.autograd.Function):
                 (g,) = torch.autograd.grad(loss_sum, lp, allow_unused=True)
             total += loss_sum.detach().to(total.dtype)
             if g is None or not (need_dh or need_dw):
+                if need_dh:
+                    dh[s:e].zero_()
                 continue
-            g = g.to(ex.dtype)
-            # dz = g * (onehot(target) - p) / T with p = ex / sum(ex)
-            dz = ex.mul_((-g * inv_t / sm).unsqueeze(1))
-            dz.scatter_add_(1, targets[s:e].view(-1, 1), (g * inv_t).view(-1, 1))
-            if need_dh:
-                torch.mm(dz, wf, out=dh[s:e])
-            if need_dw:
-                dw.addmm_(dz.t(), hc)
+            _grad_sweep(hs, tiles, targets[s:e], lse, g.to(dt), None, None, p, buf, None,
+                        dh[s:e] if need_dh else None, dw)
+        if need_dh:
+            dh.mul_(inv_t)
         # Plain attributes, not save_for_backward: backward hands these very tensors to autograd, which
         # can then adopt them as .grad without a copy (one d_weight in the peak, not two).
         ctx.grads = (dh, dw)
@@ -193,12 +251,12 @@ class _FusedLoss(torch.autograd.Function):
         need_dh, need_dw, h_dtype, w_dtype = ctx.meta
         gh = dh.mul_(grad_out).to(h_dtype) if need_dh else None
         gw = dw.mul_(grad_out).to(w_dtype) if need_dw else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def fused_token_loss(h, weight, targets, rows, loss_fn: Callable, temperature: float,
-                     chunk_rows: Optional[int] = None) -> torch.Tensor:
-    c = chunk_rows or _default_chunk_rows(h.shape[0], weight.shape[0])
+                     row_block: Optional[int] = None) -> torch.Tensor:
     if h.shape[0] == 0:
         return (h.sum() + weight.sum()).float() * 0
-    return _FusedLoss.apply(h, weight, targets, rows, loss_fn, float(temperature), int(c))
+    p = _plan(h.shape[0], weight.shape[0], temperature, False, row_block)
+    return _FusedLoss.apply(h, weight, targets, rows, loss_fn, p)

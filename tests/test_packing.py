@@ -92,3 +92,44 @@ def test_everything_masked_gives_empty_batch(model):
 def test_bad_masks_raise():
     with pytest.raises(ValueError, match="view 'free'"):
         pack([[1]], [[2]], free=[True, False], empty_token=E)
+
+
+def test_packed_sdpa_attends_per_sequence_and_matches_the_dense_mask(model, monkeypatch):
+    """SDPA models run packed bins sequence by sequence (no bin x bin mask); values and gradients equal
+    the dense block-diagonal mask path (eager attention) of the same packed bin."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fastprerl.attention import VARLEN_SDPA
+
+    prompts, responses = rand_seqs([5, 2, 9], seed=3), rand_seqs([4, 6, 1], seed=4)
+    batch = pack(prompts, responses, cond=[True] * 3, free=[True] * 3, empty_token=E, max_tokens=4096)
+    assert len(batch.bins) == 1 and len(batch.seq_lens) == 6
+    dense = copy.deepcopy(model)
+    dense.set_attn_implementation("eager")
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, *a, **kw):
+        seen.append((q.shape[2], kw.get("is_causal")))
+        return real(q, *a, **kw)
+
+    g = torch.randn(batch.num_tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for name, m in (("varlen", model), ("dense", dense)):
+        m.zero_grad(set_to_none=True)
+        with monkeypatch.context() as mp:
+            mp.setattr(F, "scaled_dot_product_attention", spy)
+            h = packed_hidden(m, batch)
+        (h * g).sum().backward()
+        grads[name] = (h.detach(), [p.grad.clone() for p in m.parameters()])
+    assert model.config._attn_implementation == VARLEN_SDPA
+    assert dense.config._attn_implementation == "eager"
+    layers = model.config.num_hidden_layers
+    assert seen == [(n, True) for _ in range(layers) for n in batch.seq_lens]  # only the varlen model calls SDPA
+    (hv, gv), (hd, gd) = grads["varlen"], grads["dense"]
+    assert torch.allclose(hv, hd, atol=1e-5, rtol=0)
+    for a, b in zip(gv, gd):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), (a - b).abs().max()
+    model.zero_grad(set_to_none=True)

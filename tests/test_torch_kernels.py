@@ -33,6 +33,18 @@ def row_index(pattern, n, seed=0):
     return torch.nonzero(mask).view(-1)
 
 
+@pytest.fixture(params=["default", "small_tiles"])
+def tiling(request, monkeypatch):
+    """"small_tiles" forces many row blocks and vocabulary tiles (and uneven last tiles) at test shapes,
+    so the online max / sum-exp / entropy updates across tiles and the equal row blocks are exercised."""
+    if request.param == "small_tiles":
+        import fastprerl.kernels.torch_logprob as tl
+        monkeypatch.setattr(tl, "_ROW_BLOCK", 8)
+        monkeypatch.setattr(tl, "_TILE_ELEMS", 8 * 48)
+        monkeypatch.setattr(tl, "_MIN_VOCAB_TILE", 5)
+    return request.param
+
+
 def oracle_and_naive(hid, w, t, rows, T, gl, ge):
     """Values and grads of the float64 oracle and of the naive computation in the input dtype."""
     out = {}
@@ -52,7 +64,7 @@ def oracle_and_naive(hid, w, t, rows, T, gl, ge):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows_pattern", ROWS)
 @pytest.mark.parametrize("T", [1.0, 0.7])
-def test_torch_path_within_naive_error(dtype, shape, rows_pattern, T):
+def test_torch_path_within_naive_error(dtype, shape, rows_pattern, T, tiling):
     n, h, v = shape
     hid, w, t = make(n, h, v, dtype)
     rows = row_index(rows_pattern, n)
@@ -79,7 +91,7 @@ def test_torch_path_within_naive_error(dtype, shape, rows_pattern, T):
     assert torch.all(r.logp <= 0)  # a sign bug (positive log-probs) must never pass
 
 
-def test_gradcheck_float64_torch_path():
+def test_gradcheck_float64_torch_path(tiling):
     hid, w, t = make(5, 7, 23, torch.float64)
     rows = torch.tensor([0, 2, 3])
 
@@ -90,7 +102,7 @@ def test_gradcheck_float64_torch_path():
     assert torch.autograd.gradcheck(f, (hid.requires_grad_(), w.requires_grad_()))
 
 
-def test_token_loss_directional_derivatives_float64():
+def test_token_loss_directional_derivatives_float64(tiling):
     # token_loss hands its gradients over once (see the next test), so torch's gradcheck, which runs
     # backward twice, does not apply; check central differences along random directions instead.
     hid, w, t = make(6, 5, 19, torch.float64)
@@ -114,7 +126,7 @@ def test_token_loss_directional_derivatives_float64():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows_pattern", ROWS)
-def test_token_loss_matches_oracle(dtype, rows_pattern):
+def test_token_loss_matches_oracle(dtype, rows_pattern, tiling):
     n, h, v = 37, 61, 1000
     hid, w, t = make(n, h, v, dtype, seed=3)
     rows = row_index(rows_pattern, n)
