@@ -1,7 +1,8 @@
 """Command line: `fastprerl train CONFIG [key=value ...] [--resume]`, `fastprerl plot RUN_DIR`,
 `fastprerl eval MODEL_OR_RUN --data SOURCE [...]` (Avg@k, pass@k, lengths, behaviour counts; see
 fastprerl/evaluate.py), `fastprerl align MODEL_OR_RUN --data SOURCE --n 50` (gradient alignment of log P(y) and
-log P(y|x); see fastprerl/align.py). No training logic here.
+log P(y|x); see fastprerl/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL -> docs/RESULTS.md;
+see fastprerl/study.py). No training logic here.
 
 Exit codes: 0 done (also after a SIGINT/SIGTERM stop, which leaves a checkpoint to resume from), 2 bad config or
 a run that cannot start/resume as asked, 3 a non-finite reward/loss/gradient stopped the run, 130 interrupted
@@ -46,8 +47,20 @@ def main(argv=None) -> int:
     al.add_argument("--no-token-diffs", action="store_true", help="leave per-token differences out of the JSON")
     al.add_argument("--verbose", action="store_true", help="print a line per rollout")
     al.add_argument("--out", default=None, help="JSON report path (default: RUN/align.json or ./align.json)")
+    st = sub.add_parser("study", help="GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL on one base model -> a report")
+    st.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. run.threads=1")
+    st.add_argument("--config", default="configs/dsrl.toml", help="base config (default configs/dsrl.toml)")
+    st.add_argument("--steps", type=int, default=40, help="steps per arm (default 40)")
+    st.add_argument("--warmup", type=int, default=10, help="DSRL's NSR-PreRL steps (default 10)")
+    st.add_argument("--eval-every", type=int, default=10, help="evaluation interval in steps (default 10)")
+    st.add_argument("--arms", default=None, help="comma-separated subset of grpo,nsr_prerl,psr_prerl,dsrl")
+    st.add_argument("--align-n", type=int, default=32, help="rollouts for gradient alignment (0 = skip)")
+    st.add_argument("--out", default="runs/study", help="arms' output directories (default runs/study)")
+    st.add_argument("--doc", default="docs/RESULTS.md", help="report path (default docs/RESULTS.md)")
+    st.add_argument("--reading", default=None, help="a text file with the written reading of the results")
+    st.add_argument("--report-only", action="store_true", help="only rebuild the report from finished arms")
     args, extra = parser.parse_known_args(argv)  # overrides may also follow --resume
-    if extra and (args.command != "train" or any(e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("train", "study") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
@@ -61,6 +74,9 @@ def main(argv=None) -> int:
     if args.command == "align":
         from .align import run_align_cli
         return run_align_cli(args)
+    if args.command == "study":
+        from .study import run_study
+        return run_study(args)
     return _train(args)
 
 

@@ -72,7 +72,12 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     stop_at_newline: bool = False
-    generation_batch_size: int = 64  # sequences per generate() call
+    generation_batch_size: int = 64  # sequences per generate() call (hf backend)
+    # vllm backend (fastprerl/rollout/vllm.py): an in-process engine colocated with the trainer
+    vllm_gpu_memory_utilization: float = 0.25   # engine's share of the GPU memory (on CPU: of the RAM)
+    vllm_sleep: bool = True         # free the engine's KV cache and weights between rollouts (CUDA only)
+    vllm_enforce_eager: bool = False    # no CUDA graphs (less memory, slower decoding); CPU is always eager
+    vllm_max_model_len: int = 0     # prompt + response tokens per sequence; 0 = the model's max positions
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class AlgoConfig:
     w_reinforce_lambda: float = 0.1
     kl_coef: float = 0.0            # k3 KL to a reference model on log P(y|x); 0 = off
     old_logp: str = "detached"      # detached (on-policy, ratio 1) | rollout (behaviour log-probs)
+    tis_cap: float = 0.0            # truncated importance sampling vs the sampler's log-probs; 0 = off
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     max_tokens_per_microbatch: int = 4096
+    offload_optimizer_state: bool = False   # keep AdamW's moments (and its step) on the CPU
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,26 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Periodic evaluation during training (fastprerl.evaluate.PeriodicEval): before the first step, every
+    `every` steps and after the last one, on fixed problems and a fixed sampling seed."""
+    every: int = 0                  # evaluate every N steps (0 = off)
+    data: Tuple[str, ...] = ()      # eval sets as `fastprerl eval --data` takes them; () = the run's data source
+    n_problems: int = 64
+    k: int = 4                      # samples per problem (Avg@k, pass@k)
+    temperature: float = 1.0
+    max_new_tokens: int = 0         # 0 = rollout.max_new_tokens
+    seed: int = 1234                # problems drawn / generated and sampling seed (not the training stream's)
+
+    def __post_init__(self):
+        for key, low in (("every", 0), ("n_problems", 1), ("k", 1), ("max_new_tokens", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"eval.{key}: expected a value >= {low}, got {getattr(self, key)!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"eval.temperature: expected a value > 0, got {self.temperature!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,6 +181,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def total_steps(self) -> int:
@@ -180,8 +208,9 @@ POSITIVE = {"rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.m
             "optim.lr", "optim.max_tokens_per_microbatch", "data.size", "data.digits", "phase.steps"}
 NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "algo.clip_eps_low", "algo.clip_eps_high",
                 "algo.kl_coef", "algo.w_reinforce_lambda", "run.threads", "logging.samples_every",
-                "optim.eps", "reward.format_penalty"}
-RANGES = {"rollout.top_p": (0.0, 1.0, False), "optim.beta1": (0.0, 1.0, True), "optim.beta2": (0.0, 1.0, True)}
+                "optim.eps", "reward.format_penalty", "algo.tis_cap", "rollout.vllm_max_model_len"}
+RANGES = {"rollout.top_p": (0.0, 1.0, False), "rollout.vllm_gpu_memory_utilization": (0.0, 1.0, False),
+          "optim.beta1": (0.0, 1.0, True), "optim.beta2": (0.0, 1.0, True)}
 
 
 def _type_name(tp) -> str:

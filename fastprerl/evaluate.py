@@ -634,3 +634,82 @@ def run_eval_cli(args) -> int:
     print(f"fastprerl eval: report written to {out}", file=sys.stderr)
     return 0
 
+
+
+# ---------------------------------------------------------------------------------------------- during training
+class PeriodicEval:
+    """`eval.every`: the numbers of `fastprerl eval` on fixed problems while a run trains.
+
+    The problems and the sampling seed are fixed for the whole run (eval.seed, not the training stream's),
+    so successive evaluations differ only by the weights. Each evaluation is appended to
+    <output_dir>/eval.jsonl; behaviour counts are also given as ratios against the run's first evaluation
+    (the step-0 model; read back from eval.jsonl on resume). The run's own data source is scored with the
+    run's reward function, other sets with `fastprerl eval`'s default for them. Sampling forks torch's RNG,
+    so evaluating does not change what the training steps sample."""
+
+    def __init__(self, cfg, tokenizer, out_dir, run_reward_fn=None, start_step: int = 0):
+        e = cfg.eval
+        self.every = e.every
+        values = tuple(e.data) or (cfg.data.source,)
+        try:
+            specs = [parse_data_spec(v) for v in values]
+        except EvalError as err:
+            raise EvalError(f"eval.data: {err}") from None
+        self.settings = EvalSettings(k=e.k, n_problems=e.n_problems, temperature=e.temperature,
+                                     top_p=cfg.rollout.top_p,
+                                     max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+                                     seed=e.seed, digits=cfg.data.digits,
+                                     generation_batch_size=cfg.rollout.generation_batch_size,
+                                     reward_timeout=cfg.reward.timeout, reward_workers=cfg.reward.workers).check()
+        self.tok = tokenizer
+        self.datasets = prepare_datasets(specs, self.settings, tokenizer, run_config=cfg)
+        self.rewards = {}
+        for ds in self.datasets:
+            if ds.name == cfg.data.source and run_reward_fn is not None:
+                ds.reward = f"run ({cfg.reward.fn})"
+                self.rewards[ds.name] = run_reward_fn
+            else:
+                self.rewards[ds.name] = make_reward(ds.reward, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+        self.path = Path(out_dir) / "eval.jsonl"
+        self.base = None
+        if start_step > 0 and self.path.exists():  # a resumed run evaluates step start_step again
+            from .metrics import _keep_rows_before
+            _keep_rows_before(self.path, start_step)
+        elif self.path.exists():
+            self.path.unlink()  # a fresh run in this directory
+        if self.path.exists():
+            with open(self.path) as f:
+                first = f.readline().strip()
+            if first:
+                self.base = json.loads(first)["datasets"]
+
+    def due(self, step: int, total: int) -> bool:
+        """Before step 0, every `every` completed steps, and after the last step."""
+        return self.every > 0 and (step == 0 or step == total or step % self.every == 0)
+
+    def run(self, model, step: int) -> Dict[str, float]:
+        """Evaluates `model` (its train/eval mode is restored); returns flat metrics eval/<set>/<name>."""
+        per = {}
+        for ds in self.datasets:
+            s = sample(model, self.tok, ds, self.settings)
+            results = self.rewards[ds.name](s.texts, [ds.problems[i // s.k] for i in range(len(s.texts))])
+            s.verdicts = [float(getattr(r, "correct", getattr(r, "score", r))) for r in results]
+            s.has_answer = [bool(getattr(r, "has_answer", True)) for r in results]
+            per[ds.name] = summarise(s, self.settings)
+        if self.base is None:
+            self.base = per
+        for name, block in per.items():
+            _with_ratios(block, self.base.get(name, block))
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "datasets": per}) + "\n")
+        flat = {}
+        for name, block in per.items():
+            pre = f"eval/{name}/"
+            for key in ("avg@k", "pass@k", "response_len", "truncation", "format"):
+                flat[pre + key] = block[key]
+            for b, v in block["behaviour"].items():
+                flat[pre + f"behaviour/{b}"] = v
+            for b, v in (block.get("behaviour_ratio") or {}).items():
+                if v is not None:
+                    flat[pre + f"behaviour_ratio/{b}"] = v
+        return flat

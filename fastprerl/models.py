@@ -112,8 +112,11 @@ def load_model(spec: str, *, dtype: str = "float32", attn_implementation: str = 
     else:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype,
                                                      attn_implementation=attn_implementation)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:  # recompute each decoder layer in backward (the packed pass runs through them)
+        if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     return model

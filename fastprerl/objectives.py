@@ -27,6 +27,15 @@ Per-token policy loss (PPO clip with dual-clip, identical for every objective; o
   View: "cond" objectives (grpo, nsr_rl, psr_rl, w_reinforce) score log P(y_t | x, y_<t);
         "free" objectives (prerl, nsr_prerl, psr_prerl) score log P(y_t | e, y_<t).
 
+Truncated importance sampling (algo.tis_cap = C > 0; off by default)
+  The rollout engine (vLLM) and the trainer compute log-probs with different kernels, so the sampler's
+  beh_t differs slightly from the trainer's logp_t of the same weights. With TIS every per-token policy
+  loss of the "cond" view is reweighted by the detached, truncated ratio
+      w_t = min(exp(logp_t.detach() - beh_t), C),      l_t <- w_t * l_t
+  (gradient of logp_t only through l_t; w_t is a constant). "free"-view rows (log P(y|e)) and the k3 KL
+  term are not reweighted: their tokens were not sampled from the distribution they score. Example:
+  logp = -1.0, beh = -1.5, C = 2: w = min(e^0.5, 2) = min(1.6487, 2) = 1.6487; beh = -2.0: w = min(e^1, 2) = 2.
+
 Normaliser (token-mean, once per optimizer step)
   loss_o = (1 / N_o) * sum over the kept tokens of objective o in ALL micro-batches of the step of l_t,
   N_o = number of kept tokens of objective o in the step (for grpo/prerl/w_reinforce: every response token
@@ -115,6 +124,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, *
     if dual_clip_c is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip_c), loss)
     return loss
+
+
+def tis_weight(logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weight min(exp(logp.detach() - behaviour_logp), cap) per token (module docstring)."""
+    if cap <= 0:
+        raise ValueError(f"tis_weight: cap must be > 0, got {cap}")
+    return torch.clamp(torch.exp(logp.detach() - behaviour_logp.to(logp.dtype)), max=cap)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

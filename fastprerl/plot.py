@@ -1,7 +1,7 @@
 """`fastprerl plot RUN_DIR`: one PNG of a run's progress against step, phase switches marked.
 
 Panels: reward, accuracy, response length, entropy, behaviour counts (transition / reflection / execution
-paragraphs per response). Uses matplotlib's Agg canvas directly (no pyplot state, no display needed).
+paragraphs per response), and the Avg@k of periodic evaluation when the run has it (eval.every). Uses matplotlib's Agg canvas directly (no pyplot state, no display needed).
 """
 from __future__ import annotations
 
@@ -45,12 +45,16 @@ def plot_run(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None) 
     if not rows:
         raise ValueError(f"{path} has no rows yet")
     rows.sort(key=lambda r: r["step"])
-    spans = phase_spans(rows)
+    spans = phase_spans([r for r in rows if r.get("phase") != "eval"])
+    panels = PANELS
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("/avg@k")})
+    if eval_keys:  # periodic evaluation (eval.every): one line per eval set
+        panels = panels + (("eval Avg@k", tuple(eval_keys)),)
 
-    fig = Figure(figsize=(9, 2.1 * len(PANELS) + 0.6), layout="constrained")
+    fig = Figure(figsize=(9, 2.1 * len(panels) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(PANELS), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (title, keys) in zip(axes, PANELS):
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (title, keys) in zip(axes, panels):
         drawn = False
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]

@@ -30,6 +30,7 @@ from .data import PromptStream, format_prompt, load_problems
 from .kernels import token_logprobs_no_grad, token_loss
 from .metrics import MetricsLogger, behaviour_counts
 from .models import empty_context_token, lm_head_weight, load_model, load_tokenizer
+from .optim import CPUOffloadAdamW
 from .packing import bin_hidden, pack
 from .rewards import get_reward_fn
 from .rollout import make_backend
@@ -184,12 +185,17 @@ class Trainer:
         self.schedule = Schedule(cfg.schedule)
         self.optimizer, self.scheduler = self._make_optimizer()
         self.stream = PromptStream(load_problems(cfg.data, cfg.run.seed), cfg.run.seed, cfg.data.shuffle)
-        self.rollout = make_backend(cfg.rollout, self.model, self.tok)
+        self.rollout = make_backend(cfg.rollout, self.model, self.tok, seed=cfg.run.seed)
         self.reward_fn = _make_reward_fn(cfg.reward)
         self.step = 0                       # completed steps = the index of the next step
         self.last_checkpoint: Optional[Path] = None
         if resume_from is not None:
             self._load_checkpoint(resume_from)   # restores the RNG states last
+        self.evaluator = None
+        if cfg.eval.every > 0:
+            from .evaluate import PeriodicEval
+            self.evaluator = PeriodicEval(cfg, self.tok, self.out, run_reward_fn=self.reward_fn,
+                                          start_step=self.step)
         self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
                                      start_step=self.step, run_config=cfg.to_dict(),
                                      wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
@@ -197,8 +203,9 @@ class Trainer:
     def _make_optimizer(self):
         """AdamW and its LR scheduler (constant LR, as the paper; kept so that checkpoints carry one)."""
         o = self.cfg.optim
-        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-                                betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        cls = CPUOffloadAdamW if o.offload_optimizer_state else torch.optim.AdamW
+        opt = cls([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
+                  betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
     # ------------------------------------------------------------------ checkpoints
@@ -270,6 +277,7 @@ class Trainer:
         try:
             with StopSignals() as stop:
                 while self.step < total:
+                    self._maybe_evaluate(total, write)
                     phase_idx, phase = self.schedule.phase_at(self.step)
                     if self.schedule.is_switch(self.step):
                         self._switch_phase(phase)
@@ -288,6 +296,7 @@ class Trainer:
                                     stop.requested, self.step - 1, self.last_checkpoint)
                         break
                 if status == "complete":
+                    self._maybe_evaluate(total, write)
                     self.save_model(self.out / "final")
         except StepAbandoned as e:
             status = "abandoned"
@@ -298,6 +307,15 @@ class Trainer:
                 bar.close()
             self.metrics.close()
         return status
+
+    def _maybe_evaluate(self, total: int, write=None):
+        """eval.every: evaluate the current weights (self.step completed steps) and log a row of phase "eval"."""
+        if self.evaluator is None or not self.evaluator.due(self.step, total):
+            return
+        t0 = time.perf_counter()
+        row = {"step": self.step, "phase": "eval", **self.evaluator.run(self.model, self.step),
+               "perf/eval_s": time.perf_counter() - t0}
+        self.metrics.log(row, write=write)
 
     def _switch_phase(self, phase):
         """Policy reincarnation: same weights; optionally a fresh optimizer and a re-synced reference."""
@@ -378,8 +396,11 @@ class Trainer:
             old = lp.detach() if old_rows is None else torch.where(rv[ridx].to(lp.device) == 0,
                                                                    old_rows[ridx].to(lp.device), lp.detach())
             total = torch.zeros_like(lp)
+            if a.tis_cap > 0:  # truncated importance weights of the cond rows (objectives.py)
+                w = torch.where(rv[ridx].to(lp.device) == 0,
+                                obj.tis_weight(lp, beh_rows[ridx].to(lp.device), a.tis_cap), torch.ones_like(lp))
             for name, coef, adv in row_terms:
-                c = coef[ridx].to(lp.device)
+                c = coef[ridx].to(lp.device) if a.tis_cap <= 0 else coef[ridx].to(lp.device) * w
                 term = c * obj.policy_loss(lp, old, adv[ridx].to(lp.device), eps_low=a.clip_eps_low,
                                            eps_high=a.clip_eps_high, dual_clip_c=a.dual_clip_c)
                 term_sums[name] += term.detach().sum().cpu()
@@ -403,6 +424,8 @@ class Trainer:
         if R > 0:
             self.optimizer.step()
             self.scheduler.step()
+            if hasattr(self.rollout, "sync_weights"):   # an engine with its own copy of the weights (vllm)
+                self.rollout.sync_weights(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         t_end = time.perf_counter()
 
@@ -442,6 +465,11 @@ class Trainer:
         cond_rows = torch.nonzero(rv == 0).view(-1)
         if cond_rows.numel():
             m["rollout/logprob_gap"] = (beh_rows[cond_rows] - stash[cond_rows]).abs().mean().item()
+            if a.tis_cap > 0:
+                m["rollout/tis_weight_mean"] = obj.tis_weight(stash[cond_rows], beh_rows[cond_rows],
+                                                              a.tis_cap).mean().item()
+        if hasattr(self.rollout, "last_sync_s"):
+            m["perf/weight_sync_s"] = self.rollout.last_sync_s
         if cfg.logging.view_gap and R:
             c = {(s, p): v for s, p, v in zip(rs[cond_rows].tolist(), batch.row_pos[cond_rows].tolist(),
                                                stash[cond_rows].tolist())}

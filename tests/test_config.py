@@ -20,7 +20,7 @@ def test_every_shipped_config_loads_and_round_trips(path):
 
 def test_shipped_set_includes_the_issue_configs():
     names = {p.name for p in SHIPPED}
-    assert {"dsrl.toml", "tiny.toml", "dsrl_qwen3_4b.toml"} <= names
+    assert {"dsrl.toml", "tiny.toml", "dsrl_qwen3_4b.toml", "dsrl_1gpu_24gb.toml"} <= names
 
 
 def test_dsrl_default_schedule():
@@ -68,3 +68,26 @@ def test_cli_exit_code_2_on_config_errors(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
     assert main(["train", str(ROOT / "configs" / "tiny.toml"), "optim.lrr=1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    (["rollout.vllm_gpu_memory_utilization=0"], "rollout.vllm_gpu_memory_utilization: expected 0.0 < value <= 1.0"),
+    (["rollout.vllm_gpu_memory_utilization=1.5"], "rollout.vllm_gpu_memory_utilization: expected 0.0 < value"),
+    (["rollout.vllm_max_model_len=-1"], "rollout.vllm_max_model_len: expected a value >= 0"),
+    (["rollout.vllm_sleep=2"], "rollout.vllm_sleep: expected bool"),
+    (["algo.tis_cap=-1"], "algo.tis_cap: expected a value >= 0"),
+    (["optim.offload_optimizer_state=1"], "optim.offload_optimizer_state: expected bool"),
+    (["rollout.backend=sglang"], "rollout.backend: expected one of ['hf', 'vllm']"),
+])
+def test_vllm_and_memory_knobs_are_validated(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "tiny.toml", override)
+    assert message in str(e.value)
+
+
+def test_one_gpu_24gb_config():
+    cfg = load_config(ROOT / "configs" / "dsrl_1gpu_24gb.toml")
+    assert cfg.rollout.backend == "vllm" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.gradient_checkpointing and cfg.model.logprob_impl == "triton"
+    assert cfg.optim.offload_optimizer_state and cfg.rollout.vllm_sleep
+    assert 0 < cfg.rollout.vllm_gpu_memory_utilization < 0.5

@@ -93,3 +93,18 @@ def test_normalisers_count_only_kept_tokens():
     lens = torch.tensor([3, 5, 7, 11])
     terms = {"grpo": obj.sample_terms("grpo", r, 4), "nsr_prerl": obj.sample_terms("nsr_prerl", r, 4)}
     assert obj.token_normalisers(terms, lens) == {"grpo": 26, "nsr_prerl": 23}
+
+
+def test_tis_weight_hand_computed_and_detached():
+    # logp - beh = [0.5, 1.0, -0.7, 0.0], cap 2: min(e^0.5, 2) = 1.64872, min(e^1, 2) = 2, e^-0.7 = 0.49659, 1
+    logp = torch.tensor([-1.0, -1.0, -2.0, -0.3], requires_grad=True)
+    beh = torch.tensor([-1.5, -2.0, -1.3, -0.3])
+    w = obj.tis_weight(logp, beh, 2.0)
+    assert torch.allclose(w, torch.tensor([1.6487213, 2.0, 0.4965853, 1.0]), atol=1e-6)
+    assert not w.requires_grad                     # a constant factor: gradient flows only through the loss
+    # weighted GRPO token loss with A = 1, on-policy (ratio 1): l = -w * A * rho, d l / d logp = -w
+    loss = (w * obj.policy_loss(logp, logp.detach(), torch.ones(4))).sum()
+    loss.backward()
+    assert torch.allclose(logp.grad, -torch.tensor([1.6487213, 2.0, 0.4965853, 1.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        obj.tis_weight(logp, beh, 0.0)

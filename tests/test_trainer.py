@@ -115,3 +115,74 @@ def test_phase_switch_keeps_or_resets_adam_state(tmp_path, reset):
     assert state_steps == {expected}
     if not reset:
         assert sum(stepped[:2]) > 0, "the first phase must have taken a step for this check to mean anything"
+
+
+class _ShiftedBehaviour:
+    """The HF backend with every behaviour log-prob shifted by `delta` (a sampler that disagrees with the
+    trainer by a known amount)."""
+
+    def __init__(self, inner, delta):
+        self.inner, self.delta = inner, delta
+
+    def generate(self, prompts, n):
+        out = self.inner.generate(prompts, n)
+        out.behaviour_logp = [[v + self.delta for v in row] for row in out.behaviour_logp]
+        return out
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_truncated_importance_sampling_scales_the_cond_loss_by_the_capped_ratio(tmp_path, monkeypatch):
+    import math
+
+    def grpo_step(name, delta, *extra):
+        real = trainer_mod.make_backend
+        monkeypatch.setattr(trainer_mod, "make_backend",
+                            lambda *a, **k: _ShiftedBehaviour(real(*a, **k), delta))
+        cfg = load_config(TINY, [f"run.output_dir={tmp_path / name}", "reward.fn=fake_rewards:parity_reward",
+                                 "logging.console=false", "logging.view_gap=false", *extra])
+        t = Trainer(cfg)
+        return t.train_step(cfg.schedule.phases[1])   # the GRPO phase: every row is prompt-conditioned
+
+    plain = grpo_step("plain", 0.0)
+    assert plain["train/rows"] > 0 and plain["train/grad_norm"] > 0
+    # beh = trainer logp + log 2 -> w = min(exp(-log 2), 2) = 0.5 on every token: the gradient halves
+    half = grpo_step("half", math.log(2.0), "algo.tis_cap=2.0")
+    # beh = trainer logp - log 4 -> w = min(4, 2) = 2 (the cap): the gradient doubles
+    capped = grpo_step("capped", -math.log(4.0), "algo.tis_cap=2.0")
+    # no TIS: the shift changes nothing but the logged gap
+    ignored = grpo_step("ignored", -math.log(4.0))
+    assert abs(half["rollout/logprob_gap"] - math.log(2.0)) < 1e-4
+    assert abs(half["rollout/tis_weight_mean"] - 0.5) < 1e-4
+    assert capped["rollout/tis_weight_mean"] == pytest.approx(2.0, abs=1e-5)   # float32 mean of 2s
+    assert half["train/grad_norm"] == pytest.approx(0.5 * plain["train/grad_norm"], rel=1e-4)
+    assert capped["train/grad_norm"] == pytest.approx(2.0 * plain["train/grad_norm"], rel=1e-6)
+    assert ignored["train/grad_norm"] == plain["train/grad_norm"]
+
+
+def test_periodic_eval_logs_fixed_problem_metrics_and_leaves_the_rng_alone(tmp_path):
+    """eval.every = 3 over 4 steps evaluates before step 0, after step 3 and after the last step; an
+    evaluation leaves torch's RNG where it was (training samples the same with or without it)."""
+    cfg = tiny_cfg(tmp_path, "eval.every=3", "eval.n_problems=3", "eval.k=2", "eval.max_new_tokens=4",
+                   'eval.data=["builtin:addition", "reasoning_gym:chain_sum"]')
+    t = Trainer(cfg)
+    t.train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    eval_rows = [r for r in rows if r["phase"] == "eval"]
+    assert [r["step"] for r in rows if r["phase"] != "eval"] == [0, 1, 2, 3]
+    assert [r["step"] for r in eval_rows] == [0, 3, 4]
+    records = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 3, 4]
+    for rec, row in zip(records, eval_rows):
+        assert set(rec["datasets"]) == {"builtin:addition", "reasoning_gym:chain_sum"}
+        for name, block in rec["datasets"].items():
+            assert block["n_problems"] == 3 and block["k"] == 2
+            assert 0.0 <= block["avg@k"] <= block["pass@k"] <= 1.0
+            assert 1.0 <= block["response_len"] <= 4.0
+            assert row[f"eval/{name}/avg@k"] == block["avg@k"]
+            base = records[0]["datasets"][name]["behaviour"]
+            for kind, ratio in block["behaviour_ratio"].items():  # against the step-0 evaluation
+                assert ratio == (block["behaviour"][kind] / base[kind] if base[kind] > 0 else None)
+    before = torch.get_rng_state()
+    again = t.evaluator.run(t.model, 4)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert again["eval/builtin:addition/avg@k"] == eval_rows[-1]["eval/builtin:addition/avg@k"]  # fixed seed

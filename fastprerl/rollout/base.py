@@ -13,9 +13,13 @@ class RolloutBatch:
     truncated: List[bool]           # B: hit max_new_tokens without EOS
 
 
-def make_backend(cfg, model, tokenizer):
-    """cfg: RolloutConfig."""
+def make_backend(cfg, model, tokenizer, *, seed: int = 0):
+    """cfg: RolloutConfig. A backend with `sync_weights(model)` holds its own copy of the weights and is told
+    after every optimizer step (vllm); the HF backend samples from the trainer's model itself."""
     if cfg.backend == "hf":
         from .hf import HFRollout
         return HFRollout(cfg, model, tokenizer)
-    raise ValueError(f"rollout.backend: {cfg.backend!r} is not available; choose 'hf'")
+    if cfg.backend == "vllm":
+        from .vllm import VLLMRollout
+        return VLLMRollout(cfg, model, tokenizer, seed=seed)
+    raise ValueError(f"rollout.backend: {cfg.backend!r} is not available; choose 'hf' or 'vllm'")

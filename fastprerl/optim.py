@@ -1,0 +1,62 @@
+"""AdamW with its state on the CPU (`optim.offload_optimizer_state = true`).
+
+How: the optimizer's parameters are CPU copies of the model's (same dtype); `step()` copies the model's
+current weights and gradients to them, runs torch's AdamW on the CPU, and copies the updated weights back.
+The two moments (2 x the parameter bytes) and the step counters live only in CPU memory, so the GPU holds
+weights + gradients + activations; the price is two host<->device copies of the weights and one of the
+gradients per optimizer step, and the AdamW arithmetic on the CPU. The update is the same AdamW update
+(same dtype, same hyperparameters), bit-identical to the resident optimizer when both run on the CPU.
+
+The weights are copied to the CPU at every step (not only once), so anything that changes the model's
+weights between steps (loading a checkpoint on resume) is picked up. `zero_grad` clears the model's gradients
+too; `state_dict`/`load_state_dict` and LR schedulers work as on torch.optim.AdamW (it is one).
+"""
+from __future__ import annotations
+
+from typing import Iterable, List
+
+import torch
+
+
+class CPUOffloadAdamW(torch.optim.AdamW):
+    def __init__(self, params: Iterable[torch.nn.Parameter], **kwargs):
+        self.model_params: List[torch.nn.Parameter] = [p for p in params]
+        cpu = [torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+               for p in self.model_params]
+        pin = torch.cuda.is_available() and any(p.is_cuda for p in self.model_params)
+        if pin:
+            cpu = [torch.nn.Parameter(c.data.pin_memory(), requires_grad=c.requires_grad) for c in cpu]
+        kwargs.setdefault("foreach", False)   # the per-tensor CPU loop: no second full-size temporary
+        super().__init__(cpu, **kwargs)
+        self.cpu_params = cpu
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("CPUOffloadAdamW.step does not take a closure")
+        for mp, cp in zip(self.model_params, self.cpu_params):
+            cp.data.copy_(mp.detach(), non_blocking=True)
+            if mp.grad is None:
+                cp.grad = None
+            else:
+                if cp.grad is None:
+                    cp.grad = torch.empty_like(cp.data)
+                    if cp.data.is_pinned():
+                        cp.grad = cp.grad.pin_memory()
+                cp.grad.copy_(mp.grad, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        super().step()
+        for mp, cp in zip(self.model_params, self.cpu_params):
+            if cp.grad is not None:
+                mp.data.copy_(cp.data, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none=set_to_none)
+        for mp in self.model_params:
+            if set_to_none:
+                mp.grad = None
+            elif mp.grad is not None:
+                mp.grad.zero_()

@@ -1,0 +1,110 @@
+"""Memory knobs of the single-GPU mode: optimizer-state offload and gradient checkpointing give the same
+training as without them (CPU, fp32)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastprerl.config import load_config
+from fastprerl.models import load_model, tiny_config
+from fastprerl.optim import CPUOffloadAdamW
+from fastprerl.packing import pack
+from fastprerl.trainer import Trainer, backward_packed
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
+HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+
+def test_offloaded_adamw_equals_adamw_step_for_step():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(7, 5)
+    b = torch.nn.Linear(7, 5)
+    b.load_state_dict(a.state_dict())
+    ref = torch.optim.AdamW(a.parameters(), **HP)
+    off = CPUOffloadAdamW(b.parameters(), **HP)
+    x = torch.randn(11, 7)
+    for step in range(4):
+        for m, opt in ((a, ref), (b, off)):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), step
+        if step == 1:  # weights changed outside the optimizer (e.g. a checkpoint load) are picked up
+            with torch.no_grad():
+                for m in (a, b):
+                    m.weight.mul_(0.5)
+    # zero_grad clears the model's gradients too; the state is AdamW's, keyed by the CPU copies
+    off.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in b.parameters())
+    for pr, pc in zip(ref.param_groups[0]["params"], off.param_groups[0]["params"]):
+        assert torch.equal(ref.state[pr]["exp_avg_sq"], off.state[pc]["exp_avg_sq"])
+        assert off.state[pc]["exp_avg"].device.type == "cpu"
+    # state_dict round trip into a fresh offloaded optimizer
+    again = CPUOffloadAdamW(b.parameters(), **HP)
+    again.load_state_dict(off.state_dict())
+    assert torch.equal(again.state[again.param_groups[0]["params"][0]]["exp_avg"],
+                       off.state[off.param_groups[0]["params"][0]]["exp_avg"])
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_trainer_with_offloaded_optimizer_state_trains_identically(tmp_path):
+    def run(name, *extra):
+        cfg = load_config(TINY, [f"run.output_dir={tmp_path / name}", "reward.fn=fake_rewards:parity_reward",
+                                 "logging.console=false", *extra])
+        t = Trainer(cfg)
+        t.train()
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return t, rows
+
+    t1, rows1 = run("resident")
+    t2, rows2 = run("offload", "optim.offload_optimizer_state=true")
+    assert isinstance(t2.optimizer, CPUOffloadAdamW)
+    assert sum(r["train/rows"] > 0 for r in rows1) >= 2, "at least two optimizer steps must have been taken"
+    assert [r["loss/policy"] for r in rows1] == [r["loss/policy"] for r in rows2]
+    for p, q in zip(t1.model.parameters(), t2.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def _layer_calls(model):
+    """Counts the MLP forwards of every decoder layer (a checkpointed layer runs its MLP again in backward).
+    The count wraps `mlp.forward` itself: module hooks do not fire during transformers' recomputation."""
+    calls = []
+    for layer in model.model.layers:
+        def counted(*args, _orig=layer.mlp.forward, **kwargs):
+            calls.append(1)
+            return _orig(*args, **kwargs)
+        layer.mlp.forward = counted
+    return calls
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_gradient_checkpointing_is_honoured_and_leaves_loss_and_grads_unchanged():
+    plain = load_model("builtin:tiny-llama", dtype="float32", seed=3)
+    ckpt = load_model("builtin:tiny-llama", dtype="float32", seed=3, gradient_checkpointing=True)
+    flags = lambda m: [layer.gradient_checkpointing for layer in m.model.layers]
+    assert all(flags(ckpt)) and not any(flags(plain))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (4, 9, 2)]
+    responses = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (5, 3, 11)]
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    b = pack(prompts, responses, cond=[True] * 3, free=[True, False, True], empty_token=1, max_tokens=16)
+    n_tok = b.rows.numel()
+
+    def loss_rows(lp, ridx):
+        return -adv[b.row_sample[ridx]] * lp / n_tok
+
+    out = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        calls = _layer_calls(model)
+        model.train()
+        loss, _ = backward_packed(model, b, loss_rows, temperature=0.7, impl="torch")
+        out[name] = (loss, [p.grad.clone() for p in model.parameters()], len(calls))
+    n_layer_passes = len(b.bins) * plain.config.num_hidden_layers
+    assert out["plain"][2] == n_layer_passes           # one forward per layer and bin
+    assert out["ckpt"][2] == 2 * n_layer_passes        # recomputed in the backward: checkpointing is on
+    assert abs(out["plain"][0] - out["ckpt"][0]) < 1e-7
+    for a, c in zip(out["plain"][1], out["ckpt"][1]):
+        assert torch.allclose(a, c, atol=1e-7, rtol=1e-6)

