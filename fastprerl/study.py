@@ -99,7 +99,13 @@ def arm_summary(run_dir: Path) -> Dict:
     name = next(iter(evals[0]["datasets"]))
     first, last = evals[0]["datasets"][name], evals[-1]["datasets"][name]
     wall = run_dir / "wall_s.txt"
+    try:
+        import tomllib
+        threads = tomllib.loads((run_dir / "config.toml").read_text())["run"]["threads"]
+    except (OSError, KeyError, ValueError, ImportError):
+        threads = None
     return {
+        "threads": threads,
         "steps": len(train),
         "phases": sorted({r["phase"] for r in train}, key=[r["phase"] for r in train].index),
         "reward_first5": sum(rewards[:5]) / max(1, len(rewards[:5])),
@@ -173,22 +179,28 @@ def write_report(out: Path, doc: Path, meta: Dict) -> Path:
     per_arm = {a: plot_run(out / a, fig_dir / f"{a}.png") for a in summaries}
     align_path = out / "alignment.json"
     align = json.loads(align_path.read_text()) if align_path.exists() else {}
-    (out / "study.json").write_text(json.dumps({"meta": meta, "arms": summaries, "alignment": align}, indent=1))
+    record = json.dumps({"meta": meta, "arms": summaries, "alignment": align}, indent=1)
+    (out / "study.json").write_text(record)
+    (fig_dir / "study.json").write_text(record)   # kept next to the report
 
     rel = lambda p: Path(p).relative_to(doc.parent).as_posix()  # noqa: E731
     any_s = next(iter(summaries.values()))
     k, n = any_s["k"], any_s["n_problems"]
+    threads = sorted({s["threads"] for s in summaries.values() if s["threads"] is not None})
+    threads_txt = ("torch threads per arm: " + "/".join(str(t or "default") for t in threads)) if threads else ""
     L = ["# Results: a small-scale study on CPU", "",
          "GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL from the same base model, seed and step budget. Produced by",
          "", f"    {meta['command']}", "",
-         f"on {meta['machine']} ({meta['date']}); torch {meta['torch']}, transformers {meta['transformers']}. "
+         f"on {meta['machine']} ({meta['date']}; {threads_txt}); torch {meta['torch']}, "
+         f"transformers {meta['transformers']}. "
          f"Base config `{meta['config']}` ({meta['model']}, task `{any_s['eval_set']}`), "
          f"{meta['steps']} steps per arm (DSRL: {meta['warmup']} NSR-PreRL steps, then GRPO), "
          f"{meta['prompts']} prompts x {meta['samples']} samples per step, lr {meta['lr']}, seed {meta['seed']}. "
          f"Evaluation every {meta['eval_every']} steps on {n} fixed problems x {k} samples "
          f"(temperature {meta['eval_temperature']}, eval seed {meta['eval_seed']}). "
          "Every number below is read from the arms' output directories (`metrics.jsonl`, `eval.jsonl`, "
-         f"`alignment.json`, summarised in `{meta['out']}/study.json`); one seed, so differences of a few "
+         f"`alignment.json`; all of it collected in [{rel(fig_dir / 'study.json')}]"
+         f"({rel(fig_dir / 'study.json')})); one seed, so differences of a few "
          "points are within noise.", ""]
     L += ["## Accuracy", "",
           f"| arm | eval Avg@{k} step 0 | eval Avg@{k} final | best eval Avg@{k} | eval pass@{k} final | "
@@ -281,8 +293,7 @@ def run_study(args) -> int:
                 path.write_text(json.dumps(done, indent=1))
     c0 = next(iter(cfgs.values()))
     meta = {"command": "fastprerl study " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "fastprerl study",
-            "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores, "
-                       f"{c0.run.threads or torch.get_num_threads()} torch threads per arm",
+            "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
             "config": args.config, "model": c0.model.path, "steps": args.steps, "warmup": args.warmup,
             "prompts": c0.rollout.prompts_per_step, "samples": c0.rollout.samples_per_prompt, "lr": c0.optim.lr,
