@@ -153,10 +153,10 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     """
     _check_inputs(hidden, weight, targets, rows, temperature)
     impl = resolve_impl(impl, hidden.device)
+    h, t = _compact(hidden, targets, rows)   # all rows: no copy of hidden (nor of its gradient)
     if rows is None:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
     rows = rows.to(device=hidden.device, dtype=torch.long)
-    h, t = _compact(hidden, targets, rows)
     if impl == "torch":
         from .torch_logprob import fused_token_loss
         return fused_token_loss(h, weight, t, rows, loss_fn, temperature, row_block=chunk_rows)
