@@ -162,13 +162,6 @@ class EvalConfig:
     max_new_tokens: int = 0         # 0 = rollout.max_new_tokens
     seed: int = 1234                # problems drawn / generated and sampling seed (not the training stream's)
 
-    def __post_init__(self):
-        for key, low in (("every", 0), ("n_problems", 1), ("k", 1), ("max_new_tokens", 0)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"eval.{key}: expected a value >= {low}, got {getattr(self, key)!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"eval.temperature: expected a value > 0, got {self.temperature!r}")
-
 
 @dataclass(frozen=True)
 class Config:
@@ -205,10 +198,12 @@ CHOICES = {
 }
 POSITIVE = {"rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
             "rollout.temperature", "rollout.generation_batch_size", "reward.timeout", "reward.workers",
-            "optim.lr", "optim.max_tokens_per_microbatch", "data.size", "data.digits", "phase.steps"}
+            "optim.lr", "optim.max_tokens_per_microbatch", "data.size", "data.digits", "phase.steps",
+            "eval.n_problems", "eval.k", "eval.temperature"}
 NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "algo.clip_eps_low", "algo.clip_eps_high",
                 "algo.kl_coef", "algo.w_reinforce_lambda", "run.threads", "logging.samples_every",
-                "optim.eps", "reward.format_penalty", "algo.tis_cap", "rollout.vllm_max_model_len"}
+                "optim.eps", "reward.format_penalty", "algo.tis_cap", "rollout.vllm_max_model_len",
+                "eval.every", "eval.max_new_tokens"}
 RANGES = {"rollout.top_p": (0.0, 1.0, False), "rollout.vllm_gpu_memory_utilization": (0.0, 1.0, False),
           "optim.beta1": (0.0, 1.0, True), "optim.beta2": (0.0, 1.0, True)}
 

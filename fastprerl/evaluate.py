@@ -421,8 +421,9 @@ def sample(model, tokenizer, ds: EvalDataset, settings: EvalSettings, k: Optiona
     return Samples(k, texts, out.response_ids, list(out.truncated))
 
 
-def score(samples: Samples, ds: EvalDataset, settings: EvalSettings) -> Samples:
-    fn = make_reward(ds.reward, timeout=settings.reward_timeout, workers=settings.reward_workers)
+def score(samples: Samples, ds: EvalDataset, settings: EvalSettings, fn=None) -> Samples:
+    """Verdicts and has-answer flags of every sample; `fn` (a reward function) defaults to ds.reward's."""
+    fn = fn or make_reward(ds.reward, timeout=settings.reward_timeout, workers=settings.reward_workers)
     rows = [ds.problems[i // samples.k] for i in range(len(samples.texts))]
     results = fn(samples.texts, rows)
     samples.verdicts = [float(getattr(r, "correct", getattr(r, "score", r))) for r in results]
@@ -691,10 +692,7 @@ class PeriodicEval:
         """Evaluates `model` (its train/eval mode is restored); returns flat metrics eval/<set>/<name>."""
         per = {}
         for ds in self.datasets:
-            s = sample(model, self.tok, ds, self.settings)
-            results = self.rewards[ds.name](s.texts, [ds.problems[i // s.k] for i in range(len(s.texts))])
-            s.verdicts = [float(getattr(r, "correct", getattr(r, "score", r))) for r in results]
-            s.has_answer = [bool(getattr(r, "has_answer", True)) for r in results]
+            s = score(sample(model, self.tok, ds, self.settings), ds, self.settings, fn=self.rewards[ds.name])
             per[ds.name] = summarise(s, self.settings)
         if self.base is None:
             self.base = per
