@@ -7,9 +7,14 @@ matmul efficient (a matmul with a few dozen rows runs at half the rate), equal b
 row set never ends in a tiny block that still streams the whole weight.
 
 Per row block:
-  stats sweep    z = h W^T / T tile by tile, online max / sum-exp (and the entropy term), plus the
-                 target logit -> lse, log p, entropy                                       1 matmul
+  stats sweep    z = h W^T / T tile by tile, a logsumexp per tile merged across tiles (online max /
+                 sum-exp / entropy term when the entropy is asked for) -> lse, entropy     1 matmul
   gradient sweep recompute z per tile, dz = d loss / d z, dh += dz W, dW[tile] += dz^T h  3 matmuls
+The target logit and the one-hot part of dz touch one column per row: they are gathered from W once
+per row block instead of being picked out of every tile. Without an entropy gradient a tile of dz is
+-sign(g) exp(z - lse + log|g|), so the logits matmul carries the bias (addmm) and one exp pass forms
+the tile. Four matmuls are the floor at this memory: a single sweep needs each row's lse before its
+first gradient tile, i.e. a row block's logits over the whole vocabulary kept alive.
 `token_logprobs` runs the stats sweep in forward and the gradient sweep in backward; `token_loss`
 runs both in its forward (the gradients are ready when backward is called and backward only scales
 them), so neither keeps more than one logits tile alive. Half-precision inputs are computed in float32
@@ -55,70 +60,112 @@ def _scaled_rows(h: torch.Tensor, s: int, e: int, inv_t: float) -> torch.Tensor:
     return hs * inv_t if inv_t != 1.0 else hs
 
 
-def _row_stats(hs, wf_tiles, targets, p: _Plan, buf, buf2):
+_PIECE = 256  # rows per piece of the per-token gathers below (bounds their temporaries)
+
+
+def _target_logits(hs, weight, targets):
+    """z[i, targets[i]] for the rows hs (already divided by T): one gathered row of W per token."""
+    out = torch.empty(hs.shape[0], dtype=hs.dtype, device=hs.device)
+    for a in range(0, hs.shape[0], _PIECE):
+        w_t = _f32(weight[targets[a:a + _PIECE]])
+        out[a:a + _PIECE] = torch.bmm(hs[a:a + _PIECE].unsqueeze(1), w_t.unsqueeze(2)).view(-1)
+    return out
+
+
+def _add_target_terms(hs, weight, targets, g, dh, dw):
+    """The one-hot part of dz = g (onehot(target) - p): dh += g W[target], dW[target] += g hs."""
+    for a in range(0, hs.shape[0], _PIECE):
+        t, gp = targets[a:a + _PIECE], g[a:a + _PIECE].unsqueeze(1)
+        if dh is not None:
+            dh[a:a + _PIECE].addcmul_(_f32(weight[t]), gp)
+        if dw is not None:
+            dw.index_add_(0, t, hs[a:a + _PIECE] * gp)
+
+
+def _row_stats(hs, weight, wf_tiles, targets, p: _Plan, buf, buf2):
     """One stats sweep over the vocabulary for the rows hs (already divided by T).
 
-    Returns (logp, lse, entropy or None). Online update with reference max m:
+    Returns (logp, lse, entropy or None). Without entropy each tile contributes its own logsumexp,
+    merged with logaddexp. With entropy the sweep keeps a reference max m and
     S = sum exp(z - m), E = sum exp(z - m) (z - m) <= 0; moving m -> m' multiplies both by
     a = exp(m - m') and adds (m - m') S to E. At the end lse = m + log S and
     entropy = lse - E_p[z] = log S - E / S (two non-negative terms: no cancellation)."""
     r = hs.shape[0]
     dt = hs.dtype
+    zt = _target_logits(hs, weight, targets)
+    if not p.with_entropy:
+        lse = torch.full((r,), -math.inf, dtype=dt, device=hs.device)
+        for a, wt in wf_tiles():
+            z = torch.mm(hs, wt.t(), out=buf[:r, : wt.shape[0]])
+            m = z.amax(dim=1)   # in place below: torch.logsumexp would allocate a second tile
+            tile_lse = z.sub_(m.unsqueeze(1)).exp_().sum(dim=1).log_().add_(m)
+            lse = torch.logaddexp(lse, tile_lse)
+        return zt - lse, lse, None
     m = torch.full((r,), -math.inf, dtype=dt, device=hs.device)
     s_acc = torch.zeros(r, dtype=dt, device=hs.device)
-    e_acc = torch.zeros(r, dtype=dt, device=hs.device) if p.with_entropy else None
-    zt = torch.empty(r, dtype=dt, device=hs.device)
+    e_acc = torch.zeros(r, dtype=dt, device=hs.device)
     for a, wt in wf_tiles():
         b = a + wt.shape[0]
         z = torch.mm(hs, wt.t(), out=buf[:r, : b - a])
-        sel = (targets >= a) & (targets < b)
-        if sel.any():
-            idx = sel.nonzero().squeeze(1)
-            zt[idx] = z[idx, targets[idx] - a]
         m_new = torch.maximum(m, z.amax(dim=1))
         alpha = torch.exp(m - m_new)
         zs = z.sub_(m_new.unsqueeze(1))
-        if p.with_entropy:
-            ex = torch.exp(zs, out=buf2[:r, : b - a])
-            tile_s = ex.sum(dim=1)
-            shift = torch.where(s_acc > 0, s_acc * (m - m_new), 0.0)  # first tile: m = -inf, S = 0
-            e_acc.add_(shift).mul_(alpha).add_(ex.mul_(zs).sum(dim=1))
-        else:
-            tile_s = zs.exp_().sum(dim=1)
+        ex = torch.exp(zs, out=buf2[:r, : b - a])
+        tile_s = ex.sum(dim=1)
+        shift = torch.where(s_acc > 0, s_acc * (m - m_new), 0.0)  # first tile: m = -inf, S = 0
+        e_acc.add_(shift).mul_(alpha).add_(ex.mul_(zs).sum(dim=1))
         s_acc.mul_(alpha).add_(tile_s)
         m = m_new
     log_s = s_acc.log()
     lse = m + log_s
-    ent = (log_s - e_acc / s_acc) if p.with_entropy else None
-    return zt - lse, lse, ent
+    return zt - lse, lse, log_s - e_acc / s_acc
 
 
-def _grad_sweep(hs, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan, buf, buf2, dh_out, dw):
-    """dz = d loss / d z for z = hs W^T per tile; dh_out <- dz W (sum over tiles); dW[tile] += dz^T hs.
+def _grad_sweep(hs, weight, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan, buf, buf2, dh_out, dw):
+    """dz = d loss / d z for z = hs W^T; dh_out <- dz W; dW += dz^T hs.
 
-    d logp / dz = onehot(target) - p,  d entropy / dz = -p (z - E_p[z]),  p = exp(z - lse)."""
+    d logp / dz = onehot(target) - p,  d entropy / dz = -p (z - E_p[z]),  p = exp(z - lse).
+    The one-hot part touches one column per row and is applied once, outside the tile loop:
+    dh += g W[target], dW[target] += g hs. Without an entropy gradient the dense part of a tile is
+    -g p = -sign(g) exp(z - lse + log|g|): the bias rides in the logits matmul (addmm), one exp
+    pass forms the tile, and sign(g) is applied to hs (for dW) and to the finished dh rows."""
     r = hs.shape[0]
-    if dh_out is not None:
-        dh_out.zero_()
-    gl = g_logp.unsqueeze(1)
-    for a, wt in wf_tiles():
-        b = a + wt.shape[0]
-        z = torch.mm(hs, wt.t(), out=buf[:r, : b - a])
-        zs = z.sub_(lse.unsqueeze(1))
-        if g_ent is not None:
+    acc = dh_out
+    if acc is not None:
+        acc.zero_()
+    if g_ent is None:
+        bias = (g_logp.abs().log() - lse).unsqueeze(1)
+        sign = torch.sign(g_logp).unsqueeze(1)
+        # dW[tile] -= q^T (sign hs); a uniform sign (NSR-PreRL, positive-weight losses) needs no copy
+        if dw is None or bool((g_logp >= 0).all()):
+            hs_dw, alpha = hs, -1.0
+        elif bool((g_logp <= 0).all()):
+            hs_dw, alpha = hs, 1.0
+        else:
+            hs_dw, alpha = hs * sign, -1.0
+        for a, wt in wf_tiles():
+            b = a + wt.shape[0]
+            q = torch.addmm(bias, hs, wt.t(), out=buf[:r, : b - a]).exp_()   # |g| p >= 0
+            if acc is not None:
+                acc.addmm_(q, wt)
+            if dw is not None:
+                dw[a:b].addmm_(q.t(), hs_dw, alpha=alpha)
+        if acc is not None:
+            acc.mul_(sign.neg())
+    else:
+        gl = g_logp.unsqueeze(1)
+        for a, wt in wf_tiles():
+            b = a + wt.shape[0]
+            z = torch.mm(hs, wt.t(), out=buf[:r, : b - a])
+            zs = z.sub_(lse.unsqueeze(1))
             pr = torch.exp(zs, out=buf2[:r, : b - a])
             # z - E[z] = (z - lse) + entropy;  dz = -p * (g_logp + g_ent * (z - E[z]))
             dz = zs.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1)).add_(gl).mul_(pr).neg_()
-        else:
-            dz = zs.exp_().mul_(-gl)
-        sel = (targets >= a) & (targets < b)
-        if sel.any():
-            idx = sel.nonzero().squeeze(1)
-            dz.index_put_((idx, targets[idx] - a), g_logp[idx], accumulate=True)
-        if dh_out is not None:
-            dh_out.addmm_(dz, wt)
-        if dw is not None:
-            dw[a:b].addmm_(dz.t(), hs)
+            if acc is not None:
+                acc.addmm_(dz, wt)
+            if dw is not None:
+                dw[a:b].addmm_(dz.t(), hs)
+    _add_target_terms(hs, weight, targets, g_logp, acc, dw)
 
 
 def _weight_tiles(weight: torch.Tensor, vt: int):
@@ -152,7 +199,7 @@ class _TiledLogprobs(torch.autograd.Function):
         buf, buf2 = _buffers(p, v, dt, h.device, p.with_entropy)
         for s in range(0, n, p.row_block):
             e = min(s + p.row_block, n)
-            lp, ls, en = _row_stats(_scaled_rows(h, s, e, inv_t), tiles, targets[s:e], p, buf, buf2)
+            lp, ls, en = _row_stats(_scaled_rows(h, s, e, inv_t), weight, tiles, targets[s:e], p, buf, buf2)
             logp[s:e], lse[s:e] = lp, ls
             if ent is not None:
                 ent[s:e] = en
@@ -178,7 +225,7 @@ class _TiledLogprobs(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=dt, device=h.device) if need_dw else None
         for s in range(0, n, p.row_block):
             e = min(s + p.row_block, n)
-            _grad_sweep(_scaled_rows(h, s, e, inv_t), tiles, targets[s:e], lse[s:e], g_logp[s:e].to(dt),
+            _grad_sweep(_scaled_rows(h, s, e, inv_t), weight, tiles, targets[s:e], lse[s:e], g_logp[s:e].to(dt),
                         ent[s:e] if g_ent is not None else None,
                         g_ent[s:e].to(dt) if g_ent is not None else None,
                         p, buf, buf2, dh[s:e] if need_dh else None, dw)
@@ -219,7 +266,7 @@ class _FusedLoss(torch.autograd.Function):
         for s in range(0, n, p.row_block):
             e = min(s + p.row_block, n)
             hs = _scaled_rows(h, s, e, inv_t)
-            logp, lse, _ = _row_stats(hs, tiles, targets[s:e], p, buf, None)
+            logp, lse, _ = _row_stats(hs, weight, tiles, targets[s:e], p, buf, None)
             with torch.enable_grad():
                 lp = logp.detach().requires_grad_(True)
                 loss = loss_fn(lp, rows[s:e])
@@ -233,7 +280,7 @@ class _FusedLoss(torch.autograd.Function):
                 if need_dh:
                     dh[s:e].zero_()
                 continue
-            _grad_sweep(hs, tiles, targets[s:e], lse, g.to(dt), None, None, p, buf, None,
+            _grad_sweep(hs, weight, tiles, targets[s:e], lse, g.to(dt), None, None, p, buf, None,
                         dh[s:e] if need_dh else None, dw)
         if need_dh:
             dh.mul_(inv_t)
