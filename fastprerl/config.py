@@ -9,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import operator
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
+
+from .data import check_source, check_template
+from .rewards import BUILTIN_REWARDS, EXTRACTORS, USER_REWARD
 
 OBJECTIVES = ("grpo", "prerl", "nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl", "w_reinforce")
 
@@ -57,7 +62,7 @@ class DataConfig:
     answer_field: str = "answer"
     format: str = "completion"      # completion | chat
     system_prompt: str = ""
-    template: str = "{prompt}"      # applied to the prompt text (completion format)
+    template: str = "{prompt}"      # str.format of the prompt text; {prompt} is its only field ({{ }} for braces)
     size: int = 10000               # generated problems for builtin / reasoning_gym sources
     digits: int = 2                 # builtin:addition operand digits
     shuffle: bool = True
@@ -195,6 +200,7 @@ CHOICES = {
     "algo.negative_rule": ("group_advantage", "reward_threshold"),
     "algo.old_logp": ("detached", "rollout"),
     "objective.name": OBJECTIVES,
+    "reward.extract": tuple(EXTRACTORS),
 }
 POSITIVE = {"rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
             "rollout.temperature", "rollout.generation_batch_size", "reward.timeout", "reward.workers",
@@ -204,8 +210,9 @@ NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "algo.clip_eps_low", "a
                 "algo.kl_coef", "algo.w_reinforce_lambda", "run.threads", "logging.samples_every",
                 "optim.eps", "reward.format_penalty", "algo.tis_cap", "rollout.vllm_max_model_len",
                 "eval.every", "eval.max_new_tokens"}
-RANGES = {"rollout.top_p": (0.0, 1.0, False), "rollout.vllm_gpu_memory_utilization": (0.0, 1.0, False),
-          "optim.beta1": (0.0, 1.0, True), "optim.beta2": (0.0, 1.0, True)}
+RANGES = {"rollout.top_p": (0.0, "<", "<=", 1.0), "rollout.vllm_gpu_memory_utilization": (0.0, "<", "<=", 1.0),
+          "optim.beta1": (0.0, "<=", "<", 1.0), "optim.beta2": (0.0, "<=", "<", 1.0)}   # lo op value op hi
+_COMPARE = {"<": operator.lt, "<=": operator.le}
 
 
 def _type_name(tp) -> str:
@@ -231,7 +238,13 @@ def _coerce(key: str, tp, value):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond the float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -253,9 +266,9 @@ def _check_value(key: str, short: str, value):
     if short in NON_NEGATIVE and value < 0:
         raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
     if short in RANGES:
-        lo, hi, open_hi = RANGES[short]
-        if not (lo < value and (value < hi if open_hi else value <= hi)):
-            raise ConfigError(f"{key}: expected {lo} < value {'<' if open_hi else '<='} {hi}, got {value!r}")
+        lo, lo_op, hi_op, hi = RANGES[short]
+        if not (_COMPARE[lo_op](lo, value) and _COMPARE[hi_op](value, hi)):
+            raise ConfigError(f"{key}: expected {lo} {lo_op} value {hi_op} {hi}, got {value!r}")
 
 
 def _build(cls, data: Dict[str, Any], prefix: str, short_prefix: str):
@@ -280,6 +293,8 @@ def _build(cls, data: Dict[str, Any], prefix: str, short_prefix: str):
             if not isinstance(val, list):
                 raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {type(val).__name__}")
             kwargs[name] = tuple(_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(val))
+            for i, v in enumerate(kwargs[name]):
+                _check_value(f"{key}[{i}]", short, v)
         elif typing.get_origin(tp) in (tuple, Tuple):
             inner = typing.get_args(tp)[0]
             if not isinstance(val, list):
@@ -325,10 +340,26 @@ def validate(cfg: Config) -> Config:
     for i, ph in enumerate(cfg.schedule.phases):
         if not ph.objectives:
             raise ConfigError(f"schedule.phases[{i}].objectives: expected at least one objective")
+        names = [o.name for o in ph.objectives]
+        repeated = next((n for n in names if names.count(n) > 1), None)
+        if repeated:  # the trainer keys a phase's terms by objective name: all but one would be dropped
+            raise ConfigError(f"schedule.phases[{i}].objectives: objective {repeated!r} appears "
+                              f"{names.count(repeated)} times in phase {ph.name!r}; expected one entry per "
+                              f"objective (with the summed weight)")
     if cfg.algo.clip_eps_low >= 1:
         raise ConfigError(f"algo.clip_eps_low: expected a value < 1, got {cfg.algo.clip_eps_low}")
     if cfg.algo.dual_clip_c <= 1:
         raise ConfigError(f"algo.dual_clip_c: expected a value > 1, got {cfg.algo.dual_clip_c}")
+    if cfg.reward.fn not in BUILTIN_REWARDS and not USER_REWARD.fullmatch(cfg.reward.fn):
+        raise ConfigError(f"reward.fn: expected a builtin reward ({', '.join(BUILTIN_REWARDS)}) or "
+                          f"'module:function', got {cfg.reward.fn!r}")
+    if cfg.reward.fn == "math" and not cfg.reward.extract:
+        raise ConfigError("reward.extract: expected at least one extraction mode for reward.fn 'math'")
+    try:
+        check_source(cfg.data.source)
+        check_template(cfg.data.template)
+    except ValueError as e:  # their messages name the key
+        raise ConfigError(str(e)) from None
     return cfg
 
 

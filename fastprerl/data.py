@@ -7,14 +7,45 @@ Every source yields samples as dicts with at least "prompt" (text before formatt
   reasoning_gym:<task>     any reasoning-gym generator (basic_arithmetic, chain_sum, countdown, gsm_symbolic, ...)
   path/to/file.jsonl|.json|.parquet|.csv   local data via `datasets` (fields: data.prompt_field / answer_field)
   anything else            a hub dataset id loaded with `datasets.load_dataset` (needs network)
+
+Loading a config runs `check_source` and `check_template`: a local file of another kind, or a template that
+`format_prompt` cannot fill, is an error then rather than at the first rollout.
 """
 from __future__ import annotations
 
 import random
+import re
+import string
 from pathlib import Path
 from typing import Dict, List
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z]+")  # ".txt" is a file suffix; the ".5" of a hub id "org/data-1.5" is not
+
+
+def check_source(source: str) -> None:
+    """Raise ValueError when `source` looks like a local file (an existing file, or a path with a file suffix)
+    of a kind `file_problems` cannot read; it would otherwise be taken for a hub dataset id."""
+    if source.startswith(("builtin:", "reasoning_gym:")):
+        return
+    path = Path(source)
+    if path.suffix not in LOCAL_FORMATS and (path.is_file() or _FILE_SUFFIX.fullmatch(path.suffix)):
+        raise ValueError(f"data.source: {source!r} looks like a local file, but local files must end in one "
+                         f"of {list(LOCAL_FORMATS)}; other sources are builtin:addition, reasoning_gym:<task> "
+                         f"or a hub dataset id")
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError unless `format_prompt` can fill `template`: a str.format string whose one and only
+    replacement field is {prompt}; literal braces are doubled, as in `\\boxed{{}}`."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        template.format(prompt="")
+    except (ValueError, LookupError, AttributeError):  # unbalanced braces, other fields, bad format specs
+        fields = None
+    if fields != {"prompt"}:
+        raise ValueError(f"data.template: expected {{prompt}} as the only replacement field (write literal "
+                         f"braces as {{{{ and }}}}), got {template!r}")
 
 
 def addition_problems(n: int, digits: int, seed: int) -> List[Dict]:

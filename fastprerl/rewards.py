@@ -48,6 +48,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "DEFAULT_MODES",
+    "EXTRACTORS",
+    "BUILTIN_REWARDS",
+    "USER_REWARD",
     "RewardResult",
     "RewardPool",
     "extract_answer",
@@ -186,7 +189,7 @@ def _last_line(text: str) -> str | None:
     return None
 
 
-_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "boxed": _last_boxed,
     "gsm8k": _last_gsm8k,
     "answer_is": _last_answer_is,
@@ -213,7 +216,7 @@ def extract_answer(text: str, modes: Extract = DEFAULT_MODES) -> str | None:
         answer = modes(text)
         return answer.strip() if isinstance(answer, str) and answer.strip() else None
     for mode in modes:
-        answer = _EXTRACTORS[mode](text)
+        answer = EXTRACTORS[mode](text)
         if answer is not None and answer.strip():
             return answer.strip()
     return None
@@ -222,8 +225,8 @@ def extract_answer(text: str, modes: Extract = DEFAULT_MODES) -> str | None:
 def _check_modes(modes: Extract) -> None:
     if callable(modes):
         return
-    if isinstance(modes, str) or any(m not in _EXTRACTORS for m in modes):
-        raise ValueError(f"unknown extraction mode in {modes!r}; choose from {sorted(_EXTRACTORS)}")
+    if isinstance(modes, str) or any(m not in EXTRACTORS for m in modes):
+        raise ValueError(f"unknown extraction mode in {modes!r}; choose from {sorted(EXTRACTORS)}")
 
 
 def extract_reasoning_gym_answer(text: str) -> tuple[str | None, bool]:
@@ -820,7 +823,8 @@ class _UserReward:
         return [r if isinstance(r, RewardResult) else RewardResult(float(r), float(r), True) for r in out]
 
 
-_BUILTIN = {"math": MathReward, "reasoning_gym": ReasoningGymReward}
+BUILTIN_REWARDS = {"math": MathReward, "reasoning_gym": ReasoningGymReward}
+USER_REWARD = re.compile(r"\w+(?:\.\w+)*:\w+")  # "package.module:function"
 
 
 def get_reward_fn(name: str, **options: Any) -> RewardFn:
@@ -828,9 +832,9 @@ def get_reward_fn(name: str, **options: Any) -> RewardFn:
 
     `options` go to the built-ins (timeout, workers, format_penalty, and extract for "math"); a user's
     function takes none. Every reward function maps (responses, samples) to one RewardResult each."""
-    if name in _BUILTIN:
-        return _BUILTIN[name](**options)
-    if ":" in name:
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name](**options)
+    if USER_REWARD.fullmatch(name):
         if options:
             raise ValueError(f"options {sorted(options)} apply only to built-in reward functions, not {name!r}")
         module, _, attr = name.partition(":")
@@ -841,7 +845,7 @@ def get_reward_fn(name: str, **options: Any) -> RewardFn:
         if not callable(fn):
             raise ValueError(f"reward function {name!r} is not callable")
         return _UserReward(fn)
-    raise ValueError(f"unknown reward function {name!r}; choose {sorted(_BUILTIN)} or 'module:function'")
+    raise ValueError(f"unknown reward function {name!r}; choose {sorted(BUILTIN_REWARDS)} or 'module:function'")
 
 
 def _field(mapping: Mapping[str, Any], key: str) -> Any:

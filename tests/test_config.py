@@ -18,7 +18,7 @@ def test_every_shipped_config_loads_and_round_trips(path):
     assert config_from_dict(tomllib.loads(to_toml(cfg))) == cfg
 
 
-def test_shipped_set_includes_the_issue_configs():
+def test_shipped_set_includes_the_documented_configs():
     names = {p.name for p in SHIPPED}
     assert {"dsrl.toml", "tiny.toml", "dsrl_qwen3_4b.toml", "dsrl_1gpu_24gb.toml"} <= names
 
@@ -53,11 +53,83 @@ def test_overrides_apply_with_types():
     (["algo.tis_cap=-1"], "algo.tis_cap: expected a value >= 0"),
     (["optim.offload_optimizer_state=1"], "optim.offload_optimizer_state: expected bool"),
     (["rollout.backend=sglang"], "rollout.backend: expected one of ['hf', 'vllm']"),
+    # non-finite floats (TOML spells nan and inf): each would disable or break what it configures
+    (["optim.grad_clip=nan"], "optim.grad_clip: expected a finite number, got nan"),
+    (["algo.kl_coef=nan"], "algo.kl_coef: expected a finite number, got nan"),
+    (["optim.lr=inf"], "optim.lr: expected a finite number, got inf"),
+    (["optim.lr=1e400"], "optim.lr: expected a finite number, got inf"),
+    (["optim.lr=1" + "0" * 400], "optim.lr: expected a finite number, got 1000"),
+    (["algo.dual_clip_c=+inf"], "algo.dual_clip_c: expected a finite number, got inf"),
+    (["optim.weight_decay=-inf"], "optim.weight_decay: expected a finite number, got -inf"),
+    (["rollout.top_p=nan"], "rollout.top_p: expected a finite number, got nan"),
+    (["optim.beta1=-0.1"], "optim.beta1: expected 0.0 <= value < 1.0, got -0.1"),
+    (["optim.beta1=1"], "optim.beta1: expected 0.0 <= value < 1.0, got 1.0"),
+    (["optim.beta2=1.0"], "optim.beta2: expected 0.0 <= value < 1.0, got 1.0"),
+    (['schedule.phases=[{ name = "mix", objectives = [{ name = "grpo" }, { name = "nsr_prerl" }, '
+      '{ name = "grpo", weight = 0.5 }] }]'],
+     "schedule.phases[0].objectives: objective 'grpo' appears 2 times in phase 'mix'"),
+    (['data.template="Q: {problem}"'], "data.template: expected {prompt} as the only replacement field"),
+    (['data.template="Q: {prompt} {answer}"'], "data.template: expected {prompt} as the only replacement field"),
+    (["data.template='{prompt} \\boxed{}'"], "data.template: expected {prompt} as the only replacement field"),
+    (['data.template="{prompt"'], "data.template: expected {prompt} as the only replacement field"),
+    (['data.template="{prompt.upper}"'], "data.template: expected {prompt} as the only replacement field"),
+    (['data.template="no prompt"'], "data.template: expected {prompt} as the only replacement field"),
+    (["data.source=data/problems.txt"], "data.source: 'data/problems.txt' looks like a local file, but local "
+                                        "files must end in one of ['.jsonl', '.json', '.parquet', '.csv']"),
+    (["reward.fn=mathh"], "reward.fn: expected a builtin reward (math, reasoning_gym) or 'module:function', "
+                          "got 'mathh'"),
+    (["reward.fn=:parity_reward"], "reward.fn: expected a builtin reward"),
+    (["reward.fn=fake_rewards:"], "reward.fn: expected a builtin reward"),
+    (['reward.extract=["boxed", "nonsense"]'], "reward.extract[1]: expected one of ['boxed', 'gsm8k', 'answer_is',"),
+    (["reward.extract=[]"], "reward.extract: expected at least one extraction mode"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "tiny.toml", override)
     assert message in str(e.value)
+
+
+def test_non_finite_floats_in_a_file_or_dict_are_rejected(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[optim]\ngrad_clip = nan\n")
+    with pytest.raises(ConfigError, match=r"^optim.grad_clip: expected a finite number, got nan$"):
+        load_config(p)
+    p.write_text('[[schedule.phases]]\nname = "a"\nobjectives = [{ name = "grpo", weight = -inf }]\n')
+    with pytest.raises(ConfigError, match=r"schedule.phases\[0\].objectives\[0\].weight: expected a finite number"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="algo.kl_coef: expected a finite number, got nan"):
+        config_from_dict({"algo": {"kl_coef": float("nan")}})
+
+
+def test_values_at_the_edge_of_the_rules_are_accepted(tmp_path):
+    (tmp_path / "data_dir").mkdir()
+    cfg = load_config(ROOT / "configs" / "tiny.toml", [
+        "optim.beta1=0", "optim.beta2=0.0",             # AdamW allows 0 <= beta < 1
+        "data.template='{prompt} \\boxed{{}}'",          # doubled braces are literal
+        f"data.source={tmp_path / 'missing.jsonl'}",     # a supported file: its existence is checked when read
+        "reward.fn=fake_rewards:parity_reward", "reward.extract=['last_line', 'answer_tag']",
+    ])
+    assert (cfg.optim.beta1, cfg.optim.beta2) == (0.0, 0.0)
+    assert cfg.data.template.format(prompt="Q") == "Q \\boxed{}"
+    for source in ["openai/gsm8k", "AI-MO/NuminaMath-1.5", str(tmp_path / "data_dir"), "reasoning_gym:chain_sum"]:
+        assert load_config(overrides=[f"data.source={source}"]).data.source == source
+    assert load_config(overrides=["reward.fn=my.pkg.rewards:score"]).reward.fn == "my.pkg.rewards:score"
+
+
+def test_an_existing_file_of_another_kind_is_not_taken_for_a_hub_id(tmp_path):
+    for name in ("problems.tsv", "problems"):
+        (tmp_path / name).write_text("x\n")
+        with pytest.raises(ConfigError, match="data.source: .* looks like a local file"):
+            load_config(overrides=[f"data.source={tmp_path / name}"])
+
+
+def test_every_extraction_mode_and_builtin_reward_is_accepted():
+    from fastprerl.rewards import BUILTIN_REWARDS, EXTRACTORS
+
+    modes = list(EXTRACTORS)
+    assert load_config(overrides=[f"reward.extract={modes}"]).reward.extract == tuple(modes)
+    for name in BUILTIN_REWARDS:
+        assert load_config(overrides=[f"reward.fn={name}"]).reward.fn == name
 
 
 def test_unknown_key_in_file_and_bad_objective(tmp_path):

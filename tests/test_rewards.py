@@ -166,11 +166,6 @@ WRAPPERS = [
 ]
 
 
-def test_there_are_at_least_60_equivalence_cases():
-    assert len(EQUIVALENCE) >= 60
-    assert {e for _, _, e in EQUIVALENCE} == {0, 1}
-
-
 @pytest.mark.parametrize("k", range(len(EQUIVALENCE)), ids=[f"{a} ~ {g}" for a, g, _ in EQUIVALENCE])
 def test_equivalence(pool, k):
     answer, gold, expected = EQUIVALENCE[k]
@@ -188,7 +183,9 @@ def test_gold_answers_may_be_wrapped(pool, gold):
 def test_batch_matches_single_scores(pool):
     responses = [f"\\boxed{{{a}}}" for a, _, _ in EQUIVALENCE]
     golds = [g for _, g, _ in EQUIVALENCE]
-    assert pool.score_batch(responses, golds) == [float(e) for _, _, e in EQUIVALENCE]
+    scores = pool.score_batch(responses, golds)
+    assert scores == [float(e) for _, _, e in EQUIVALENCE]
+    assert len(EQUIVALENCE) >= 60 and set(scores) == {0.0, 1.0}
 
 
 def test_plain_numbers_never_reach_the_workers():
@@ -201,68 +198,74 @@ def test_plain_numbers_never_reach_the_workers():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Adversarial inputs: (name, response, gold). Every one returns 0.0 or 1.0 within timeout + 1 s, and the pool
-# still answers afterwards.
+# Adversarial inputs: (name, response, gold, verdict). Every one returns its verdict within timeout + 1 s, with
+# the guards and without them, and the pool still answers afterwards. The verdict is the documented one:
+# 1.0 only for an answer equal to the gold answer; 0.0 for no answer (none found, an empty or unclosed last
+# box), for an answer the guards refuse or the timeout cuts off (both are runaways, none equals its gold
+# answer), and for an answer of more than MAX_ANSWER_CHARS characters that is not the gold string itself,
+# even one that means the same (1 inside 10,000 braces).
 # ---------------------------------------------------------------------------------------------------------
 
 ADVERSARIAL = [
-    ("tower", r"\boxed{9^{9^{9^{9}}}}", "1"),
-    ("tower of six", r"\boxed{2^{2^{2^{2^{2^{2}}}}}}", "1"),
-    ("tower in parentheses", r"\boxed{(9^9)^(9^9)}", "1"),
-    ("huge power", r"\boxed{10^{100000000}}", "1"),
-    ("huge factorial", r"\boxed{1000000!}", "1"),
-    ("factorial of a power", r"\boxed{(10^{6})!}", "1"),
-    ("nested factorial", r"\boxed{100!!!}", "1"),
-    ("huge binomial", r"\boxed{\binom{1000000}{500000}}", "1"),
-    ("huge product", r"\boxed{\prod_{k=1}^{10^{6}} k}", "1"),
-    ("polynomial blow-up", r"\boxed{(x+1)^{100000}}", "1"),
-    ("polynomial just under the guard", r"\boxed{(x+1)^{100} - (x-1)^{100}}", "1"),
-    ("1 MB of digits in a box", "\\boxed{" + "9" * 1_000_000 + "}", "1"),
-    ("1 MB without an answer", "a" * 1_000_000, "1"),
-    ("1 MB after 'the answer is'", "The answer is " + "1" * 1_000_000, "1"),
-    ("100k unclosed boxes", "\\boxed{" * 100_000, "1"),
-    ("100k boxes", " ".join(f"\\boxed{{{i}}}" for i in range(100_000)), "99999"),
-    ("10k nested braces", "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}", "1"),
-    ("5k nested parentheses", "\\boxed{" + "(" * 5_000 + "1" + ")" * 5_000 + "}", "1"),
-    ("50 nested square roots", "\\boxed{" + "\\sqrt{" * 50 + "2" + "}" * 50 + "}", "1"),
-    ("unclosed box", r"\boxed{\frac{1}{2}", "1/2"),
-    ("too many closing braces", r"\boxed{\frac{1}{2}}}}}}", "1/2"),
-    ("empty box", r"\boxed{}", "0"),
-    ("invalid LaTeX: empty denominator", r"\boxed{\frac{1}{}}", "1"),
-    ("invalid LaTeX: dangling commands", r"\boxed{\sqrt{}^{}_{}\left(}", "1"),
-    ("invalid LaTeX: mismatched environment", r"\boxed{\begin{matrix} 1 \end{pmatrix}}", "1"),
-    ("NUL byte", "\\boxed{1\x002}", "12"),
-    ("unusual unicode", "\\boxed{\u202e\U0001F600\u0301\ufffd}", "1"),
-    ("zero-width space", "\\boxed{1\u200b2}", "12"),
-    ("division by zero", r"\boxed{\frac{1}{0}}", "1"),
-    ("zero over zero", r"\boxed{\frac{0}{0}}", r"\frac{0}{0}"),
-    ("infinity minus infinity", r"\boxed{\infty - \infty}", r"\infty"),
-    ("minus infinity", r"\boxed{-\infty}", r"\infty"),
-    ("infinity to the infinity", r"\boxed{\infty^{\infty}}", "1"),
-    ("overflowing float", r"\boxed{1e999999999}", "1"),
-    ("pathological gold", r"\boxed{1}", r"9^{9^{9^{9}}}"),
-    ("hard integral", r"\boxed{\int_0^{\infty} e^{-x^2} \sin(x^{100}) dx}", "1"),
-    ("limit", r"\boxed{\lim_{n\to\infty} (1+1/n)^{n}}", "e"),
-    ("20k-term sum", "\\boxed{" + "x+" * 20_000 + "x}", "1"),
+    ("tower", r"\boxed{9^{9^{9^{9}}}}", "1", 0),
+    ("tower of six", r"\boxed{2^{2^{2^{2^{2^{2}}}}}}", "1", 0),
+    ("tower in parentheses", r"\boxed{(9^9)^(9^9)}", "1", 0),
+    ("huge power", r"\boxed{10^{100000000}}", "1", 0),
+    ("huge factorial", r"\boxed{1000000!}", "1", 0),
+    ("factorial of a power", r"\boxed{(10^{6})!}", "1", 0),
+    ("nested factorial", r"\boxed{100!!!}", "1", 0),
+    ("huge binomial", r"\boxed{\binom{1000000}{500000}}", "1", 0),
+    ("huge product", r"\boxed{\prod_{k=1}^{10^{6}} k}", "1", 0),
+    ("polynomial blow-up", r"\boxed{(x+1)^{100000}}", "1", 0),
+    ("polynomial just under the guard", r"\boxed{(x+1)^{100} - (x-1)^{100}}", "1", 0),
+    ("1 MB of digits in a box", "\\boxed{" + "9" * 1_000_000 + "}", "1", 0),
+    ("1 MB without an answer", "a" * 1_000_000, "1", 0),
+    ("1 MB after 'the answer is'", "The answer is " + "1" * 1_000_000, "1", 0),
+    ("100k unclosed boxes", "\\boxed{" * 100_000, "1", 0),
+    ("100k boxes", " ".join(f"\\boxed{{{i}}}" for i in range(100_000)), "99999", 1),  # the last box counts
+    ("10k nested braces", "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}", "1", 0),  # too long
+    ("5k nested parentheses", "\\boxed{" + "(" * 5_000 + "1" + ")" * 5_000 + "}", "1", 0),  # too long
+    ("50 nested square roots", "\\boxed{" + "\\sqrt{" * 50 + "2" + "}" * 50 + "}", "1", 0),  # 2^(2^-50) != 1
+    ("unclosed box", r"\boxed{\frac{1}{2}", "1/2", 0),
+    ("too many closing braces", r"\boxed{\frac{1}{2}}}}}}", "1/2", 1),  # the box closes after \frac{1}{2}
+    ("empty box", r"\boxed{}", "0", 0),
+    ("invalid LaTeX: empty denominator", r"\boxed{\frac{1}{}}", "1", 0),
+    ("invalid LaTeX: dangling commands", r"\boxed{\sqrt{}^{}_{}\left(}", "1", 0),
+    ("invalid LaTeX: mismatched environment", r"\boxed{\begin{matrix} 1 \end{pmatrix}}", "1", 0),
+    ("NUL byte", "\\boxed{1\x002}", "12", 0),  # not 12: a NUL byte is not dropped like a zero-width space
+    ("unusual unicode", "\\boxed{\u202e\U0001F600\u0301\ufffd}", "1", 0),
+    ("zero-width space", "\\boxed{1\u200b2}", "12", 1),
+    ("division by zero", r"\boxed{\frac{1}{0}}", "1", 0),
+    ("zero over zero", r"\boxed{\frac{0}{0}}", r"\frac{0}{0}", 1),  # the same string as the gold answer
+    ("infinity minus infinity", r"\boxed{\infty - \infty}", r"\infty", 0),  # undefined, not infinity
+    ("minus infinity", r"\boxed{-\infty}", r"\infty", 0),
+    ("infinity to the infinity", r"\boxed{\infty^{\infty}}", "1", 0),
+    ("overflowing float", r"\boxed{1e999999999}", "1", 0),
+    ("pathological gold", r"\boxed{1}", r"9^{9^{9^{9}}}", 0),
+    ("hard integral", r"\boxed{\int_0^{\infty} e^{-x^2} \sin(x^{100}) dx}", "1", 0),  # |integral| < sqrt(pi)/2
+    ("20k-term sum", "\\boxed{" + "x+" * 20_000 + "x}", "1", 0),
 ]
 
 
-def test_there_are_at_least_25_adversarial_inputs():
-    assert len(ADVERSARIAL) >= 25
-
-
 @pytest.mark.parametrize("guards", [True, False], ids=["guards", "no-guards"])
-@pytest.mark.parametrize("k", range(len(ADVERSARIAL)), ids=[name for name, _, _ in ADVERSARIAL])
+@pytest.mark.parametrize("k", range(len(ADVERSARIAL)), ids=[name for name, *_ in ADVERSARIAL])
 def test_adversarial_input_is_bounded(pool, unguarded_pool, guards, k):
-    name, response, gold = ADVERSARIAL[k]
+    name, response, gold, verdict = ADVERSARIAL[k]
     p = pool if guards else unguarded_pool
     p.score_batch([ALIVE[0]], [ALIVE[1]])  # the server is up: its start is not the input's cost
     start = time.monotonic()
     [score] = p.score_batch([response], [gold], timeout=ADVERSARIAL_TIMEOUT)
     elapsed = time.monotonic() - start
-    assert score in (0.0, 1.0)
+    assert score == verdict, name
     assert elapsed <= ADVERSARIAL_TIMEOUT + 1.0, f"{name} took {elapsed:.2f} s"
     assert p.score_batch([ALIVE[0]], [ALIVE[1]]) == [1.0]
+
+
+def test_adversarial_inputs_in_one_batch(pool):
+    scores = pool.score_batch([r for _, r, _, _ in ADVERSARIAL], [g for _, _, g, _ in ADVERSARIAL],
+                              timeout=ADVERSARIAL_TIMEOUT)
+    assert scores == [float(v) for *_, v in ADVERSARIAL]
+    assert len(ADVERSARIAL) >= 25 and set(scores) == {0.0, 1.0}
 
 
 def test_guards_refuse_runaway_constructs_but_not_ordinary_answers():
@@ -380,6 +383,9 @@ def test_unknown_reward_fn_names_the_choices():
         get_reward_fn("mathh")
     with pytest.raises(ValueError, match="cannot load"):
         get_reward_fn("no_such_module_anywhere:fn")
+    for malformed in (":fn", "module:", "a:b:c", "my module:fn"):
+        with pytest.raises(ValueError, match="unknown reward function"):
+            get_reward_fn(malformed)
 
 
 # reasoning-gym tasks across its families; their gold answers must score 1.0 through the registry.
