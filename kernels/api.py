@@ -46,12 +46,14 @@ def _triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map "auto" to a concrete implementation and announce the choice once per (impl, device type)."""
+def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Map "auto" to a concrete implementation and announce the choice once per (impl, device type).
+    float64 inputs always take the torch path (the Triton kernels compute in float32)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        chosen = "triton" if device.type == "cuda" and _triton_usable(device) else "torch"
+        triton_ok = device.type == "cuda" and dtype != torch.float64 and _triton_usable(device)
+        chosen = "triton" if triton_ok else "torch"
         key = (chosen, device.type)
         if key not in _announced:
             _announced.add(key)
@@ -71,9 +73,9 @@ def _check_inputs(hidden, weight, targets, rows, temperature):
     if targets.shape != (hidden.shape[0],):
         raise ValueError(f"targets must be ({hidden.shape[0]},), got shape {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64, got {targets.dtype}")
+        raise ValueError(f"targets must be int64 (or int32), got {targets.dtype}")
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"hidden dtype must be float32/bfloat16/float16, got {hidden.dtype}")
+        raise ValueError(f"hidden dtype must be float32/bfloat16/float16/float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     if rows is not None:
@@ -83,11 +85,20 @@ def _check_inputs(hidden, weight, targets, rows, temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _compact(hidden, targets, rows):
+def _compact(hidden, targets, rows, vocab: int):
+    """(hidden, targets) of the active rows; their targets must index the vocabulary (inactive rows
+    may hold anything, e.g. an ignore index such as -100)."""
     if rows is None:
-        return hidden, targets.long()
-    rows = rows.to(device=hidden.device, dtype=torch.long)
-    return hidden.index_select(0, rows), targets.index_select(0, rows).long()
+        h, t = hidden, targets.long()
+    else:
+        rows = rows.to(device=hidden.device, dtype=torch.long)
+        h, t = hidden.index_select(0, rows), targets.index_select(0, rows).long()
+    if t.numel():
+        lo, hi = torch.aminmax(t)
+        if int(lo) < 0 or int(hi) >= vocab:
+            raise ValueError(f"targets of the active rows must lie in [0, {vocab}) (the weight's rows), "
+                             f"got min {int(lo)}, max {int(hi)}; pass `rows` to leave out ignored positions")
+    return h, t
 
 
 def _scatter(values: Optional[torch.Tensor], n: int, rows):
@@ -109,9 +120,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     `deterministic` selects the Triton backward that accumulates dW without atomics.
     """
     _check_inputs(hidden, weight, targets, rows, temperature)
-    impl = resolve_impl(impl, hidden.device)
+    impl = resolve_impl(impl, hidden.device, hidden.dtype)
     n = hidden.shape[0]
-    h, t = _compact(hidden, targets, rows)
+    h, t = _compact(hidden, targets, rows, weight.shape[0])
     if impl == "naive":
         logp, ent, lse = naive_token_logprobs(h, weight, t, temperature, with_entropy)
         if logp.dtype != torch.float64:
@@ -152,8 +163,8 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     caps the rows per block of the torch path (default 1024).
     """
     _check_inputs(hidden, weight, targets, rows, temperature)
-    impl = resolve_impl(impl, hidden.device)
-    h, t = _compact(hidden, targets, rows)   # all rows: no copy of hidden (nor of its gradient)
+    impl = resolve_impl(impl, hidden.device, hidden.dtype)
+    h, t = _compact(hidden, targets, rows, weight.shape[0])   # all rows: no copy of hidden (nor of its gradient)
     if rows is None:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
     rows = rows.to(device=hidden.device, dtype=torch.long)

@@ -64,30 +64,39 @@ def oracle_and_naive(hid, w, t, rows, T, gl, ge):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows_pattern", ROWS)
 @pytest.mark.parametrize("T", [1.0, 0.7])
-def test_torch_path_within_naive_error(dtype, shape, rows_pattern, T, tiling):
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_torch_path_within_naive_error(dtype, shape, rows_pattern, T, with_entropy, tiling):
+    """Without entropy the backward takes the bias-folded gradient tiles (mixed-sign upstream grads)."""
     n, h, v = shape
     hid, w, t = make(n, h, v, dtype)
     rows = row_index(rows_pattern, n)
     g = torch.Generator().manual_seed(7)
     gl = torch.randn(n, generator=g, dtype=torch.float64)
-    ge = torch.randn(n, generator=g, dtype=torch.float64)
+    ge = torch.randn(n, generator=g, dtype=torch.float64) if with_entropy else torch.zeros(n, dtype=torch.float64)
     ref = oracle_and_naive(hid, w, t, rows, T, gl, ge)
 
     h_ = hid.clone().requires_grad_()
     w_ = w.clone().requires_grad_()
-    r = token_logprobs(h_, w_, t, rows=rows, temperature=T, with_entropy=True, impl="torch",)
+    r = token_logprobs(h_, w_, t, rows=rows, temperature=T, with_entropy=with_entropy, impl="torch",)
     assert r.logp.dtype == torch.float32 and r.logp.shape == (n,)
-    (r.logp.double() * gl + r.entropy.double() * ge).sum().backward()
+    if with_entropy:
+        (r.logp.double() * gl + r.entropy.double() * ge).sum().backward()
+    else:
+        assert r.entropy is None
+        (r.logp.double() * gl).sum().backward()
     got = (r.logp, r.entropy, h_.grad, w_.grad)
     tol = TOL[dtype]
     for k, q in enumerate(["logp", "entropy", "grad", "grad"]):
+        if got[k] is None:
+            continue
         o, nv, gt = ref["oracle"][k], ref["naive"][k], got[k]
         assert gt.shape == o.shape
         assert max_err(gt, o) <= max_err(nv, o) + tol[q] * max(1.0, o.abs().max().item()), (q, k)
     if rows is not None:
         inactive = torch.ones(n, dtype=torch.bool)
         inactive[rows] = False
-        assert torch.all(r.logp[inactive] == 0) and torch.all(r.entropy[inactive] == 0)
+        assert torch.all(r.logp[inactive] == 0)
+        assert r.entropy is None or torch.all(r.entropy[inactive] == 0)
     assert torch.all(r.logp <= 0)  # a sign bug (positive log-probs) must never pass
 
 
@@ -126,11 +135,14 @@ def test_token_loss_directional_derivatives_float64(tiling):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows_pattern", ROWS)
-def test_token_loss_matches_oracle(dtype, rows_pattern, tiling):
+@pytest.mark.parametrize("sign", ["mixed", "positive", "negative"])
+def test_token_loss_matches_oracle(dtype, rows_pattern, sign, tiling):
+    """All three sign cases of d loss / d logp: the torch path forms dW differently for a uniform sign."""
     n, h, v = 37, 61, 1000
     hid, w, t = make(n, h, v, dtype, seed=3)
     rows = row_index(rows_pattern, n)
     adv = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    adv = {"mixed": adv, "positive": adv.abs(), "negative": -adv.abs()}[sign]
     loss_fn = lambda lp, idx: -adv[idx] * lp  # noqa: E731
     h_, w_ = hid.clone().requires_grad_(), w.clone().requires_grad_()
     loss = token_loss(h_, w_, t, loss_fn, rows=rows, temperature=0.7, impl="torch", chunk_rows=16)
@@ -178,6 +190,24 @@ def test_bad_inputs_raise_clear_errors():
         token_logprobs(hid, w, t, impl="cuda")
     with pytest.raises(ValueError, match="per-token losses"):
         token_loss(hid.requires_grad_(), w, t, lambda lp, i: lp.sum(), impl="torch")
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_targets_outside_the_vocabulary_are_refused_on_active_rows_only(impl):
+    hid, w, t = make(4, 8, 10, torch.float32)
+    bad = t.clone()
+    bad[2] = -100                       # an ignore index: would wrap to the last row of W if indexed
+    with pytest.raises(ValueError, match=r"targets of the active rows must lie in \[0, 10\)"):
+        token_logprobs(hid, w, bad, impl=impl)
+    bad[1] = 10
+    with pytest.raises(ValueError, match="max 10"):
+        token_loss(hid, w, bad, lambda lp, i: -lp, rows=torch.tensor([0, 1]), impl=impl)
+    ignored = t.clone()
+    ignored[2] = -100
+    active = torch.tensor([0, 1, 3])    # leaving the ignored position out is the way to pass it
+    r = token_logprobs(hid, w, ignored, rows=active, impl=impl)
+    want = token_logprobs(hid, w, t, impl="naive").logp
+    assert r.logp[2] == 0 and torch.allclose(r.logp[active], want[active], atol=1e-6)
 
 
 @pytest.mark.slow

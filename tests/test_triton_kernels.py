@@ -297,8 +297,8 @@ def test_input_validation(monkeypatch):
     if INTERPRET:
         bad = t.clone()
         bad[0] = 30
-        with pytest.raises(ValueError, match=r"\[0, 30\)"):
-            tlp.triton_token_logprobs(h, w, bad)
+        with pytest.raises(ValueError, match=r"\[0, 30\)"):   # checked by the public entry for every impl
+            token_logprobs(h, w, bad, impl="triton")
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             tlp.triton_token_logprobs(h, w, t)
