@@ -57,6 +57,18 @@ def arm_config(base_path: str, overrides: Sequence[str], arm: str, out: Path, st
     return config_from_dict(data)
 
 
+def finished_arm_mismatch(cfg) -> Optional[str]:
+    """None when the arm's run directory holds a finished run of exactly this config (the keys a resume may
+    change aside), else what differs; a finished arm is reused only when it is the run asked for."""
+    from .checkpoint import config_changes
+    from .config import load_config
+    saved = Path(cfg.run.output_dir) / "config.toml"
+    if not saved.is_file():
+        return f"{saved} is missing"
+    changes = config_changes(load_config(saved).to_dict(), cfg.to_dict())
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes) or None
+
+
 def run_arm(cfg) -> float:
     from .trainer import Trainer
 
@@ -273,7 +285,12 @@ def run_study(args) -> int:
     if not args.report_only:
         for i, (a, cfg) in enumerate(cfgs.items()):
             if (Path(cfg.run.output_dir) / "final").exists():
-                print(f"[{i + 1}/{len(cfgs)}] {a}: already finished, skipped", file=sys.stderr)
+                differs = finished_arm_mismatch(cfg)
+                if differs:
+                    print(f"fastprerl study: arm {a} in {cfg.run.output_dir} was trained with other settings "
+                          f"({differs}); delete that folder or choose another --out", file=sys.stderr)
+                    return 2
+                print(f"[{i + 1}/{len(cfgs)}] {a}: already finished with these settings, skipped", file=sys.stderr)
                 continue
             print(f"[{i + 1}/{len(cfgs)}] {a}: training {args.steps} steps into {cfg.run.output_dir}",
                   file=sys.stderr)

@@ -23,7 +23,7 @@ def test_arm_schedules():
     assert [(p["name"], p["steps"]) for p in arm_phases("psr_prerl", 40, 10)] == [("psr_prerl", 40)]
 
 
-def test_study_runs_arms_and_writes_the_report(tmp_path, one_torch_thread):
+def test_study_runs_arms_and_writes_the_report(tmp_path, one_torch_thread, capsys):
     out, doc = tmp_path / "runs", tmp_path / "docs" / "RESULTS.md"
     rc = main(["study", "--config", str(ROOT / "configs" / "tiny.toml"), "--arms", "grpo,dsrl", "--steps", "3",
                "--warmup", "1", "--eval-every", "2", "--align-n", "1", "--out", str(out), "--doc", str(doc),
@@ -45,10 +45,18 @@ def test_study_runs_arms_and_writes_the_report(tmp_path, one_torch_thread):
         assert needle in text
     assert (doc.parent / "study" / "compare.png").stat().st_size > 10_000
     # a second call skips the finished arms and only rebuilds the report
-    assert main(["study", "--config", str(ROOT / "configs" / "tiny.toml"), "--arms", "grpo,dsrl", "--steps", "3",
-                 "--warmup", "1", "--eval-every", "2", "--align-n", "1", "--out", str(out), "--doc", str(doc),
-                 "eval.n_problems=2", "eval.k=2", "logging.console=false",
-                 "reward.fn=fake_rewards:parity_reward"]) == 0
+    args = ["study", "--config", str(ROOT / "configs" / "tiny.toml"), "--arms", "grpo,dsrl", "--steps", "3",
+            "--warmup", "1", "--eval-every", "2", "--align-n", "1", "--out", str(out), "--doc", str(doc),
+            "eval.n_problems=2", "eval.k=2", "logging.console=false", "reward.fn=fake_rewards:parity_reward"]
+    before = (out / "grpo" / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("already finished with these settings, skipped") == 2
+    # a finished arm of another budget is not passed off as this one
+    assert main([("4" if a == "3" else a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "arm grpo" in err and "trained with other settings" in err and "schedule" in err
+    assert (out / "grpo" / "metrics.jsonl").read_bytes() == before
 
 
 def test_study_rejects_a_bad_arm_and_warmup(capsys):
