@@ -1,6 +1,6 @@
 """GPU check of the fused log-prob op: correctness at real shapes, then the benchmark.
 
-    bash bench/gpu_check.sh                  (from the repo root; what a GPU machine runs)
+    bash bench/gpu_check.sh                  (from the repo root, on a CUDA machine)
     PYTHONPATH=. python bench/gpu_check.py [--out DIR] [--budget-s 450]
     PYTHONPATH=. python bench/gpu_check.py --cpu-smoke    (tiny shapes, Triton interpreter: checks
                                                            that the script itself runs)
@@ -22,7 +22,7 @@ Sections
      CCE. Median of 5 after warm-up; peak = torch.cuda.max_memory_allocated - baseline after the
      inputs; achieved = 6 N H V / time / bf16 matmul rate; extra memory / naive bf16 logits size.
      Also: triton vs torch-path agreement at this shape (N*V > 2^31: int64 offsets).
-Outputs: printed, and gpu_check.jsonl + gpu_check.md under --out (default $OUT, else bench/results).
+Outputs: printed, and gpu_check.jsonl + gpu_check.md under --out (default bench/results).
 """
 from __future__ import annotations
 
@@ -366,7 +366,7 @@ def benchmark(K, dev, N, H, V, dtype_name, rates, reps):
 def main(argv=None):
     global BUDGET_S
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(BENCH / "results"))
+    ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--budget-s", type=float, default=BUDGET_S)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, Triton interpreter")
     args = ap.parse_args(argv)

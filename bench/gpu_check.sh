@@ -2,10 +2,10 @@
 # GPU check of the fused log-prob op (correctness at real shapes + benchmark); see bench/gpu_check.py.
 # Run from anywhere: bash bench/gpu_check.sh [extra gpu_check.py args]
 # Needs torch + triton only (the checkout is used through PYTHONPATH, nothing is installed).
-# Outputs go to $OUT if set, else bench/results/. Finishes in under 8 minutes (hard limit 470 s).
+# Outputs go to $FASTPRERL_BENCH_OUT if set, else bench/results/. Finishes in under 8 minutes (hard limit 470 s).
 set -u
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-bench/results}"
+OUT_DIR="${FASTPRERL_BENCH_OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # read-only snapshot of the device state (no settings are changed)

@@ -6,7 +6,7 @@
 What runs: fastprerl's Trainer (its real train_step: rollout, reward, pack, fused loss, optimizer step) with
 the settings of configs/dsrl_1gpu_24gb.toml, on a model of Qwen2.5-1.5B-Instruct's shape (config written
 below; random bf16 weights, nothing downloaded) with a character-level tokenizer built here, except:
-  - rollout.backend = "hf" (the GPU machines have no vLLM), so the rollout peak is HF generate's;
+  - rollout.backend = "hf" (so that the script needs no vLLM), so the rollout peak is HF generate's;
   - data = builtin:addition in completion format and a stand-in reward (parity of the response's characters):
     a random model solves nothing, and the loss needs mixed groups; responses run to max_new_tokens (no EOS);
   - fewer prompts per step and shorter responses (flags below) to stay within ~5 minutes.
@@ -19,7 +19,7 @@ recorded as the variant's result. Per step: peak torch.cuda.max_memory_allocated
 during the rest of the step (reward, packed forward/backward, optimizer step), peak reserved, and the
 Trainer's own step / rollout / train times. Needs torch, transformers (and triton for logprob_impl
 "triton") and this checkout on PYTHONPATH; installs nothing, no network.
-Outputs: printed, and gpu_memory_24gb.jsonl (appended) + gpu_memory_24gb.md under --out (default $OUT,
+Outputs: printed, and gpu_memory_24gb.jsonl (appended) + gpu_memory_24gb.md under --out (default
 else bench/results/; the CPU smoke run writes gpu_memory_24gb_cpu_tiny.*).
 """
 from __future__ import annotations
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny model shape (smoke run of the script)")
-    ap.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results)")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results)")
     ap.add_argument("--cap-gb", type=float, default=24.0)
     ap.add_argument("--variants", default="offload,resident")
     ap.add_argument("--nsr-steps", type=int, default=2)
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
         args.prompts, args.samples = min(args.prompts, 2), min(args.samples, 4)
         args.max_new_tokens, args.microbatch_tokens = min(args.max_new_tokens, 8), min(args.microbatch_tokens, 64)
         args.nsr_steps, args.grpo_steps = min(args.nsr_steps, 1), min(args.grpo_steps, 1)
-    out = Path(args.out or os.environ.get("OUT") or BENCH / "results")
+    out = Path(args.out or BENCH / "results")
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_memory_24gb"
     if args.device != "cuda" or args.tiny:
