@@ -45,13 +45,17 @@ REF_MODEL = "ref_model.safetensors"
 REQUIRED = ("config.json", "optimizer.pt", "scheduler.pt", "rng.pt", STATE, CONFIG_JSON)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
-# Keys that may change when a run is resumed: where and how fast it runs, what it logs. Everything else
-# (model, data, rollout sampling, rewards, objectives, schedule, optimizer hyperparameters, seed) defines
-# the run and must match the checkpoint. A trailing "." is a whole section.
+# Keys that may change when a run is resumed: where and how fast it runs, what it logs and evaluates.
+# Everything else (model, data, rollout sampling, rewards, objectives, schedule, optimizer hyperparameters,
+# seed) defines the run and must match the checkpoint. rollout.vllm_max_model_len is not listed: the engine
+# stops a response at that many prompt + response tokens, so it can change what is sampled. A trailing "."
+# is a whole section.
 RESUME_MAY_CHANGE = (
     "run.output_dir", "run.resume", "run.device", "run.threads", "run.checkpoint_every", "run.keep_checkpoints",
-    "logging.", "reward.workers", "rollout.generation_batch_size", "optim.max_tokens_per_microbatch",
-    "model.logprob_impl", "model.attn_implementation", "model.gradient_checkpointing",
+    "logging.", "eval.", "reward.workers", "rollout.generation_batch_size", "rollout.vllm_gpu_memory_utilization",
+    "rollout.vllm_enforce_eager", "rollout.vllm_sleep", "optim.max_tokens_per_microbatch",
+    "optim.offload_optimizer_state", "model.logprob_impl", "model.attn_implementation",
+    "model.gradient_checkpointing",
 )
 
 
@@ -254,7 +258,8 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) 
     path = Path(path)
     dev = next(model.parameters()).device
     _load_hf_weights(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
+    # read to host memory: load_state_dict moves each state to its parameter's device (CPU when offloaded)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if ref_model is not None:
         if not (path / REF_MODEL).is_file():

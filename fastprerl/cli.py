@@ -4,9 +4,10 @@ fastprerl/evaluate.py), `fastprerl align MODEL_OR_RUN --data SOURCE --n 50` (gra
 log P(y|x); see fastprerl/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL -> docs/RESULTS.md;
 see fastprerl/study.py). No training logic here.
 
-Exit codes: 0 done (also after a SIGINT/SIGTERM stop, which leaves a checkpoint to resume from), 2 bad config or
-a run that cannot start/resume as asked, 3 a non-finite reward/loss/gradient stopped the run, 130 interrupted
-before training started."""
+Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an
+error during training; 2 bad config or a run that cannot start/resume as asked; 3 a non-finite
+reward/loss/gradient stopped the run; 4 a second SIGINT/SIGTERM abandoned the step in progress (no checkpoint
+of it); 130 interrupted before training started."""
 from __future__ import annotations
 
 import argparse
@@ -144,20 +145,24 @@ def _train(args) -> int:
     from .trainer import NonFiniteError, Trainer
     try:
         trainer = Trainer(cfg)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         print(f"fastprerl: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastprerl: interrupted before training started", file=sys.stderr)
         return 130
     try:
-        status = trainer.train()
+        status = trainer.train()   # closes the metrics sinks however it ends
     except NonFiniteError as e:
         print(f"fastprerl: stopped: {e}", file=sys.stderr)
         return 3
+    except Exception as e:
+        print(f"fastprerl: error at step {trainer.step}: {type(e).__name__}: {e} (newest checkpoint: "
+              f"{trainer.last_checkpoint or 'none'})", file=sys.stderr)
+        return 1
     if status == "complete":
         print(f"fastprerl: done; metrics in {cfg.run.output_dir}/metrics.jsonl", file=sys.stderr)
-    return 0
+    return 4 if status == "abandoned" else 0
 
 
 if __name__ == "__main__":

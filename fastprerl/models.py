@@ -59,7 +59,6 @@ def _smollm2_cached() -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
     if out.exists():  # another process won the race
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,9 +67,16 @@ def _smollm2_cached() -> Path:
     return out
 
 
+def _check_builtin(spec: str) -> None:
+    if spec.startswith("builtin:") and spec not in BUILTINS:
+        raise ValueError(f"model.path: unknown builtin {spec!r}; choose one of {', '.join(BUILTINS)}")
+
+
 def load_tokenizer(spec: str):
+    """The tokenizer of a model spec; every builtin uses SmolLM2's."""
     from transformers import AutoTokenizer
 
+    _check_builtin(spec)
     path = _smollm2_cached() if spec.startswith("builtin:") else spec
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
@@ -94,6 +100,7 @@ def load_model(spec: str, *, dtype: str = "float32", attn_implementation: str = 
     """Returns a Hugging Face causal LM in train mode on CPU (move it yourself)."""
     from transformers import AutoModelForCausalLM
 
+    _check_builtin(spec)
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
@@ -107,8 +114,6 @@ def load_model(spec: str, *, dtype: str = "float32", attn_implementation: str = 
     elif spec == "builtin:smollm2-135m":
         model = AutoModelForCausalLM.from_pretrained(_smollm2_cached(), dtype=torch_dtype,
                                                      attn_implementation=attn_implementation)
-    elif spec.startswith("builtin:"):
-        raise ValueError(f"model.path: unknown builtin {spec!r}; choose one of {BUILTINS}")
     else:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype,
                                                      attn_implementation=attn_implementation)

@@ -8,12 +8,14 @@ loss or gradient norm stops the run (NonFiniteError) before the optimizer step, 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -27,7 +29,7 @@ from . import checkpoint as ckpt
 from . import objectives as obj
 from .config import Config, to_toml
 from .data import PromptStream, format_prompt, load_problems
-from .kernels import token_logprobs_no_grad, token_loss
+from .kernels import resolve_impl, token_logprobs_no_grad, token_loss
 from .metrics import MetricsLogger, behaviour_counts
 from .models import empty_context_token, lm_head_weight, load_model, load_tokenizer
 from .optim import CPUOffloadAdamW
@@ -38,6 +40,12 @@ from .schedule import Schedule
 
 log = logging.getLogger("fastprerl")
 
+# What a run writes into run.output_dir besides checkpoints/. A run that starts at step 0 first moves an
+# earlier run's copies to previous/<UTC time>/, so that nothing of it is overwritten or deleted (a config.toml
+# alone is left to be overwritten: it is all that a run which failed to start writes).
+RUN_OUTPUTS = ("config.toml", "metrics.jsonl", "samples.jsonl", "eval.jsonl", "tensorboard", "wandb_id.txt",
+               "final")
+
 
 def _device(name: str) -> torch.device:
     if name == "auto":
@@ -45,6 +53,46 @@ def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device = 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def _check_logprob_impl(impl: str, device: torch.device) -> None:
+    try:
+        resolve_impl(impl, device)
+    except RuntimeError:
+        raise RuntimeError(f"model.logprob_impl = {impl!r} needs a CUDA device and the triton package (or "
+                           f"TRITON_INTERPRET=1, for tests); this run is on {device.type}. Choose 'auto' (Triton "
+                           f"on CUDA, torch elsewhere), 'torch' or 'naive'") from None
+
+
+@contextlib.contextmanager
+def _naming(key: str, value: str):
+    """An OSError (a missing folder or file, no network) is re-raised naming the config key that gave the path."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(f"{key} = {value!r}: {e}") from e
+
+
+def _set_aside_earlier_outputs(out: Path) -> Optional[Path]:
+    """Moves the RUN_OUTPUTS found in `out` to a new folder out/previous/<UTC time>/ and returns it; None when
+    `out` holds no earlier results."""
+    found = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if all(p.name == "config.toml" for p in found):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = out / "previous" / stamp, 0
+    while True:
+        try:
+            dest.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+            dest = dest.with_name(f"{stamp}-{n}")
+    for p in found:
+        os.replace(p, dest / p.name)
+    log.warning("run.output_dir %s held the outputs of an earlier run (%s); moved them to %s", out,
+                ", ".join(p.name for p in found), dest)
+    return dest
 
 
 def _score(reward_fn, texts: List[str], samples: List[Dict]):
@@ -165,18 +213,22 @@ class Trainer:
         if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
             raise RuntimeError("logging.wandb = true but the `wandb` package is not installed: pip install wandb "
                                "(or set logging.wandb = false)")
+        self.device = _device(cfg.run.device)
+        _check_logprob_impl(cfg.model.logprob_impl, self.device)
+        if resume_from is None:
+            _set_aside_earlier_outputs(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(to_toml(cfg))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
-        self.device = _device(cfg.run.device)
 
-        self.tok = load_tokenizer(cfg.model.path)
-        self.model = load_model(cfg.model.path, dtype=cfg.model.dtype,
-                                attn_implementation=cfg.model.attn_implementation, seed=cfg.run.seed,
-                                gradient_checkpointing=cfg.model.gradient_checkpointing).to(self.device)
+        with _naming("model.path", cfg.model.path):
+            self.tok = load_tokenizer(cfg.model.path)
+            self.model = load_model(cfg.model.path, dtype=cfg.model.dtype,
+                                    attn_implementation=cfg.model.attn_implementation, seed=cfg.run.seed,
+                                    gradient_checkpointing=cfg.model.gradient_checkpointing).to(self.device)
         self.empty_token = empty_context_token(self.tok, cfg.model.empty_token)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
@@ -184,7 +236,9 @@ class Trainer:
 
         self.schedule = Schedule(cfg.schedule)
         self.optimizer, self.scheduler = self._make_optimizer()
-        self.stream = PromptStream(load_problems(cfg.data, cfg.run.seed), cfg.run.seed, cfg.data.shuffle)
+        with _naming("data.source", cfg.data.source):
+            problems = load_problems(cfg.data, cfg.run.seed)
+        self.stream = PromptStream(problems, cfg.run.seed, cfg.data.shuffle)
         self.rollout = make_backend(cfg.rollout, self.model, self.tok, seed=cfg.run.seed)
         self.reward_fn = _make_reward_fn(cfg.reward)
         self.step = 0                       # completed steps = the index of the next step
@@ -508,12 +562,17 @@ class Trainer:
         return out
 
     def save_model(self, path: Path):
+        """Model and tokenizer in Hugging Face format at `path`, written to <path>.tmp and renamed into place;
+        an earlier folder at `path` is renamed to <path>.old first and deleted last, so an interruption leaves
+        a complete model in `path` or, between the two renames, in <path>.old."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write
         with ckpt.quiet_hf_progress():
             self.model.save_pretrained(tmp)
         self.tok.save_pretrained(tmp)
         if path.exists():
-            import shutil
-            shutil.rmtree(path)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)

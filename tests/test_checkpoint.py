@@ -21,6 +21,7 @@ from fastprerl import checkpoint as ckpt
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.models import tiny_config
+from fastprerl.optim import CPUOffloadAdamW
 from fastprerl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,10 +174,16 @@ def test_load_restores_weights_optimizer_scheduler_and_rng(tmp_path):
 def test_config_changes_allow_logging_and_refuse_model_or_schedule():
     base = load_config(TINY).to_dict()
     harmless = load_config(TINY, ["logging.tensorboard=true", "run.output_dir=elsewhere", "run.threads=3",
-                                  "run.checkpoint_every=5", "optim.max_tokens_per_microbatch=64"]).to_dict()
+                                  "run.checkpoint_every=5", "optim.max_tokens_per_microbatch=64",
+                                  "optim.offload_optimizer_state=true", "eval.every=5", "eval.k=2",
+                                  "rollout.vllm_gpu_memory_utilization=0.5", "rollout.vllm_enforce_eager=true",
+                                  "rollout.vllm_sleep=false"]).to_dict()
     assert ckpt.config_changes(base, harmless) == []
-    changed = load_config(TINY, ["model.path=builtin:tiny-qwen2", "optim.lr=0.5", "run.seed=1"]).to_dict()
-    assert [k for k, _, _ in ckpt.config_changes(base, changed)] == ["model.path", "optim.lr", "run.seed"]
+    # vllm_max_model_len can cut responses short, so it is part of what the run samples
+    changed = load_config(TINY, ["model.path=builtin:tiny-qwen2", "optim.lr=0.5", "run.seed=1",
+                                 "rollout.vllm_max_model_len=64"]).to_dict()
+    assert [k for k, _, _ in ckpt.config_changes(base, changed)] == ["model.path", "optim.lr",
+                                                                       "rollout.vllm_max_model_len", "run.seed"]
     schedule = json.loads(json.dumps(base))
     schedule["schedule"]["phases"][0]["steps"] = 7
     assert [k for k, _, _ in ckpt.config_changes(base, schedule)] == ["schedule.phases"]
@@ -277,6 +284,41 @@ def test_corrupted_newest_checkpoints_are_skipped_and_resume_is_exact(reference,
     assert all(ckpt.verify(p) is None for _, p in ckpt.list_checkpoints(root))
 
 
+def test_resume_with_offloaded_optimizer_state_and_evaluation_turned_on_is_exact(reference, tmp_path):
+    """Where the optimizer state lives and what is evaluated do not define the run: a resume that changes them
+    is accepted (the optimizer state saved by AdamW loads into the offloaded one) and trains exactly as the
+    uninterrupted run."""
+    cfg_path, ref = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    for name in ("final", "checkpoints/step_8", "checkpoints/step_7"):
+        shutil.rmtree(run / name)
+    t = run_in_process(cfg_path, run, "run.resume=true", "optim.offload_optimizer_state=true", "eval.every=100",
+                       "eval.n_problems=2", "eval.k=1", "eval.max_new_tokens=2")
+    assert t.status == "complete" and isinstance(t.optimizer, CPUOffloadAdamW)
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows if r["phase"] == "eval"] == [8]
+    assert [r for r in rows if r["phase"] != "eval"] == metric_rows(ref)
+    assert_same_weights(run / "final", ref / "final")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offloaded_optimizer_state_is_loaded_without_a_copy_on_the_gpu(tmp_path):
+    model, opt, sched = tiny_model_and_optimizer()
+    path = save(tmp_path, 1, model, opt, sched)
+    moments = sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items() if k != "step")
+    model = model.cuda()
+    off = CPUOffloadAdamW(model.parameters(), lr=1e-3)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ckpt.load_checkpoint(path, model=model, optimizer=off,
+                         scheduler=torch.optim.lr_scheduler.LambdaLR(off, lambda _: 1.0))
+    assert torch.cuda.max_memory_allocated() - before < moments / 2
+    assert {v.device.type for st in off.state.values() for v in st.values()} == {"cpu"}
+
+
 def test_resume_refuses_a_changed_config_and_a_fresh_start_refuses_old_checkpoints(reference, capsys):
     cfg_path, ref = reference
     before = sorted(p.name for p in (ref / "checkpoints").iterdir())
@@ -319,7 +361,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(refer
     assert_same_weights(run / "final", ref / "final")
 
 
-def test_second_sigint_abandons_the_step_at_once_and_exits_0(reference, tmp_path, monkeypatch, caplog):
+def test_second_sigint_abandons_the_step_at_once_and_exits_4(reference, tmp_path, monkeypatch, caplog):
     cfg_path, _ = reference
     run = tmp_path / "run"
     _signal_at_step(monkeypatch, 2, [signal.SIGINT, signal.SIGINT])
@@ -327,7 +369,7 @@ def test_second_sigint_abandons_the_step_at_once_and_exits_0(reference, tmp_path
     threads = torch.get_num_threads()
     try:
         with caplog.at_level("INFO", logger="fastprerl"):
-            assert main(["train", str(cfg_path), f"run.output_dir={run}", *FAST]) == 0
+            assert main(["train", str(cfg_path), f"run.output_dir={run}", *FAST]) == 4
     finally:
         torch.set_num_threads(threads)
     assert [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")] == [2, 1]

@@ -1,12 +1,18 @@
-"""Trainer: micro-batch invariance, phase switching, NSR row selection, the tiny end-to-end run."""
+"""Trainer: micro-batch invariance, phase switching, NSR row selection, the tiny end-to-end run, earlier
+outputs moved aside, the final model's replacement, start-up and in-training errors."""
 import json
+import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import fastprerl.models as models
 import fastprerl.trainer as trainer_mod
+from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.models import tiny_config
 from fastprerl.packing import pack
@@ -161,7 +167,8 @@ def test_truncated_importance_sampling_scales_the_cond_loss_by_the_capped_ratio(
 
 def test_periodic_eval_logs_fixed_problem_metrics_and_leaves_the_rng_alone(tmp_path):
     """eval.every = 3 over 4 steps evaluates before step 0, after step 3 and after the last step; an
-    evaluation leaves torch's RNG where it was (training samples the same with or without it)."""
+    evaluation leaves torch's RNG where it was, so training is the same with or without it (compared with a
+    run without evaluation: same training metrics, same final weights)."""
     cfg = tiny_cfg(tmp_path, "eval.every=3", "eval.n_problems=3", "eval.k=2", "eval.max_new_tokens=4",
                    'eval.data=["builtin:addition", "reasoning_gym:chain_sum"]')
     t = Trainer(cfg)
@@ -186,3 +193,134 @@ def test_periodic_eval_logs_fixed_problem_metrics_and_leaves_the_rng_alone(tmp_p
     again = t.evaluator.run(t.model, 4)
     assert torch.equal(torch.get_rng_state(), before)
     assert again["eval/builtin:addition/avg@k"] == eval_rows[-1]["eval/builtin:addition/avg@k"]  # fixed seed
+
+    plain = tiny_cfg(tmp_path / "no_eval")
+    Trainer(plain).train()
+    rows0 = [json.loads(x) for x in (tmp_path / "no_eval" / "run" / "metrics.jsonl").read_text().splitlines()]
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("perf/", "time"))}  # noqa: E731
+    assert [drop(r) for r in rows if r["phase"] != "eval"] == [drop(r) for r in rows0]
+    w_eval = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
+    w_plain = AutoModelForCausalLM.from_pretrained(tmp_path / "no_eval" / "run" / "final").state_dict()
+    assert all(torch.equal(w_eval[k], w_plain[k]) for k in w_plain)
+
+
+QUICK = ("rollout.prompts_per_step=2", "rollout.max_new_tokens=4", "logging.view_gap=false")
+
+
+def test_a_run_at_step_0_moves_an_earlier_runs_outputs_aside(tmp_path, caplog, monkeypatch):
+    """Neither a fresh run nor a resume before any checkpoint overwrites or deletes what an earlier run left in
+    run.output_dir: it is moved to previous/<UTC time>/ (a new folder each time) first."""
+    run = tmp_path / "run"
+    extra = (*QUICK, "eval.every=4", "eval.n_problems=2", "eval.k=1", "eval.max_new_tokens=2",
+             "logging.samples_every=1")
+    Trainer(tiny_cfg(tmp_path, *extra)).train()
+    names = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "config.toml", "final/model.safetensors")
+    first = {n: (run / n).read_bytes() for n in names}
+    shutil.rmtree(run / "checkpoints")   # with checkpoints, a fresh run would be refused
+    with caplog.at_level("WARNING", logger="fastprerl"):
+        second = Trainer(tiny_cfg(tmp_path, *extra, "run.resume=true", "optim.lr=2e-4"))
+    [previous] = (run / "previous").iterdir()
+    assert f"moved them to {previous}" in caplog.text
+    second.train()
+    for n, data in first.items():
+        assert (previous / n).read_bytes() == data, n
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 0, 1, 2, 3, 4]
+    assert (run / "config.toml").read_bytes() != first["config.toml"]
+    second_metrics = (run / "metrics.jsonl").read_bytes()
+    monkeypatch.setattr(trainer_mod.time, "strftime", lambda *a: previous.name)   # a second start in the same second
+    again = trainer_mod._set_aside_earlier_outputs(run)
+    monkeypatch.undo()
+    assert again == previous.with_name(previous.name + "-1")
+    assert (again / "metrics.jsonl").read_bytes() == second_metrics
+    assert (previous / "metrics.jsonl").read_bytes() == first["metrics.jsonl"]
+
+
+class _Tok:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def save_pretrained(self, folder):
+        (Path(folder) / "tok.txt").write_text(self.tag)
+
+
+def test_final_model_is_replaced_by_renames_and_a_stale_temporary_folder_is_cleared(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300))
+    final = tmp_path / "final"
+    (tmp_path / "final.tmp").mkdir()
+    (tmp_path / "final.tmp" / "junk").write_text("left by an interrupted write")
+    Trainer.save_model(SimpleNamespace(model=model, tok=_Tok("1")), final)
+    assert (final / "tok.txt").read_text() == "1" and not (final / "junk").exists()
+    real_replace = os.replace
+
+    def interrupted(src, dst):   # stops before the new folder is renamed into place
+        if Path(src).name == "final.tmp":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer.save_model(SimpleNamespace(model=model, tok=_Tok("2")), final)
+    monkeypatch.undo()
+    assert (tmp_path / "final.old" / "tok.txt").read_text() == "1"   # the earlier model survives
+    Trainer.save_model(SimpleNamespace(model=model, tok=_Tok("3")), final)
+    assert (final / "tok.txt").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert AutoModelForCausalLM.from_pretrained(final).config.hidden_size == 64
+
+
+def test_unknown_builtin_model_is_refused_before_any_conversion(monkeypatch):
+    monkeypatch.setattr(models, "_smollm2_cached", lambda: pytest.fail("converted SmolLM2 for an unknown builtin"))
+    for load in (models.load_tokenizer, models.load_model):
+        with pytest.raises(ValueError, match="model.path: unknown builtin 'builtin:tiny-lama'; choose one of "
+                                             "builtin:smollm2-135m, builtin:tiny-llama, builtin:tiny-qwen2"):
+            load("builtin:tiny-lama")
+
+
+def test_triton_logprobs_without_cuda_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(trainer_mod, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    overrides = [f"run.output_dir={tmp_path / 'run'}", "run.device=cpu", "model.logprob_impl=triton"]
+    with pytest.raises(RuntimeError, match=r"model.logprob_impl = 'triton' needs a CUDA device.* on cpu\. "
+                                           r"Choose 'auto' .*'torch' or 'naive'"):
+        Trainer(load_config(TINY, overrides))
+    assert main(["train", str(TINY), *overrides]) == 2
+    assert "model.logprob_impl = 'triton'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_names_the_key_of_a_missing_path_and_reports_a_training_error_without_a_traceback(
+        tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    base = ["train", str(TINY), f"run.output_dir={run}", "reward.fn=fake_rewards:parity_reward",
+            "logging.console=false", *QUICK]
+    missing = tmp_path / "no_such_model"
+    assert main(base + [f"model.path={missing}"]) == 2   # transformers raises OSError
+    assert f"fastprerl: model.path = {str(missing)!r}: " in capsys.readouterr().err
+
+    def offline(*a, **k):
+        raise ConnectionError("cannot reach the hub")
+
+    monkeypatch.setattr(trainer_mod, "load_problems", offline)
+    assert main(base + ["data.source=someone/some_dataset"]) == 2
+    assert "fastprerl: data.source = 'someone/some_dataset': cannot reach the hub" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    closed = []
+    real_close, real_step = trainer_mod.MetricsLogger.close, Trainer.train_step
+
+    def close(self):
+        closed.append(True)
+        real_close(self)
+
+    def train_step(self, phase):
+        if self.step == 1:
+            raise KeyError("boom")
+        return real_step(self, phase)
+
+    monkeypatch.setattr(trainer_mod.MetricsLogger, "close", close)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert main(base) == 1
+    assert "fastprerl: error at step 1: KeyError: 'boom' (newest checkpoint: none)" in capsys.readouterr().err
+    assert closed == [True]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0]
