@@ -355,6 +355,10 @@ def validate(cfg: Config) -> Config:
                           f"'module:function', got {cfg.reward.fn!r}")
     if cfg.reward.fn == "math" and not cfg.reward.extract:
         raise ConfigError("reward.extract: expected at least one extraction mode for reward.fn 'math'")
+    local = cfg.model.path.startswith(("/", ".", "~"))   # a hub id is "org/name"; builtins start "builtin:"
+    if local and not Path(cfg.model.path).expanduser().is_dir():
+        raise ConfigError(f"model.path: no folder at {cfg.model.path!r}; expected a local model folder, a hub id "
+                          f"('org/name') or builtin:<name>")
     try:
         check_source(cfg.data.source)
         check_template(cfg.data.template)

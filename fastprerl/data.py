@@ -24,8 +24,12 @@ _FILE_SUFFIX = re.compile(r"\.[A-Za-z]+")  # ".txt" is a file suffix; the ".5" o
 
 
 def check_source(source: str) -> None:
-    """Raise ValueError when `source` looks like a local file (an existing file, or a path with a file suffix)
-    of a kind `file_problems` cannot read; it would otherwise be taken for a hub dataset id."""
+    """Raise ValueError for an unknown builtin, and when `source` looks like a local file (an existing file, or
+    a path with a file suffix) of a kind `file_problems` cannot read; it would otherwise be taken for a hub
+    dataset id."""
+    if source.startswith("builtin:") and source != "builtin:addition":
+        raise ValueError(f"data.source: unknown builtin {source!r}; choose builtin:addition or "
+                         f"reasoning_gym:<task>")
     if source.startswith(("builtin:", "reasoning_gym:")):
         return
     path = Path(source)
@@ -87,10 +91,9 @@ def file_problems(source: str, split: str, prompt_field: str, answer_field: str)
 def load_problems(cfg, seed: int) -> List[Dict]:
     """cfg: DataConfig."""
     src = cfg.source
+    check_source(src)
     if src == "builtin:addition":
         return addition_problems(cfg.size, cfg.digits, seed)
-    if src.startswith("builtin:"):
-        raise ValueError(f"data.source: unknown builtin {src!r}; choose builtin:addition or reasoning_gym:<task>")
     if src.startswith("reasoning_gym:"):
         return reasoning_gym_problems(src.split(":", 1)[1], cfg.size, seed)
     return file_problems(src, cfg.split, cfg.prompt_field, cfg.answer_field)

@@ -295,7 +295,11 @@ def test_cli_names_the_key_of_a_missing_path_and_reports_a_training_error_withou
     base = ["train", str(TINY), f"run.output_dir={run}", "reward.fn=fake_rewards:parity_reward",
             "logging.console=false", *QUICK]
     missing = tmp_path / "no_such_model"
-    assert main(base + [f"model.path={missing}"]) == 2   # transformers raises OSError
+    assert main(base + [f"model.path={missing}"]) == 2   # refused when the config is read
+    assert f"model.path: no folder at {str(missing)!r}" in capsys.readouterr().err
+    (missing / "config.json").parent.mkdir()
+    (missing / "config.json").write_text("{}")            # a folder that is no model: transformers' OSError
+    assert main(base + [f"model.path={missing}"]) == 2
     assert f"fastprerl: model.path = {str(missing)!r}: " in capsys.readouterr().err
 
     def offline(*a, **k):
