@@ -148,8 +148,9 @@ CAVEATS = [
     "normaliser, so the update equals TRL's, which trains all 32 sequences; fastprerl's train time therefore "
     "depends on the rewards of each step.",
     "fastprerl also computes the behaviour log-probs during generation (output_logits) and the per-token "
-    "entropy in a second no-grad LM-head pass (logging.entropy = true, as configs/dsrl.toml); TRL computes "
-    "the entropy inside its fused LM-head pass.",
+    "entropy (logging.entropy = true, as configs/dsrl.toml): before 975aa7c in a second no-grad LM-head pass, "
+    "since then inside the loss's own vocabulary sweep (token_loss entropy_out); TRL computes the entropy "
+    "inside its fused LM-head pass.",
     "TRL on CPU scores every position of the padded prompt+completion batch in its chunked LM head "
     "(it compacts to the completion tokens only on Triton devices).",
 ]

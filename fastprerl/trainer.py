@@ -197,13 +197,13 @@ def backward_packed(model, batch, loss_rows, *, temperature: float, impl: str = 
         hid = bin_hidden(model, batch, b)
         h_sel = hid.index_select(0, (batch.rows[ridx] - batch.bins[b][0]).to(hid.device))
         tg = batch.targets[ridx].to(hid.device)
+        ent = torch.empty(ridx.numel(), device=hid.device) if with_entropy else None
         loss = token_loss(h_sel, W, tg, lambda lp, i: loss_rows(lp, ridx[i.cpu()]),
-                          temperature=temperature, impl=impl)
+                          temperature=temperature, impl=impl, entropy_out=ent)
         loss.backward()
         total += loss.item()
-        if with_entropy:
-            entropy[ridx] = token_logprobs_no_grad(h_sel, W, tg, temperature=temperature, with_entropy=True,
-                                                   impl=impl).entropy.float().cpu()
+        if with_entropy:   # from the loss's own vocabulary sweep: no second pass over the LM head
+            entropy[ridx] = ent.cpu()
     return total, entropy
 
 

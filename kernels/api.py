@@ -152,7 +152,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
                rows: Optional[torch.Tensor] = None, temperature: float = 1.0, impl: str = "auto",
-               chunk_rows: Optional[int] = None) -> torch.Tensor:
+               chunk_rows: Optional[int] = None, entropy_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Scalar sum over active rows of loss_fn(logp_chunk, row_index_chunk).
 
     loss_fn gets float32 log-probs of a chunk of active rows and the int64 indices (into the N rows) of
@@ -160,7 +160,9 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     The loss math stays in torch; the vocabulary sweep is fused. With impl="torch" the gradients
     w.r.t. hidden and weight are formed during the forward (per row block: a stats sweep, loss_fn,
     a gradient sweep), so autograd keeps no logits and backward only scales them. `chunk_rows`
-    caps the rows per block of the torch path (default 1024).
+    caps the rows per block of the torch path (default 1024). `entropy_out`, a float32 (N,) tensor on
+    hidden's device, receives the entropy of every active row (0 elsewhere), without gradient, from the same
+    vocabulary sweep (no second pass over the LM head).
     """
     _check_inputs(hidden, weight, targets, rows, temperature)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
@@ -168,14 +170,25 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     if rows is None:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
     rows = rows.to(device=hidden.device, dtype=torch.long)
+    want_ent = entropy_out is not None
+    if want_ent and (entropy_out.shape != (hidden.shape[0],) or entropy_out.device != hidden.device):
+        raise ValueError(f"entropy_out must be a ({hidden.shape[0]},) tensor on {hidden.device}, got "
+                         f"{tuple(entropy_out.shape)} on {entropy_out.device}")
     if impl == "torch":
         from .torch_logprob import fused_token_loss
-        return fused_token_loss(h, weight, t, rows, loss_fn, temperature, row_block=chunk_rows)
-    if impl == "naive":
-        logp = naive_token_logprobs(h, weight, t, temperature)[0]
+        loss, ent = fused_token_loss(h, weight, t, rows, loss_fn, temperature, row_block=chunk_rows,
+                                     with_entropy=want_ent)
     else:
-        from .triton_logprob import triton_token_logprobs
-        logp = triton_token_logprobs(h, weight, t, temperature, False, False)[0]
-    if logp.numel() == 0:
-        return (hidden.sum() * 0 + weight.sum() * 0).float()
-    return loss_fn(logp.float(), rows).sum()
+        if impl == "naive":
+            logp, ent, _ = naive_token_logprobs(h, weight, t, temperature, with_entropy=want_ent)
+        else:
+            from .triton_logprob import triton_token_logprobs
+            logp, ent, _ = triton_token_logprobs(h, weight, t, temperature, want_ent, False)
+        if logp.numel() == 0:
+            loss = (hidden.sum() * 0 + weight.sum() * 0).float()
+        else:
+            loss = loss_fn(logp.float(), rows).sum()
+    if want_ent:
+        with torch.no_grad():
+            entropy_out.zero_().index_copy_(0, rows, ent.detach().to(entropy_out.dtype))
+    return loss

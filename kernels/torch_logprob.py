@@ -250,7 +250,8 @@ def chunked_token_logprobs(h, weight, targets, temperature: float, with_entropy:
 
 
 class _FusedLoss(torch.autograd.Function):
-    """Forward: per row block a stats sweep, loss_fn, and a gradient sweep; backward scales the result."""
+    """Forward: per row block a stats sweep, loss_fn, and a gradient sweep; backward scales the result.
+    With p.with_entropy the stats sweep also yields each row's entropy (a second, non-differentiable output)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows, loss_fn, p: _Plan):
@@ -261,12 +262,15 @@ class _FusedLoss(torch.autograd.Function):
         dh = torch.empty(h.shape, dtype=dt, device=h.device) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=dt, device=h.device) if need_dw else None
         total = torch.zeros((), dtype=dt, device=h.device)
+        ent = torch.empty(n, dtype=dt, device=h.device) if p.with_entropy else None
         tiles = _weight_tiles(weight, p.vocab_tile)
-        buf, _ = _buffers(p, v, dt, h.device, False)
+        buf, buf2 = _buffers(p, v, dt, h.device, p.with_entropy)
         for s in range(0, n, p.row_block):
             e = min(s + p.row_block, n)
             hs = _scaled_rows(h, s, e, inv_t)
-            logp, lse, _ = _row_stats(hs, weight, tiles, targets[s:e], p, buf, None)
+            logp, lse, en = _row_stats(hs, weight, tiles, targets[s:e], p, buf, buf2)
+            if ent is not None:
+                ent[s:e] = en
             with torch.enable_grad():
                 lp = logp.detach().requires_grad_(True)
                 loss = loss_fn(lp, rows[s:e])
@@ -288,10 +292,13 @@ class _FusedLoss(torch.autograd.Function):
         # can then adopt them as .grad without a copy (one d_weight in the peak, not two).
         ctx.grads = (dh, dw)
         ctx.meta = (need_dh, need_dw, h.dtype, weight.dtype)
-        return total
+        if ent is None:
+            return total
+        ctx.mark_non_differentiable(ent)
+        return total, ent
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_grad_entropy):
         if ctx.grads is None:
             raise RuntimeError("token_loss(impl='torch') hands its precomputed gradients to autograd once; "
                                "call token_loss again instead of backpropagating twice through one result")
@@ -303,8 +310,10 @@ class _FusedLoss(torch.autograd.Function):
 
 
 def fused_token_loss(h, weight, targets, rows, loss_fn: Callable, temperature: float,
-                     row_block: Optional[int] = None) -> torch.Tensor:
+                     row_block: Optional[int] = None, with_entropy: bool = False):
+    """(loss, per-row entropy or None): the entropy comes from the same stats sweep, without gradient."""
     if h.shape[0] == 0:
-        return (h.sum() + weight.sum()).float() * 0
-    p = _plan(h.shape[0], weight.shape[0], temperature, False, row_block)
-    return _FusedLoss.apply(h, weight, targets, rows, loss_fn, p)
+        return (h.sum() + weight.sum()).float() * 0, (h.new_zeros(0, dtype=torch.float32) if with_entropy else None)
+    p = _plan(h.shape[0], weight.shape[0], temperature, with_entropy, row_block)
+    out = _FusedLoss.apply(h, weight, targets, rows, loss_fn, p)
+    return out if with_entropy else (out, None)

@@ -228,3 +228,28 @@ def test_token_loss_refuses_a_second_backward_through_one_result():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("rows_pattern", ["all", "random"])
+def test_token_loss_entropy_out_matches_the_oracle_and_leaves_the_loss_alone(impl, rows_pattern, tiling):
+    n, h, v = 37, 61, 1000
+    hid, w, t = make(n, h, v, torch.float32, seed=4)
+    rows = row_index(rows_pattern, n)
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(6))
+    loss_fn = lambda lp, idx: -adv[idx] * lp  # noqa: E731
+    ref = oracle_and_naive(hid, w, t, rows, 0.7, -adv.double(), torch.zeros(n, dtype=torch.float64))
+    ent = torch.full((n,), float("nan"))
+    h_, w_ = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = token_loss(h_, w_, t, loss_fn, rows=rows, temperature=0.7, impl=impl, chunk_rows=16, entropy_out=ent)
+    loss.backward()
+    o, nv = ref["oracle"][1], ref["naive"][1]          # entropy, 0 on inactive rows
+    assert not ent.requires_grad and torch.isfinite(ent).all()
+    assert max_err(ent, o) <= max_err(nv, o) + TOL[torch.float32]["entropy"] * max(1.0, o.abs().max().item())
+    if rows is not None:
+        assert torch.all(ent[torch.isin(torch.arange(n), rows, invert=True)] == 0)
+    for got, k in ((h_.grad, 2), (w_.grad, 3)):       # the loss's gradients are those without entropy_out
+        o, nv = ref["oracle"][k], ref["naive"][k]
+        assert max_err(got, o) <= max_err(nv, o) + TOL[torch.float32]["grad"] * max(1.0, o.abs().max().item())
+    with pytest.raises(ValueError, match=r"entropy_out must be a \(37,\) tensor"):
+        token_loss(hid, w, t, loss_fn, impl=impl, entropy_out=torch.empty(3))

@@ -15,7 +15,9 @@ import fastprerl.trainer as trainer_mod
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.models import tiny_config
-from fastprerl.packing import pack
+from fastprerl.kernels import naive_token_logprobs
+from fastprerl.models import lm_head_weight
+from fastprerl.packing import bin_hidden, pack
 from fastprerl.trainer import Trainer, backward_packed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +41,21 @@ def test_token_budget_does_not_change_the_loss_or_grads_fp64():
         def loss_rows(lp, ridx):  # token-mean over the whole step, whatever the bins are
             return -adv[b.row_sample[ridx]] * lp / n_tok
 
-        loss, _ = backward_packed(model, b, loss_rows, temperature=0.7, impl="torch")
+        loss, ent = backward_packed(model, b, loss_rows, temperature=0.7, impl="torch", with_entropy=True)
         grads = [p.grad.clone() for p in model.parameters()]
-        return loss, grads, len(b.bins)
+        return loss, grads, len(b.bins), ent, b
 
-    l1, g1, nb1 = run(10_000)
-    l2, g2, nb2 = run(12)
+    l1, g1, nb1, e1, b1 = run(10_000)
+    l2, g2, nb2, e2, _ = run(12)
     assert nb1 == 1 and nb2 >= 4
     assert abs(l1 - l2) < 1e-12
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+    # the entropy logged from the loss's sweep: the full-logits entropy of the same packed rows
+    with torch.no_grad():
+        hid = bin_hidden(model, b1, 0)[b1.rows]
+        want = naive_token_logprobs(hid, lm_head_weight(model), b1.targets, 0.7, with_entropy=True)[1]
+    assert torch.allclose(e1.double(), want, atol=1e-5) and torch.allclose(e2, e1, atol=1e-5)
 
 
 def tiny_cfg(tmp_path, *extra):

@@ -274,9 +274,11 @@ def test_public_token_loss():
     for impl, dt in (("triton", torch.float32), ("naive", torch.float64)):
         hh = h.to(dt).requires_grad_(True)
         ww = w.to(dt).requires_grad_(True)
+        ent = torch.empty(n, dtype=dt, device=DEVICE)
         loss = token_loss(hh, ww, t, lambda lp, idx: -lp * adv[idx].to(lp.dtype), rows=rows,
-                          temperature=0.7, impl=impl)
-        grads.append((loss.detach(), *torch.autograd.grad(loss, [hh, ww])))
+                          temperature=0.7, impl=impl, entropy_out=ent)
+        grads.append((loss.detach(), *torch.autograd.grad(loss, [hh, ww]), ent))
+    assert grads[0][-1][rows].min() > 0 and not grads[0][-1][[0, 3, 9]].any()
     for a, b in zip(*grads):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
 
