@@ -148,7 +148,7 @@ CAVEATS = [
     "normaliser, so the update equals TRL's, which trains all 32 sequences; fastprerl's train time therefore "
     "depends on the rewards of each step.",
     "fastprerl also computes the behaviour log-probs during generation (output_logits) and the per-token "
-    "entropy (logging.entropy = true, as configs/dsrl.toml): before 975aa7c in a second no-grad LM-head pass, "
+    "entropy (logging.entropy = true, as configs/dsrl.toml): before 26d0d3b in a second no-grad LM-head pass, "
     "since then inside the loss's own vocabulary sweep (token_loss entropy_out); TRL computes the entropy "
     "inside its fused LM-head pass.",
     "TRL on CPU scores every position of the padded prompt+completion batch in its chunked LM head "
