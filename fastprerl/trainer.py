@@ -67,13 +67,15 @@ def _check_logprob_impl(impl: str, device: torch.device) -> None:
 @contextlib.contextmanager
 def _naming(key: str, value: str):
     """An OSError (a missing folder or file, no network) or a ValueError (a folder that holds no model or
-    tokenizer) is re-raised, as the same kind, naming the config key that gave the path."""
+    tokenizer) is re-raised, as the same kind, naming the config key that gave the path; fastprerl's own
+    errors, which already start with the key, pass unchanged."""
     try:
         yield
-    except OSError as e:
-        raise OSError(f"{key} = {value!r}: {e}") from e
-    except ValueError as e:
-        raise ValueError(f"{key} = {value!r}: {e}") from e
+    except (OSError, ValueError) as e:
+        if str(e).startswith(key):
+            raise
+        kind = OSError if isinstance(e, OSError) else ValueError
+        raise kind(f"{key} = {value!r}: {e}") from e
 
 
 def _set_aside_earlier_outputs(out: Path) -> Optional[Path]:

@@ -130,9 +130,8 @@ def _grad_sweep(hs, weight, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan
     -g p = -sign(g) exp(z - lse + log|g|): the bias rides in the logits matmul (addmm), one exp
     pass forms the tile, and sign(g) is applied to hs (for dW) and to the finished dh rows."""
     r = hs.shape[0]
-    acc = dh_out
-    if acc is not None:
-        acc.zero_()
+    if dh_out is not None:
+        dh_out.zero_()
     if g_ent is None:
         bias = (g_logp.abs().log() - lse).unsqueeze(1)
         sign = torch.sign(g_logp).unsqueeze(1)
@@ -146,12 +145,12 @@ def _grad_sweep(hs, weight, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan
         for a, wt in wf_tiles():
             b = a + wt.shape[0]
             q = torch.addmm(bias, hs, wt.t(), out=buf[:r, : b - a]).exp_()   # |g| p >= 0
-            if acc is not None:
-                acc.addmm_(q, wt)
+            if dh_out is not None:
+                dh_out.addmm_(q, wt)
             if dw is not None:
                 dw[a:b].addmm_(q.t(), hs_dw, alpha=alpha)
-        if acc is not None:
-            acc.mul_(sign.neg())
+        if dh_out is not None:
+            dh_out.mul_(sign.neg())
     else:
         gl = g_logp.unsqueeze(1)
         for a, wt in wf_tiles():
@@ -161,11 +160,11 @@ def _grad_sweep(hs, weight, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan
             pr = torch.exp(zs, out=buf2[:r, : b - a])
             # z - E[z] = (z - lse) + entropy;  dz = -p * (g_logp + g_ent * (z - E[z]))
             dz = zs.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1)).add_(gl).mul_(pr).neg_()
-            if acc is not None:
-                acc.addmm_(dz, wt)
+            if dh_out is not None:
+                dh_out.addmm_(dz, wt)
             if dw is not None:
                 dw[a:b].addmm_(dz.t(), hs)
-    _add_target_terms(hs, weight, targets, g_logp, acc, dw)
+    _add_target_terms(hs, weight, targets, g_logp, dh_out, dw)
 
 
 def _weight_tiles(weight: torch.Tensor, vt: int):
