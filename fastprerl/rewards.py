@@ -82,11 +82,14 @@ class RewardResult:
     score: what the trainer optimises: `correct`, minus the format penalty when no answer was found.
     correct: the verifier's verdict (1.0 / 0.0; reasoning-gym tasks may give partial credit).
     has_answer: an answer could be extracted in the expected format (logged as `reward/format`).
+    timed_out: the verdict was decided by a timeout (score and correct are then 0.0; logged as
+        `reward/timeouts`), never by the verifier.
     """
 
     score: float
     correct: float
     has_answer: bool
+    timed_out: bool = False
 
 
 # --------------------------------------------------------------------------------------------------------
