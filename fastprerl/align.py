@@ -20,7 +20,6 @@ the rest.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import sys
@@ -66,7 +65,7 @@ def rollout_alignment(model, prompt: Sequence[int], response: Sequence[int], *, 
     """Both views of one rollout in one packed forward, then one autograd.grad per view."""
     from .kernels import token_logprobs
     from .models import lm_head_weight
-    from .packing import bin_hidden, pack
+    from .packing import bins, pack
 
     if not response:
         raise ValueError("rollout_alignment: empty response")
@@ -75,15 +74,12 @@ def rollout_alignment(model, prompt: Sequence[int], response: Sequence[int], *, 
     params = list(params)
     batch = pack([list(prompt)], [list(response)], cond=[True], free=[True], empty_token=empty_token,
                   max_tokens=len(prompt) + 2 * len(response) + 1)
-    assert len(batch.bins) == 1  # both sequences in one micro-batch: one forward
-    dev = next(model.parameters()).device
     with torch.enable_grad():
-        hid = bin_hidden(model, batch, 0)
-        h = hid.index_select(0, batch.rows.to(dev))
-        logp = token_logprobs(h, lm_head_weight(model), batch.targets.to(dev), temperature=temperature,
-                              impl=impl).logp
+        [(_, h, targets)] = list(bins(model, batch))   # both sequences in one bin: one forward
+        logp = token_logprobs(h, lm_head_weight(model), targets, temperature=temperature, impl=impl).logp
+        dev = logp.device
         # rows of one view are in response order (pack writes each sequence's rows in position order)
-        lp_cond = logp[batch.view_rows["cond"].to(dev)]
+        lp_cond = logp[batch.view_rows["cond"].to(dev)]   # ridx = 0..R-1: one bin holds every row
         lp_free = logp[batch.view_rows["free"].to(dev)]
         g_free = torch.autograd.grad(lp_free.sum(), params, retain_graph=True, allow_unused=True)
         g_cond = torch.autograd.grad(lp_cond.sum(), params, allow_unused=True)
@@ -142,7 +138,7 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
               params: Optional[str] = None, empty_token=None, impl: str = "auto", device: str = "auto",
               dtype: str = "float32", keep_tokens: bool = True, progress=None) -> Dict:
     """Samples n rollouts per dataset (ceil(n / G) prompts, G samples each), then aligns each. `settings`:
-    fastprerl.evaluate.EvalSettings (its k and n_problems are replaced by G and ceil(n / G))."""
+    fastprerl.eval_data.EvalSettings (its k and n_problems are replaced by G and ceil(n / G))."""
     from . import evaluate as ev
     from .models import empty_context_token
 
@@ -151,7 +147,7 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
     if samples_per_prompt < 1:
         raise ev.EvalError(f"--samples-per-prompt: expected >= 1, got {samples_per_prompt}")
     G = samples_per_prompt
-    settings = dataclasses.replace(settings, k=G, n_problems=-(-n // G)).check()
+    settings = settings.replace(k=G, n_problems=-(-n // G))
     specs = [ev.parse_data_spec(v) for v in data_values]
     if not specs:
         raise ev.EvalError("give at least one --data")
@@ -165,7 +161,7 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
         e_id = empty_context_token(tok, empty_token)
     except ValueError as e:
         raise ev.EvalError(f"--empty-token: {e}") from None
-    model = ev.load_model_on(resolved.spec, dtype=dtype, seed=settings.seed, device=device)
+    model = ev.load_model_on(resolved.spec, dtype=dtype, seed=settings.eval.seed, device=device)
     try:
         named = select_params(model, params)
     except ValueError as e:
@@ -181,7 +177,7 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
             if not y:
                 continue
             a = rollout_alignment(model, ds.prompt_ids[i // G], y, empty_token=e_id, params=ps,
-                                  temperature=settings.temperature, impl=impl)
+                                  temperature=settings.eval.temperature, impl=impl)
             rows.append(a)
             verdicts.append(s.verdicts[i])
             rec = {"dataset": ds.name, "problem": i // G, "sample": i % G, "tokens": len(y),
@@ -202,9 +198,9 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
     return {
         "model": model_value,
         "resolved_model": resolved.spec,
-        "settings": {"n": n, "samples_per_prompt": G, "temperature": settings.temperature, "top_p": settings.top_p,
-                     "max_new_tokens": settings.max_new_tokens, "format": datasets[0].data_cfg.format,
-                     "seed": settings.seed, "params": params, "n_param_tensors": len(named),
+        "settings": {"n": n, "samples_per_prompt": G, "temperature": settings.eval.temperature,
+                     "top_p": settings.rollout.top_p, "max_new_tokens": settings.eval.max_new_tokens,
+                     "format": datasets[0].data_cfg.format, "seed": settings.eval.seed, "params": params, "n_param_tensors": len(named),
                      "n_param_elements": sum(p.numel() for p in ps), "dtype": dtype,
                      "empty_token": e_id, "empty_token_text": tok.convert_ids_to_tokens(e_id), "impl": impl,
                      "first_tokens": FIRST_TOKENS},
@@ -215,6 +211,8 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
 
 
 def format_align_table(report: Dict) -> str:
+    from .metrics import text_table
+
     cols = ["dataset", "n", "inner mean", "min", "max", "frac<0", "cos mean", "|dlogp|", f"first{FIRST_TOKENS}",
             "rest"]
     f = lambda v, s=".4g": "-" if v is None else format(v, s)
@@ -226,10 +224,7 @@ def format_align_table(report: Dict) -> str:
         rows.append([name, str(r["n"]), f(r["inner_mean"]), f(r["inner_min"]), f(r["inner_max"]),
                      f(r["inner_frac_negative"], ".3f"), f(r["cosine_mean"], ".3f"), f(r["token_abs_diff_mean"], ".3f"),
                      f(r[f"token_abs_diff_first{FIRST_TOKENS}"], ".3f"), f(r["token_abs_diff_rest"], ".3f")])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                                   enumerate(zip(cells, widths)))
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return text_table(cols, rows)
 
 
 def run_align_cli(args) -> int:

@@ -307,3 +307,49 @@ def check_resume_config(path: Path, current: Dict) -> None:
                           f"model, data, rollout, reward, algorithm, optimizer and schedule settings; only "
                           f"{', '.join(s + '*' if s.endswith('.') else s for s in RESUME_MAY_CHANGE)} may "
                           f"change. Start a new run.output_dir to train with a different config.")
+
+
+# ---------------------------------------------------------------------------------------------- a run's start
+def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Optional[Path]:
+    """The checkpoint a run continues from (run.resume), checked against its config (a dict); None: step 0.
+    A fresh run (resume False) into a folder that holds checkpoints is refused; damaged checkpoints newer
+    than the one resumed are moved aside to <name>.corrupt."""
+    existing = list_checkpoints(root)
+    if not resume:
+        if existing:
+            raise ResumeError(
+                f"run.output_dir {str(output_dir)!r} already holds checkpoints (newest: {existing[0][1].name}); "
+                f"pass --resume (run.resume = true) to continue that run, or choose another run.output_dir")
+        return None
+    path, skipped = find_latest_valid(root)
+    if path is None:
+        if skipped:
+            raise ResumeError(f"no complete checkpoint in {root}: "
+                              + "; ".join(f"{p.name}: {why}" for p, why in skipped))
+        log.info("no checkpoint in %s yet; starting at step 0", root)
+        return None
+    check_resume_config(path, config)
+    for p, _ in skipped:  # set aside, so that they are neither verified again nor counted as the newest
+        aside = p.with_name(p.name + ".corrupt")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "_")
+        os.replace(p, aside)
+        log.warning("moved the damaged checkpoint %s to %s", p, aside)
+    return path
+
+
+def save_model(model, tokenizer, path: Path) -> None:
+    """Model and tokenizer in Hugging Face format at `path`, written to <path>.tmp and renamed into place;
+    an earlier folder at `path` is renamed to <path>.old first and deleted last, so an interruption leaves
+    a complete model in `path` or, between the two renames, in <path>.old."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write
+    with quiet_hf_progress():
+        model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -88,15 +88,22 @@ def file_problems(source: str, split: str, prompt_field: str, answer_field: str)
     return [{"prompt": str(r[prompt_field]), "answer": str(r[answer_field])} for r in ds]
 
 
+def problems_from_source(source: str, *, n: int, seed: int, digits: int = 2, split: str = "train",
+                         prompt_field: str = "problem", answer_field: str = "answer") -> List[Dict]:
+    """The problems of a source (module docstring): n generated ones for builtin / reasoning_gym sources, every
+    record of a file or hub dataset."""
+    check_source(source)
+    if source == "builtin:addition":
+        return addition_problems(n, digits, seed)
+    if source.startswith("reasoning_gym:"):
+        return reasoning_gym_problems(source.split(":", 1)[1], n, seed)
+    return file_problems(source, split, prompt_field, answer_field)
+
+
 def load_problems(cfg, seed: int) -> List[Dict]:
     """cfg: DataConfig."""
-    src = cfg.source
-    check_source(src)
-    if src == "builtin:addition":
-        return addition_problems(cfg.size, cfg.digits, seed)
-    if src.startswith("reasoning_gym:"):
-        return reasoning_gym_problems(src.split(":", 1)[1], cfg.size, seed)
-    return file_problems(src, cfg.split, cfg.prompt_field, cfg.answer_field)
+    return problems_from_source(cfg.source, n=cfg.size, seed=seed, digits=cfg.digits, split=cfg.split,
+                                prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
 
 
 def format_prompt(sample: Dict, cfg, tokenizer) -> List[int]:

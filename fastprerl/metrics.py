@@ -152,3 +152,72 @@ def read_metrics(path) -> List[Dict]:
             if i != len(lines) - 1:
                 raise
     return rows
+
+
+def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List[bool], texts: List[str], batch,
+                 loss: float, grad_norm: float, diag, entropy, behaviour, terms, tis_cap: float,
+                 view_gap: bool) -> Dict:
+    """The metrics row of one training step (without step, phase and perf/*). rewards (B,), resp_lens (B,);
+    scores: fastprerl.scoring.Scores; batch: the step's PackedBatch (R rows); diag: its LossDiagnostics;
+    entropy (R,) or None; behaviour (R,) the sampler's log-probs of the rows; terms: name -> SampleTerms."""
+    import torch
+
+    from .objectives import tis_weight
+
+    B = len(texts)
+    groups = rewards.view(-1, group_size)
+    gmin, gmax = groups.min(1).values, groups.max(1).values
+    m = {
+        "reward/mean": rewards.mean().item(),
+        "reward/accuracy": sum(scores.correct) / B,
+        "reward/format": sum(scores.has_answer) / B,
+        "reward/timeouts": scores.timeouts,
+        "rollout/response_len_mean": resp_lens.float().mean().item(),
+        "rollout/truncated_frac": sum(truncated) / B,
+        "groups/zero_adv_frac": (gmin == gmax).float().mean().item(),
+        "groups/all_solved": int(((gmin == gmax) & (gmax > 0)).sum()),
+        "groups/none_solved": int(((gmin == gmax) & (gmax <= 0)).sum()),
+        "loss/policy": loss,
+        "train/grad_norm": grad_norm,
+        "train/rows": batch.rows.numel(),
+        "train/packed_tokens": batch.num_tokens,
+        "train/microbatches": len(batch.bins),
+    }
+    for name, s in diag.term_sums.items():
+        m[f"loss/{name}"] = s.item()
+        m[f"samples/{name}"] = int(terms[name].mask.sum())
+        m[f"clip/{name}"] = diag.clip_fraction(name)
+    logp = diag.logp_by_row(batch.rows.numel())
+    for view in ("cond", "free"):
+        sel = batch.view_mask(view)
+        if sel.any():
+            m[f"logp/{view}_mean"] = logp[sel].mean().item()
+            if entropy is not None:
+                m[f"entropy/{view}"] = entropy[sel].mean().item()
+    if entropy is not None and batch.rows.numel():
+        m["train/entropy"] = entropy.mean().item()
+    cond_rows = torch.nonzero(batch.view_mask("cond")).view(-1)
+    if cond_rows.numel():
+        m["rollout/logprob_gap"] = (behaviour[cond_rows] - logp[cond_rows]).abs().mean().item()
+        if tis_cap > 0:
+            m["rollout/tis_weight_mean"] = tis_weight(logp[cond_rows], behaviour[cond_rows], tis_cap).mean().item()
+    if view_gap and batch.rows.numel():
+        rs, rp = batch.row_sample, batch.row_pos
+        c = {(s, p): v for s, p, v in zip(rs[cond_rows].tolist(), rp[cond_rows].tolist(), logp[cond_rows].tolist())}
+        free_rows = torch.nonzero(batch.view_mask("free")).view(-1)
+        d = [c[(s, p)] - v for s, p, v in zip(rs[free_rows].tolist(), rp[free_rows].tolist(),
+                                              logp[free_rows].tolist()) if (s, p) in c]
+        if d:
+            m["logp/cond_minus_free"] = sum(d) / len(d)
+    counts = [behaviour_counts(t) for t in texts]
+    for kind in ("transition", "reflection", "execution"):
+        m[f"behaviour/{kind}"] = sum(c[kind] for c in counts) / B
+    return m
+
+
+def text_table(header: List[str], rows: List[List[str]]) -> str:
+    """A console table: the first column left-aligned, the others right-aligned, a rule under the header."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

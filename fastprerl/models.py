@@ -148,6 +148,15 @@ def empty_context_token(tokenizer, setting="auto") -> int:
     raise ValueError("model.empty_token: the tokenizer has no BOS or turn-start token; set an id or token")
 
 
+def choose_device(name: str, key: str = "run.device") -> torch.device:
+    """auto (CUDA when available, else CPU) | cpu | cuda; `key` names the setting in the error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{key} = 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
 def decoder_of(model):
     """The transformer body (no LM head) of a causal LM."""
     if hasattr(model, "get_decoder"):

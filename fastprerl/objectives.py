@@ -14,11 +14,17 @@ Advantages (per sample, broadcast to its tokens)
 Sample masks (which samples an objective uses)
   grpo, prerl, w_reinforce: every sample          (zero-advantage samples contribute 0 to the loss but
                                                    their tokens still count in the normaliser)
-  nsr_*: negatives. rule "group_advantage" (default, reference code): A_pre_i < 0, i.e. a wrong answer
-         in a group with at least one right one; rule "reward_threshold": r_i < threshold, with A = -1.
-  psr_*: positives. "group_advantage": A_pre_i > 0; "reward_threshold": r_i >= threshold, with A = +1.
-  The post-train-space variants nsr_rl / psr_rl use the GRPO advantage restricted to the mask (or +-1
-  under "reward_threshold").
+  A sample is right when its verdict (the verifier's `correct`, before any format penalty) is
+  >= threshold (algo.reward_threshold), else wrong.
+  nsr_*: negatives. rule "group_advantage" (default, reference code): a wrong answer in a group with at
+         least one right one; rule "reward_threshold": r_i < threshold, with A = -1.
+  psr_*: positives. "group_advantage": a right answer in a group with at least one wrong one;
+         "reward_threshold": r_i >= threshold, with A = +1.
+  Under "group_advantage" nsr_prerl / psr_prerl use A_pre = r_i - mean_g r and nsr_rl / psr_rl the GRPO
+  advantage, restricted to the mask and clipped to <= 0 for negatives, >= 0 for positives (NSR never pushes
+  a sample up, PSR never down). With binary rewards this is exactly "A_pre_i < 0" (resp. > 0), the
+  reference code's rule; with a format penalty or partial credit, groups where nothing is right give no
+  negatives (a formatless wrong answer beside a formatted wrong one is not a negative sample).
 
 Per-token policy loss (PPO clip with dual-clip, identical for every objective; only the view differs)
   rho_t = exp(logp_t - old_t)
@@ -41,12 +47,18 @@ Normaliser (token-mean, once per optimizer step)
   N_o = number of kept tokens of objective o in the step (for grpo/prerl/w_reinforce: every response token
   of the step; for nsr_*/psr_*: only the masked samples' tokens). Empty N_o gives loss 0.
   Step loss = sum_o weight_o * loss_o  (+ kl_coef * token-mean k3 KL on the cond view when enabled,
-  k3 = exp(ref - logp) - (ref - logp) - 1, normalised by the cond view's token count).
+  k3 = exp(ref - logp) - (ref - logp) - 1, normalised by the step's response-token count).
+
+`StepLoss` is that loss for one step, built once from the phase's terms and the packed rows: per-row
+coefficients c_{o,r} = weight_o / N_o on the rows of o's view and mask (0 elsewhere), advantages, old and
+behaviour log-probs, TIS and KL. Called on the log-probs of any subset of rows (a micro-batch, a chunk of
+one) it returns their per-token losses and a `LossDiagnostics` (per-term sums, clipped-token counts), so
+the step loss is the same whatever the micro-batches are, and nothing outside the call is changed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,7 +99,9 @@ class SampleTerms:
 
 def sample_terms(name: str, rewards: torch.Tensor, group_size: int, *, adv_norm: str = "std",
                  negative_rule: str = "group_advantage", threshold: float = 0.5,
-                 w_lambda: float = 0.1) -> SampleTerms:
+                 w_lambda: float = 0.1, verdicts: Optional[torch.Tensor] = None) -> SampleTerms:
+    """rewards (B,): the scores optimised; verdicts (B,): the verifier's `correct` (default: the rewards),
+    which decide right and wrong for the NSR / PSR masks (module docstring)."""
     if name not in VIEW_OF:
         raise ValueError(f"unknown objective {name!r}; choose one of {sorted(VIEW_OF)}")
     view = VIEW_OF[name]
@@ -108,10 +122,24 @@ def sample_terms(name: str, rewards: torch.Tensor, group_size: int, *, adv_norm:
         return SampleTerms(torch.where(mask, adv, torch.zeros_like(adv)), mask, view)
     if negative_rule != "group_advantage":
         raise ValueError(f"negative_rule must be 'group_advantage' or 'reward_threshold', got {negative_rule!r}")
-    a_pre = mean_centred_advantages(rewards, group_size)
-    mask = a_pre < 0 if negative else a_pre > 0
-    adv = a_pre if name.endswith("prerl") else grpo_advantages(rewards, group_size, adv_norm)
+    right = _groups(rewards if verdicts is None else verdicts.float(), group_size) >= threshold   # (P, G)
+    if negative:   # a wrong answer in a group that has a right one
+        mask = (~right & right.any(dim=1, keepdim=True)).view(-1)
+    else:          # a right answer in a group that has a wrong one
+        mask = (right & (~right).any(dim=1, keepdim=True)).view(-1)
+    adv = mean_centred_advantages(rewards, group_size) if name.endswith("prerl") else \
+        grpo_advantages(rewards, group_size, adv_norm)
+    adv = adv.clamp(max=0.0) if negative else adv.clamp(min=0.0)
     return SampleTerms(torch.where(mask, adv, torch.zeros_like(adv)), mask, view)
+
+
+def phase_terms(objectives, rewards: torch.Tensor, group_size: int, algo,
+                verdicts: Optional[torch.Tensor] = None) -> Dict[str, SampleTerms]:
+    """The terms of a phase's objectives (PhaseConfig.objectives; algo: AlgoConfig), keyed by name."""
+    return {o.name: sample_terms(o.name, rewards, group_size, adv_norm=algo.adv_norm,
+                                 negative_rule=algo.negative_rule, threshold=algo.reward_threshold,
+                                 w_lambda=algo.w_reinforce_lambda, verdicts=verdicts)
+            for o in objectives}
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, *, eps_low: float = 0.2,
@@ -124,6 +152,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, *
     if dual_clip_c is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip_c), loss)
     return loss
+
+
+def clipped(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float,
+            eps_high: float) -> torch.Tensor:
+    """(T,) bool: tokens whose ratio is clipped (the clipped branch of policy_loss holds, no gradient)."""
+    ratio = torch.exp(logp.detach() - old_logp)
+    return ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
 
 
 def tis_weight(logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float) -> torch.Tensor:
@@ -139,15 +174,110 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def clip_fraction(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float,
-                  eps_high: float) -> float:
-    if logp.numel() == 0:
-        return 0.0
-    ratio = torch.exp(logp - old_logp)
-    clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-    return clipped.float().mean().item()
-
-
 def token_normalisers(terms: Dict[str, SampleTerms], resp_lens: torch.Tensor) -> Dict[str, int]:
     """N_o: kept tokens of objective o over the whole step (all micro-batches)."""
     return {name: int(resp_lens[t.mask].sum().item()) for name, t in terms.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the step loss
+@dataclass
+class LossDiagnostics:
+    """What a StepLoss call saw: the rows (indices into the packed rows), their detached log-probs, and per
+    objective the summed weighted loss, the tokens in the loss and how many of them were clipped."""
+    rows: torch.Tensor                     # (k,) int64
+    logp: torch.Tensor                     # (k,) float32, on the CPU
+    term_sums: Dict[str, torch.Tensor]     # name -> () float32
+    tokens: Dict[str, int]
+    clipped: Dict[str, int]
+
+    @staticmethod
+    def merge(parts: Sequence["LossDiagnostics"], names: Sequence[str]) -> "LossDiagnostics":
+        """The diagnostics of the whole step from those of its calls (per-term sums added in call order)."""
+        sums = {n: torch.zeros(()) for n in names}
+        tokens, clip = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+        for d in parts:
+            for n in names:
+                sums[n] += d.term_sums[n]
+                tokens[n] += d.tokens[n]
+                clip[n] += d.clipped[n]
+        cat = lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
+        return LossDiagnostics(cat([d.rows for d in parts], torch.long), cat([d.logp for d in parts], torch.float32),
+                               sums, tokens, clip)
+
+    def logp_by_row(self, num_rows: int) -> torch.Tensor:
+        """(R,) the log-prob of every packed row (0 for rows no call saw)."""
+        out = torch.zeros(num_rows)
+        out[self.rows] = self.logp
+        return out
+
+    def clip_fraction(self, name: str) -> float:
+        return self.clipped[name] / self.tokens[name] if self.tokens[name] else 0.0
+
+
+@dataclass(frozen=True)
+class RowTerm:
+    """One objective on the packed rows: coefficient weight_o / N_o on its rows (0 elsewhere), advantage."""
+    name: str
+    coef: torch.Tensor        # (R,) float32
+    advantage: torch.Tensor   # (R,) float32
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """The step loss over the R packed rows (module docstring), built once per step by `build`."""
+    terms: Tuple[RowTerm, ...]
+    cond: torch.Tensor                  # (R,) bool: the row scores log P(y_t | x, y_<t)
+    behaviour: torch.Tensor             # (R,) the sampler's log-prob of the row's token
+    old: Optional[torch.Tensor]         # (R,) old log-probs of cond rows (algo.old_logp = "rollout"), else None
+    ref: Optional[torch.Tensor]         # (R,) reference-model log-probs (KL on), else None
+    kl_coef: torch.Tensor               # (R,) kl_coef / (response tokens of the step) on cond rows, else 0
+    tis_cap: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip_c: Optional[float] = 10.0
+
+    @classmethod
+    def build(cls, terms: Dict[str, SampleTerms], weights: Dict[str, float], resp_lens: torch.Tensor, *,
+              row_sample: torch.Tensor, cond: torch.Tensor, behaviour: torch.Tensor, algo,
+              ref: Optional[torch.Tensor] = None) -> "StepLoss":
+        """terms / weights: per objective; resp_lens (B,); row_sample (R,) sample of each packed row; cond (R,);
+        behaviour (R,); algo: AlgoConfig (clip, dual-clip, old_logp, TIS, KL); ref (R,) or None (KL off)."""
+        norms = token_normalisers(terms, resp_lens)
+        rows = []
+        for name, t in terms.items():
+            on = cond if t.view == "cond" else ~cond
+            coef = torch.where(on & t.mask[row_sample], torch.tensor(weights[name] / max(norms[name], 1)),
+                               torch.tensor(0.0))
+            rows.append(RowTerm(name, coef, t.advantage[row_sample]))
+        kl = torch.where(cond, torch.tensor(algo.kl_coef / max(int(resp_lens.sum()), 1)), torch.tensor(0.0))
+        return cls(tuple(rows), cond, behaviour, behaviour if algo.old_logp == "rollout" else None, ref, kl,
+                   tis_cap=algo.tis_cap, eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high,
+                   dual_clip_c=algo.dual_clip_c)
+
+    @property
+    def names(self) -> List[str]:
+        return [t.name for t in self.terms]
+
+    def __call__(self, lp: torch.Tensor, ridx: torch.Tensor) -> Tuple[torch.Tensor, LossDiagnostics]:
+        """Per-token losses (k,) of the rows ridx (indices into the R packed rows) with log-probs lp (k,)."""
+        ridx = ridx.cpu()
+        at = lambda x: x[ridx].to(lp.device)  # noqa: E731
+        cond = at(self.cond)
+        old = lp.detach() if self.old is None else torch.where(cond, at(self.old), lp.detach())
+        total = torch.zeros_like(lp)
+        if self.tis_cap > 0:  # truncated importance weights of the cond rows
+            w = torch.where(cond, tis_weight(lp, at(self.behaviour), self.tis_cap), torch.ones_like(lp))
+        sums, tokens, clip = {}, {}, {}
+        for t in self.terms:
+            c = at(t.coef) if self.tis_cap <= 0 else at(t.coef) * w
+            adv = at(t.advantage)
+            term = c * policy_loss(lp, old, adv, eps_low=self.eps_low, eps_high=self.eps_high,
+                                   dual_clip_c=self.dual_clip_c)
+            sums[t.name] = term.detach().sum().cpu()
+            kept = at(t.coef) != 0
+            tokens[t.name] = int(kept.sum())
+            clip[t.name] = int((clipped(lp, old, adv, self.eps_low, self.eps_high) & kept).sum())
+            total = total + term
+        if self.ref is not None:
+            total = total + at(self.kl_coef) * k3_kl(lp, at(self.ref))
+        return total, LossDiagnostics(ridx, lp.detach().cpu(), sums, tokens, clip)

@@ -8,16 +8,36 @@ Only the samples selected for a view are packed at all.
 
 The stream is cut into bins of at most `max_tokens` tokens (a sequence never straddles two bins; one
 longer than the budget gets a bin of its own). A bin is one micro-batch: one model forward with
-causal attention inside each packed sequence (see `bin_hidden`).
+causal attention inside each packed sequence (see `bin_hidden`). `bins` is the one loop over them: the
+training pass, the reference model's pass and `fastprerl align` all take their hidden states from it.
+
+Row selection (`select_rows`): which samples each view packs, from the step's loss terms.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 
 VIEWS = ("cond", "free")  # log P(y|x) and log P(y)
+
+
+def select_rows(terms, num_samples: int, *, all_cond: bool = False, both_views: bool = False
+                ) -> Dict[str, torch.Tensor]:
+    """view -> (B,) bool: the samples packed in that view. terms: objective name -> SampleTerms (objectives.py);
+    a sample is packed in a term's view when the term uses it with a non-zero advantage (a zero-advantage
+    sample adds nothing to the loss). all_cond: every sample's cond view (the KL term scores all of them);
+    both_views: a sample packed in one view is packed in both (logging.view_gap)."""
+    need = {v: torch.zeros(num_samples, dtype=torch.bool) for v in VIEWS}
+    for t in terms.values():
+        need[t.view] |= t.mask & (t.advantage != 0)
+    if all_cond:
+        need["cond"] |= True
+    if both_views:
+        both = need["cond"] | need["free"]
+        need = {v: both.clone() for v in VIEWS}
+    return need
 
 
 @dataclass
@@ -37,6 +57,10 @@ class PackedBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+    def view_mask(self, view: str) -> torch.Tensor:
+        """(R,) bool: the rows of `view` ("cond" or "free")."""
+        return self.row_view == VIEWS.index(view)
 
     def bin_row_index(self, b: int) -> torch.Tensor:
         """Indices into R of the rows whose stream index lies in bin b."""
@@ -155,3 +179,23 @@ def packed_hidden(model, batch: PackedBatch, per_sequence_attention: bool = True
         return p.new_zeros(0, model.config.hidden_size)
     return torch.cat([bin_hidden(model, batch, b, per_sequence_attention) for b in range(len(batch.bins))],
                      dim=0)
+
+
+class BinRows(NamedTuple):
+    """The rows of one bin: ridx (r,) indices into the R packed rows, hidden (r, H) their final hidden states
+    (on the model's device), targets (r,) their tokens (same device)."""
+    ridx: torch.Tensor
+    hidden: torch.Tensor
+    targets: torch.Tensor
+
+
+def bins(model, batch: PackedBatch) -> Iterator[BinRows]:
+    """One forward of the model body per bin that holds response rows (`bin_hidden`), in stream order.
+    Gradients flow when the caller's grad mode allows them."""
+    for b in range(len(batch.bins)):
+        ridx = batch.bin_row_index(b)
+        if ridx.numel() == 0:
+            continue
+        hid = bin_hidden(model, batch, b)
+        h = hid.index_select(0, (batch.rows[ridx] - batch.bins[b][0]).to(hid.device))
+        yield BinRows(ridx, h, batch.targets[ridx].to(hid.device))

@@ -137,9 +137,9 @@ def arm_summary(run_dir: Path) -> Dict:
 
 def alignment(model_value: str, data: str, n: int, seed: int, max_new_tokens: int) -> Dict:
     from .align import run_align
-    from .evaluate import EvalSettings
+    from .eval_data import EvalSettings
 
-    settings = EvalSettings(max_new_tokens=max_new_tokens, seed=seed)
+    settings = EvalSettings.from_options(**{"eval.max_new_tokens": max_new_tokens, "eval.seed": seed})
     rep = run_align(model_value, [data], settings, n=n, keep_tokens=False)
     return rep["overall"]
 

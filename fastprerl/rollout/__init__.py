@@ -1,4 +1,4 @@
-"""Rollout backends share one interface: `generate(prompt_ids, n, seed) -> RolloutBatch`."""
-from .base import RolloutBatch, make_backend
+"""Rollout backends share one interface (`Rollout`): `generate(prompt_ids, n) -> RolloutBatch`."""
+from .base import Rollout, RolloutBatch, make_backend, newline_token_ids
 
-__all__ = ["RolloutBatch", "make_backend"]
+__all__ = ["Rollout", "RolloutBatch", "make_backend", "newline_token_ids"]

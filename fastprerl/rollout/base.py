@@ -1,7 +1,15 @@
+"""The rollout interface: `Rollout` (a typing Protocol) and the batch it returns.
+
+Every backend samples with `generate`. The optional parts are methods with no-op defaults, so the trainer
+calls them on any backend: `sync_weights(model)` (an engine holding its own copy of the weights is told after
+every optimizer step; returns the seconds it took), `sleep()` / `wake()` (free / retake an engine's memory
+between rollouts) and `close()`. The HF backend samples from the trainer's model itself and keeps every
+default; the vLLM backend overrides them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Protocol, Set
 
 
 @dataclass
@@ -13,9 +21,32 @@ class RolloutBatch:
     truncated: List[bool]           # B: hit max_new_tokens without EOS
 
 
-def make_backend(cfg, model, tokenizer, *, seed: int = 0):
-    """cfg: RolloutConfig. A backend with `sync_weights(model)` holds its own copy of the weights and is told
-    after every optimizer step (vllm); the HF backend samples from the trainer's model itself."""
+class Rollout(Protocol):
+    def generate(self, prompts: List[List[int]], n: int) -> RolloutBatch:
+        """n samples of every prompt (token ids), prompt-major."""
+        ...
+
+    def sync_weights(self, model) -> float:
+        """The trainer's weights changed; returns the seconds spent passing them on (0: nothing to do)."""
+        return 0.0
+
+    def sleep(self) -> None:
+        """Free what the backend holds between rollouts (nothing by default)."""
+
+    def wake(self) -> None:
+        """Take back what `sleep` freed (nothing by default)."""
+
+    def close(self) -> None:
+        """Release the backend (nothing by default)."""
+
+
+def newline_token_ids(tokenizer) -> Set[int]:
+    """Every token whose text contains a newline (the stop set of rollout.stop_at_newline)."""
+    return {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}
+
+
+def make_backend(cfg, model, tokenizer, *, seed: int = 0) -> Rollout:
+    """cfg: RolloutConfig."""
     if cfg.backend == "hf":
         from .hf import HFRollout
         return HFRollout(cfg, model, tokenizer)

@@ -7,7 +7,7 @@ from typing import List
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .base import RolloutBatch
+from .base import Rollout, RolloutBatch, newline_token_ids
 
 
 class _BehaviourLogprobs(LogitsProcessor):
@@ -49,7 +49,9 @@ class _StopOnTokens(StoppingCriteria):
         return torch.isin(input_ids[:, -1], self.ids)
 
 
-class HFRollout:
+class HFRollout(Rollout):
+    """Samples from the trainer's model itself: the interface's no-op weight sync and sleep apply."""
+
     def __init__(self, cfg, model, tokenizer):
         self.cfg, self.model, self.tok = cfg, model, tokenizer
         self.eos = tokenizer.eos_token_id
@@ -59,8 +61,7 @@ class HFRollout:
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         if cfg.stop_at_newline:
-            self.newline_ids = {i for t, i in tokenizer.get_vocab().items()
-                                if "\n" in tokenizer.convert_tokens_to_string([t])}
+            self.newline_ids = newline_token_ids(tokenizer)
 
     def _shared_prefix_cache(self, ids, att, n):
         """KV cache of every prompt but its last token, computed once per prompt and repeated n times,

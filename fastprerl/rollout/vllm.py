@@ -32,16 +32,11 @@ from typing import List, Optional
 
 import torch
 
-from .base import RolloutBatch
+from .base import Rollout, RolloutBatch, newline_token_ids
 
 log = logging.getLogger("fastprerl")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def newline_token_ids(tokenizer) -> set:
-    """Every token whose text contains a newline (the HF backend's stop set for rollout.stop_at_newline)."""
-    return {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}
 
 
 def _load_into_worker(worker, weights):
@@ -69,7 +64,7 @@ def logprobs_mode_for(temperature: float, top_p: float) -> str:
     return "processed_logprobs"
 
 
-class VLLMRollout:
+class VLLMRollout(Rollout):
     def __init__(self, cfg, model, tokenizer, *, seed: int = 0):
         """cfg: RolloutConfig; model: the trainer's model (its config, dtype and weights are used)."""
         try:
@@ -158,13 +153,16 @@ class VLLMRollout:
         self.last_sync_s = 0.0
 
     # ------------------------------------------------------------------ weights and memory
-    def sync_weights(self, model=None):
-        """The trainer's weights changed: push them now, or (engine asleep) at the next generate."""
+    def sync_weights(self, model=None) -> float:
+        """The trainer's weights changed: push them now, or (engine asleep) at the next generate. Returns the
+        seconds the push took (0 when it is left to the next generate)."""
         if model is not None:
             self.model = model
         self.stale = True
-        if not self.asleep:
-            self._push()
+        if self.asleep:
+            return 0.0
+        self._push()
+        return self.last_sync_s
 
     def _push(self):
         t0 = time.perf_counter()
@@ -175,7 +173,8 @@ class VLLMRollout:
         self.stale = False
         self.last_sync_s = time.perf_counter() - t0
 
-    def _wake(self):
+    def wake(self):
+        """Wake the engine (weights, the trainer's current weights pushed, then the KV cache)."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
             self._push()              # level-2 sleep dropped the weights
@@ -184,7 +183,8 @@ class VLLMRollout:
         elif self.stale:
             self._push()
 
-    def _sleep(self):
+    def sleep(self):
+        """Level-2 sleep (KV cache and weights freed) where the platform has sleep mode."""
         if self.sleep_enabled:
             self.llm.sleep(level=2)
             self.asleep, self.stale = True, True
@@ -215,12 +215,12 @@ class VLLMRollout:
 
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], n: int) -> RolloutBatch:
-        self._wake()
+        self.wake()
         try:
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], self.sampling_params(n),
                                      use_tqdm=False)
         finally:
-            self._sleep()
+            self.sleep()
         flat, resp, logps, trunc = [], [], [], []
         stops = set(self.stop_ids)
         for p, out in zip(prompts, outs):
@@ -244,11 +244,11 @@ class VLLMRollout:
 
     def greedy(self, prompts: List[List[int]], max_new_tokens: Optional[int] = None) -> List[List[int]]:
         """Greedy continuations (no stop tokens) with the engine's current weights (a check of weight sync)."""
-        self._wake()
+        self.wake()
         try:
             sp = self.sampling_params(1, temperature=0.0, top_p=1.0, stop_token_ids=[], logprobs=None,
                                       max_tokens=max_new_tokens or self.cfg.max_new_tokens, ignore_eos=True)
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp, use_tqdm=False)
         finally:
-            self._sleep()
+            self.sleep()
         return [list(o.outputs[0].token_ids) for o in outs]

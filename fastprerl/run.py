@@ -1,0 +1,125 @@
+"""The run folder and the run's life around the training loop: where outputs go, stop signals, start-up errors
+that name their config key, and the report of a step that went non-finite.
+
+A run that starts at step 0 first moves an earlier run's outputs (RUN_OUTPUTS) from run.output_dir to
+previous/<UTC time>/, so that nothing of it is overwritten or deleted (a config.toml alone is left to be
+overwritten: it is all that a run which failed to start writes). SIGINT/SIGTERM finish the current step and
+write a checkpoint; a second one abandons the step at once (StepAbandoned).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+log = logging.getLogger("fastprerl")
+
+RUN_OUTPUTS = ("config.toml", "metrics.jsonl", "samples.jsonl", "eval.jsonl", "tensorboard", "wandb_id.txt",
+               "final")
+
+
+class NonFiniteError(FloatingPointError):
+    """A reward, the loss or the gradient norm of a step is NaN/inf; the step was not applied."""
+
+
+class StepAbandoned(BaseException):
+    """Raised by the second SIGINT/SIGTERM (a BaseException, so that no `except Exception` swallows it)."""
+
+
+def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
+    """Moves the RUN_OUTPUTS found in `out` to a new folder out/previous/<UTC time>/ and returns it; None when
+    `out` holds no earlier results."""
+    found = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if all(p.name == "config.toml" for p in found):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = out / "previous" / stamp, 0
+    while True:
+        try:
+            dest.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+            dest = dest.with_name(f"{stamp}-{n}")
+    for p in found:
+        os.replace(p, dest / p.name)
+    log.warning("run.output_dir %s held the outputs of an earlier run (%s); moved them to %s", out,
+                ", ".join(p.name for p in found), dest)
+    return dest
+
+
+@contextlib.contextmanager
+def naming(key: str, value: str):
+    """An OSError (a missing folder or file, no network) or a ValueError (a folder that holds no model or
+    tokenizer) is re-raised, as the same kind, naming the config key that gave the path; fastprerl's own
+    errors, which already start with the key, pass unchanged."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if str(e).startswith(key):
+            raise
+        kind = OSError if isinstance(e, OSError) else ValueError
+        raise kind(f"{key} = {value!r}: {e}") from e
+
+
+class StopSignals:
+    """First SIGINT/SIGTERM: `requested` is set and the loop stops after the current step and a checkpoint.
+    Second one: StepAbandoned is raised wherever the loop is; the newest checkpoint stays as it was."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            print(f"fastprerl: {name}: finishing this step, then writing a checkpoint "
+                  f"(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            return
+        raise StepAbandoned(name)
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+def batch_report(step: int, phase: str, problem: str, *, rewards, resp_lens, truncated, terms=None,
+                 rows: Optional[int] = None, bins: Optional[int] = None, loss: Optional[float] = None,
+                 grad_norm: Optional[float] = None, texts: Optional[List[str]] = None) -> str:
+    """The message of a NonFiniteError: what went wrong and the statistics of the step's batch."""
+    def stats(x: torch.Tensor) -> str:
+        x = x.float()
+        bad = int((~torch.isfinite(x)).sum())
+        fin = x[torch.isfinite(x)]
+        rng = f"min {fin.min().item():.4g}, max {fin.max().item():.4g}, " if fin.numel() else ""
+        return f"mean {x.mean().item():.4g}, {rng}non-finite {bad} of {x.numel()}"
+
+    lines = [f"step {step} (phase {phase!r}): {problem}; the step was not applied to the weights.",
+             f"  rewards: {stats(rewards)}",
+             f"  response length: mean {resp_lens.float().mean().item():.1f}, max {int(resp_lens.max())} tokens; "
+             f"truncated {sum(truncated)} of {len(truncated)}"]
+    for name, t in (terms or {}).items():
+        lines.append(f"  {name}: {int(t.mask.sum())} samples in the loss; advantages {stats(t.advantage)}")
+    if rows is not None:
+        lines.append(f"  packed rows {rows} in {bins} micro-batches; loss {loss}; grad norm {grad_norm}")
+    if texts:
+        bad = [i for i, r in enumerate(rewards.tolist()) if not math.isfinite(r)][:3]
+        lines += [f"  sample {i}: reward {rewards[i].item()} for response {texts[i]!r}" for i in bad]
+    return "\n".join(lines)
