@@ -82,8 +82,8 @@ def test_behaviour_counts_paragraphs_and_keyword_precedence():
     assert behaviour_counts("a\nwait\nb") == {"transition": 0, "reflection": 1, "execution": 0}
     assert behaviour_counts("") == {"transition": 0, "reflection": 0, "execution": 0}
     # configurable keyword lists (the eval options): "hmm" becomes a reflection word, the defaults are gone
-    s = ev.EvalSettings(transition_words=ev.parse_words("On second thought, alternatively"),
-                        reflection_words=ev.parse_words("hmm"))
+    s = ev.EvalSettings.from_options(**{"eval.transition_words": ev.parse_words("On second thought, alternatively"),
+                                        "eval.reflection_words": ev.parse_words("hmm")})
     trans, refl = s.keywords()
     assert trans == ("on second thought", "alternatively") and refl == ("hmm",)
     assert behaviour_counts("Hmm.\n\nWait.\n\nOn second thought, no.", trans, refl) == \
@@ -155,7 +155,9 @@ def test_cli_bad_data_exits_2_with_a_clear_message(capsys):
     err = capsys.readouterr().err
     assert "--data 'gsm8k': unknown dataset" in err and "builtin:addition" in err and "champ" in err
     assert main(["eval", "builtin:tiny-llama", "--data", "builtin:addition", "--k", "0"]) == 2
-    assert "--k: expected >= 1" in capsys.readouterr().err
+    assert "--k: expected a value > 0, got 0" in capsys.readouterr().err
+    assert main(["eval", "builtin:tiny-llama", "--data", "builtin:addition", "--top-p", "1.5"]) == 2
+    assert "--top-p: expected 0.0 < value <= 1.0, got 1.5" in capsys.readouterr().err
     assert main(["align", "builtin:tiny-llama", "--data", "nope.jsonl"]) == 2
     assert "file not found" in capsys.readouterr().err
     assert main(["eval", "builtin:tiny-llama", "--data", "builtin:addition", "--template", "{problem}"]) == 2
@@ -165,18 +167,27 @@ def test_cli_bad_data_exits_2_with_a_clear_message(capsys):
     assert e.value.code == 2
 
 
-def _in_unit(x):
-    return 0.0 <= x <= 1.0
+def test_eval_end_to_end_on_a_tiny_model_against_a_different_baseline(tmp_path, capsys):
+    """The baseline is another random-init model (seed 5, final norm x30: peaked distributions where the model's
+    are near uniform), so its samples differ; the single letters
+    as keywords ("w" and "k") make the behaviour counts vary per response. Every number of the report is recomputed from the
+    per-response records (model) and the baseline's block (ratios)."""
+    from fastprerl.models import load_model, load_tokenizer
 
-
-def test_eval_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    base_dir = tmp_path / "base"
+    base_model = load_model("builtin:tiny-llama", seed=5)
+    with torch.no_grad():
+        base_model.model.norm.weight.mul_(30.0)
+    base_model.save_pretrained(base_dir)
+    load_tokenizer("builtin:tiny-llama").save_pretrained(base_dir)
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n"
                             for a in range(5)))
     out, samples = tmp_path / "eval.json", tmp_path / "samples.jsonl"
     argv = ["eval", "builtin:tiny-llama", "--data", "builtin:addition", "--data", str(data), "--k", "3",
             "--n-problems", "2", "--max-new-tokens", "5", "--out", str(out), "--samples", str(samples),
-            "--baseline", "builtin:tiny-llama", "--reward-timeout", "2"]
+            "--baseline", str(base_dir), "--reward-timeout", "2", "--transition-words", "w",
+            "--reflection-words", "k"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "avg@3" in table and "overall" in table and "trans/base" in table
@@ -186,29 +197,29 @@ def test_eval_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert rep["datasets"]["builtin:addition"]["reward"] == "last_number"
     assert rep["datasets"][str(data)]["reward"] == "math"
     assert rep["datasets"]["builtin:addition"]["stop_at_newline"] is True
-    for block in list(rep["datasets"].values()) + [rep["overall"]]:
-        assert block["n_problems"] == (4 if block is rep["overall"] else 2)
-        for key in ("avg@k", "pass@k", "truncation", "format"):
-            assert _in_unit(block[key]), key
-        assert 1 <= block["response_len"] <= 5
-        assert set(block["behaviour"]) == {"transition", "reflection", "execution"}
-        assert all(v >= 0 for v in block["behaviour"].values())
-        # the baseline is the same model with the same seed and prompts: identical samples, ratio 1
-        assert block["behaviour_ratio"]["execution"] == pytest.approx(1.0)
-        assert block["behaviour_ratio"]["transition"] in (None, pytest.approx(1.0))
-    for name, block in rep["datasets"].items():
-        assert list(block["pass_curve"]) == ["1", "2", "3"]
-        assert all(_in_unit(v) for v in block["pass_curve"].values())
-        assert block == {**rep["baseline"]["datasets"][name], "reward": block["reward"],
-                         "stop_at_newline": block["stop_at_newline"], "behaviour_ratio": block["behaviour_ratio"]}
-    # the numbers agree with the per-response records
     rows = [json.loads(x) for x in samples.read_text().splitlines()]
     assert len(rows) == 2 * 2 * 3
+    differ = 0
     for name, block in rep["datasets"].items():
         mine = [r for r in rows if r["dataset"] == name]
+        base = rep["baseline"]["datasets"][name]
         assert block["avg@k"] == pytest.approx(sum(r["verdict"] for r in mine) / len(mine))
         assert block["truncation"] == pytest.approx(sum(r["truncated"] for r in mine) / len(mine))
         assert block["response_len"] == pytest.approx(sum(r["tokens"] for r in mine) / len(mine))
+        assert block["format"] == pytest.approx(sum(r["has_answer"] for r in mine) / len(mine))
+        assert block["timeouts"] == sum(r["timed_out"] for r in mine) == 0
+        assert 1 <= block["response_len"] <= 5 and list(block["pass_curve"]) == ["1", "2", "3"]
+        for kind in ("transition", "reflection", "execution"):
+            counts = [behaviour_counts(r["response"], ("w",), ("k",))[kind] for r in mine]
+            assert block["behaviour"][kind] == pytest.approx(sum(counts) / len(counts))
+            want = block["behaviour"][kind] / base["behaviour"][kind] if base["behaviour"][kind] > 0 else None
+            assert block["behaviour_ratio"][kind] == (pytest.approx(want) if want is not None else None)
+            differ += block["behaviour"][kind] != base["behaviour"][kind]
+    assert differ > 0, "the baseline's behaviour counts equal the model's: the ratios test nothing"
+    for kind in ("transition", "reflection", "execution"):   # overall: the mean over datasets, then the ratio
+        o, b = rep["overall"]["behaviour"][kind], rep["baseline"]["overall"]["behaviour"][kind]
+        assert o == pytest.approx(sum(rep["datasets"][n]["behaviour"][kind] for n in rep["datasets"]) / 2)
+        assert rep["overall"]["behaviour_ratio"][kind] == (pytest.approx(o / b) if b > 0 else None)
     file_rows = [r for r in rows if r["dataset"] == str(data)]
     assert all(r["input"] == ev.MATH_TEMPLATE.format(prompt=r["prompt"]) for r in file_rows)
     assert all(r["input"].endswith("final answer within \\boxed{}.") for r in file_rows)
@@ -230,7 +241,8 @@ def test_eval_scores_with_a_users_reward_and_a_run_directory(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.toml", ['data.template="Q: {prompt}"', "rollout.stop_at_newline=false"])
     (run / "config.toml").write_text(to_toml(cfg))
     samples = tmp_path / "s.jsonl"
-    s = ev.EvalSettings(k=4, n_problems=3, max_new_tokens=4, reward="fake_rewards:parity_reward")
+    s = ev.EvalSettings.from_options(**{"eval.k": 4, "eval.n_problems": 3, "eval.max_new_tokens": 4,
+                                        "reward": "fake_rewards:parity_reward"})
     rep = ev.evaluate(str(run), ["builtin:addition"], s, samples_path=str(samples))
     assert rep["resolved_model"] == str(run / "final")
     block = rep["datasets"]["builtin:addition"]

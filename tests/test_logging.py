@@ -2,7 +2,6 @@
 import json
 import struct
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -61,29 +60,37 @@ def test_resumed_logger_drops_rows_after_the_checkpoint_in_every_sink(tmp_path):
     assert [v for _, v in tb][3:] == pytest.approx([13.0, 14.0, 15.0])
 
 
-def test_wandb_sink_logs_every_row_and_keeps_the_run_id_on_resume(tmp_path, monkeypatch):
-    calls = []
+def _wandb_history_item(key: str, value_json: str) -> bytes:
+    """How a history item (key, value_json) is encoded in a run's .wandb file (protobuf HistoryItem: field 2
+    `key`, field 16 `value_json`, both length-delimited strings; wandb writes 0.0 as "0")."""
+    k, v = key.encode(), value_json.encode()
+    return b"\x12" + bytes([len(k)]) + k + b"\x82\x01" + bytes([len(v)]) + v
 
-    class Run:
-        def log(self, data, step):
-            calls.append(("log", step, data))
 
-        def finish(self):
-            calls.append(("finish",))
+def test_wandb_sink_logs_every_row_offline_and_keeps_the_run_id_on_resume(tmp_path, monkeypatch):
+    """The real `wandb` package in offline mode: the run's .wandb file holds every logged value, the config
+    and the run id; a resumed logger logs to the same run id."""
+    import wandb  # noqa: F401  (the test extra installs it)
 
-    def init(**kw):
-        calls.append(("init", kw))
-        return Run()
-
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     log = MetricsLogger(tmp_path, console=False, wandb_project="proj", run_config={"optim": {"lr": 1e-6}})
     log.log(row(0, **{"groups/all_solved": 2}))
+    log.log(row(1, **{"loss/policy": 0.25}))
     log.close()
-    first = calls[0][1]
-    assert first["project"] == "proj" and first["config"] == {"optim": {"lr": 1e-6}}
-    assert calls[1] == ("log", 0, {"reward/mean": 0.0, "groups/all_solved": 2}) and calls[2] == ("finish",)
-    MetricsLogger(tmp_path, console=False, wandb_project="proj", start_step=1).close()
-    assert calls[3][1]["id"] == first["id"] and calls[3][1]["resume"] == "allow"
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    [first] = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    data = first.read_bytes()
+    for key, value in (("reward/mean", "0"), ("groups/all_solved", "2"), ("reward/mean", "0.1"),
+                       ("loss/policy", "0.25"), ("_step", "0"), ("_step", "1")):
+        assert _wandb_history_item(key, value) in data, (key, value)
+    assert b"proj" in data and b"optim" in data
+    again = MetricsLogger(tmp_path, console=False, wandb_project="proj", start_step=1)
+    again.log(row(1, **{"reward/mean": 7.5}))
+    again.close()
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
+    files = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert any(_wandb_history_item("reward/mean", "7.5") in f.read_bytes() for f in files)
 
 
 def test_wandb_requested_but_not_installed_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -10,8 +10,10 @@ from transformers import AutoModelForCausalLM
 from fastprerl.config import load_config
 from fastprerl.models import load_model, tiny_config
 from fastprerl.optim import CPUOffloadAdamW
-from fastprerl.packing import pack
-from fastprerl.trainer import Trainer, backward_packed
+from fastprerl.kernels import token_loss
+from fastprerl.models import lm_head_weight
+from fastprerl.packing import bins, pack
+from fastprerl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
@@ -93,14 +95,16 @@ def test_gradient_checkpointing_is_honoured_and_leaves_loss_and_grads_unchanged(
     b = pack(prompts, responses, cond=[True] * 3, free=[True, False, True], empty_token=1, max_tokens=16)
     n_tok = b.rows.numel()
 
-    def loss_rows(lp, ridx):
-        return -adv[b.row_sample[ridx]] * lp / n_tok
-
     out = {}
     for name, model in (("plain", plain), ("ckpt", ckpt)):
         calls = _layer_calls(model)
         model.train()
-        loss, _ = backward_packed(model, b, loss_rows, temperature=0.7, impl="torch")
+        loss = 0.0
+        for ridx, h, targets in bins(model, b):   # the training pass: forward, fused loss, backward per bin
+            part = token_loss(h, lm_head_weight(model), targets, lambda lp, i: -adv[b.row_sample[ridx[i]]] * lp / n_tok,
+                              temperature=0.7, impl="torch")
+            part.backward()
+            loss += part.item()
         out[name] = (loss, [p.grad.clone() for p in model.parameters()], len(calls))
     n_layer_passes = len(b.bins) * plain.config.num_hidden_layers
     assert out["plain"][2] == n_layer_passes           # one forward per layer and bin

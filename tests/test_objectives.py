@@ -88,6 +88,86 @@ def test_k3_kl_hand_computed():
     assert obj.k3_kl(torch.tensor([-1.3]), torch.tensor([-1.3])).item() == 0.0
 
 
+@pytest.mark.parametrize("rewards, verdicts, negatives, positives", [
+    # format penalty 0.5: nothing is right in either group, so no sample is negative or positive (A_pre of the
+    # formatted wrong answers is +0.25, of the unformatted ones -0.25: the old rule marked those negative)
+    ([0.0, 0.0, -0.5, -0.5, -0.5, 0.0, -0.5, -0.5], [0.0] * 8, [], []),
+    # partial credit below the threshold (0.5): nothing is right
+    ([0.4, 0.2, 0.0, 0.0], [0.4, 0.2, 0.0, 0.0], [], []),
+    # one right answer (0.6 >= 0.5): the three others are negatives, whatever their own scores
+    ([0.6, 0.4, 0.0, -0.5], [0.6, 0.4, 0.0, 0.0], [1, 2, 3], [0]),
+    # all right: no negatives; no wrong one, so no positives either
+    ([1.0, 0.5, 1.0, 1.0], [1.0, 0.5, 1.0, 1.0], [], []),
+])
+def test_nsr_and_psr_masks_follow_the_rule_for_any_reward_values(rewards, verdicts, negatives, positives):
+    """'a wrong answer in a group that has a right one' (right: verdict >= threshold); the advantage is A_pre
+    clipped to the mask's sign, e.g. group 3: mean 0.125, A_pre = [0.475, 0.275, -0.125, -0.625] -> the wrong
+    answer at 0.4 is a negative with advantage min(0.275, 0) = 0."""
+    r, v = torch.tensor(rewards), torch.tensor(verdicts)
+    for name, want in (("nsr_prerl", negatives), ("psr_prerl", positives), ("nsr_rl", negatives),
+                       ("psr_rl", positives)):
+        t = obj.sample_terms(name, r, 4, verdicts=v, threshold=0.5)
+        assert torch.nonzero(t.mask).view(-1).tolist() == want, name
+        a_pre = obj.mean_centred_advantages(r, 4)
+        ref = a_pre if name.endswith("prerl") else obj.grpo_advantages(r, 4)
+        ref = ref.clamp(max=0) if name.startswith("nsr") else ref.clamp(min=0)
+        assert torch.equal(t.advantage, torch.where(t.mask, ref, torch.zeros(len(rewards)))), name
+    if rewards == [0.6, 0.4, 0.0, -0.5]:
+        t = obj.sample_terms("nsr_prerl", r, 4, verdicts=v)
+        assert torch.allclose(t.advantage, torch.tensor([0.0, 0.0, -0.125, -0.625]))
+
+
+def test_binary_rewards_keep_the_reference_rule_a_pre_below_zero():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 2, (64,), generator=g).float()
+    for name, sign in (("nsr_prerl", -1), ("psr_prerl", 1)):
+        t = obj.sample_terms(name, r, 4)
+        a_pre = obj.mean_centred_advantages(r, 4)
+        assert torch.equal(t.mask, a_pre * sign > 0)
+        assert torch.equal(t.advantage, torch.where(t.mask, a_pre, torch.zeros(64)))
+
+
+class _Algo:
+    clip_eps_low, clip_eps_high, dual_clip_c = 0.2, 0.2, 10.0
+    kl_coef, old_logp, tis_cap = 0.3, "rollout", 0.0
+
+
+def test_step_loss_hand_computed_with_two_objectives_old_logp_and_kl():
+    """Group of 2, rewards [1, 0], adv_norm mean: A = [0.5, -0.5]; lengths [2, 1] (N_grpo = 3); nsr_prerl
+    keeps sample 1 (N = 1, A_pre = -0.5). Rows: sample 0 cond x2, sample 1 cond, sample 1 free.
+      row 0: rho = e^(-0.8+1.0) = 1.2214, A = .5: max(-.61070, -.5 * 1.2) = -0.6 (clipped)
+      row 1: rho = 1, A = .5: -0.5
+      row 2: rho = e^(-1 - (-1 + ln 2)) = 0.5, A = -.5: max(0.25, 0.4) = 0.4 (clipped; dual-clip 5 not hit)
+      grpo = (-0.6 - 0.5 + 0.4) / 3 = -0.233333 (weight 1)
+      row 3 (free, on-policy): -A = 0.5, weight 2 / N 1 -> 1.0
+      KL: 0.3 / 3 per cond row; k3(d = -0.2) = e^-.2 + .2 - 1 = 0.0187308, k3(-0.5) = 0.1065307, k3(0) = 0
+          -> 0.1 * 0.1252615 = 0.01252615
+      total = -0.233333 + 1.0 + 0.0125262 = 0.7791928
+    d loss / d logp: row 0: 0 (clipped) + 0.1 (1 - e^-.2) = 0.0181269; row 1: -0.5 / 3 + 0.1 (1 - e^-.5) =
+    -0.1273198; row 2: 0 (clipped, k3' = 0); row 3: 0.5 * 2 = 1.0."""
+    r = torch.tensor([1.0, 0.0])
+    terms = {"grpo": obj.sample_terms("grpo", r, 2, adv_norm="mean"), "nsr_prerl": obj.sample_terms("nsr_prerl", r, 2)}
+    loss_fn = obj.StepLoss.build(terms, {"grpo": 1.0, "nsr_prerl": 2.0}, torch.tensor([2, 1]),
+                                 row_sample=torch.tensor([0, 0, 1, 1]), cond=torch.tensor([True, True, True, False]),
+                                 behaviour=torch.tensor([-1.0, -2.0, -1.0 + math.log(2.0), -0.7]), algo=_Algo(),
+                                 ref=torch.tensor([-1.0, -2.5, -1.0, 0.0]))
+    lp = torch.tensor([-0.8, -2.0, -1.0, -0.7], dtype=torch.float64, requires_grad=True)
+    loss, d = loss_fn(lp, torch.arange(4))
+    assert loss.sum().item() == pytest.approx(0.7791928, abs=1e-6)
+    assert d.term_sums["grpo"].item() == pytest.approx(-0.7 / 3, abs=1e-6)
+    assert d.term_sums["nsr_prerl"].item() == pytest.approx(1.0, abs=1e-6)
+    assert (d.clipped, d.tokens) == ({"grpo": 2, "nsr_prerl": 0}, {"grpo": 3, "nsr_prerl": 1})
+    loss.sum().backward()
+    assert torch.allclose(lp.grad, torch.tensor([0.0181269, -0.1273198, 0.0, 1.0], dtype=torch.float64), atol=1e-6)
+    # the same rows in two calls (two micro-batches): the merged diagnostics and the summed loss agree
+    a, da = loss_fn(lp.detach()[[2, 0]], torch.tensor([2, 0]))
+    b, db = loss_fn(lp.detach()[[3, 1]], torch.tensor([3, 1]))
+    merged = obj.LossDiagnostics.merge([da, db], loss_fn.names)
+    assert (a.sum() + b.sum()).item() == pytest.approx(0.7791928, abs=1e-6)
+    assert merged.term_sums["grpo"].item() == pytest.approx(-0.7 / 3, abs=1e-6) and merged.clip_fraction("grpo") == 2 / 3
+    assert merged.logp_by_row(4).tolist() == pytest.approx([-0.8, -2.0, -1.0, -0.7])
+
+
 def test_normalisers_count_only_kept_tokens():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0])
     lens = torch.tensor([3, 5, 7, 11])

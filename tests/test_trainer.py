@@ -1,61 +1,34 @@
-"""Trainer: micro-batch invariance, phase switching, NSR row selection, the tiny end-to-end run, earlier
-outputs moved aside, the final model's replacement, start-up and in-training errors."""
+"""Trainer: metrics recomputed from the logged samples, one step at T = 0.7 against a float64 recomputation, the
+same loss and gradients with 1 bin and with many, two objectives in one phase, the KL term, truncated importance
+sampling, phase switching, periodic evaluation, earlier outputs moved aside, the final model's replacement,
+start-up and in-training errors."""
+import copy
 import json
+import math
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import fastprerl.models as models
+import fastprerl.run as run_mod
 import fastprerl.trainer as trainer_mod
+from fastprerl import checkpoint as ckpt
 from fastprerl.cli import main
 from fastprerl.config import load_config
-from fastprerl.models import tiny_config
-from fastprerl.kernels import naive_token_logprobs
-from fastprerl.models import lm_head_weight
-from fastprerl.packing import bin_hidden, pack
-from fastprerl.trainer import Trainer, backward_packed
+from fastprerl.metrics import behaviour_counts
+from fastprerl.models import load_tokenizer, tiny_config
+from fastprerl.rollout import Rollout
+from fastprerl.trainer import Trainer
+
+from fake_rewards import parity_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
-
-
-def test_token_budget_does_not_change_the_loss_or_grads_fp64():
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300)).double()
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (4, 9, 2, 6)]
-    responses = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 1, 12, 7)]
-    adv = torch.tensor([0.5, -1.0, 2.0, -0.3], dtype=torch.float64)
-
-    def run(max_tokens):
-        model.zero_grad(set_to_none=True)
-        b = pack(prompts, responses, cond=[True] * 4, free=[True, False, True, True], empty_token=1,
-                 max_tokens=max_tokens)
-        n_tok = b.rows.numel()
-
-        def loss_rows(lp, ridx):  # token-mean over the whole step, whatever the bins are
-            return -adv[b.row_sample[ridx]] * lp / n_tok
-
-        loss, ent = backward_packed(model, b, loss_rows, temperature=0.7, impl="torch", with_entropy=True)
-        grads = [p.grad.clone() for p in model.parameters()]
-        return loss, grads, len(b.bins), ent, b
-
-    l1, g1, nb1, e1, b1 = run(10_000)
-    l2, g2, nb2, e2, _ = run(12)
-    assert nb1 == 1 and nb2 >= 4
-    assert abs(l1 - l2) < 1e-12
-    for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
-    # the entropy logged from the loss's sweep: the full-logits entropy of the same packed rows
-    with torch.no_grad():
-        hid = bin_hidden(model, b1, 0)[b1.rows]
-        want = naive_token_logprobs(hid, lm_head_weight(model), b1.targets, 0.7, with_entropy=True)[1]
-    assert torch.allclose(e1.double(), want, atol=1e-5) and torch.allclose(e2, e1, atol=1e-5)
+G = 4   # configs/tiny.toml: samples_per_prompt
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -63,97 +36,201 @@ def tiny_cfg(tmp_path, *extra):
                               "logging.console=false", *extra])
 
 
-def test_tiny_end_to_end_run_and_metrics(tmp_path):
-    cfg = tiny_cfg(tmp_path)
+def read_jsonl(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+class _Recorded(Rollout):
+    """The real HF backend, recording every batch it returns; `delta` (a number, or a function of the token's
+    position) shifts the behaviour log-probs (a sampler that disagrees with the trainer by a known amount;
+    0 = the sampler's own values)."""
+
+    def __init__(self, inner, delta=0.0):
+        self.inner, self.batches = inner, []
+        self.delta = delta if callable(delta) else (lambda t: delta)
+
+    def generate(self, prompts, n):
+        out = self.inner.generate(prompts, n)
+        out.behaviour_logp = [[v + self.delta(t) for t, v in enumerate(row)] for row in out.behaviour_logp]
+        self.batches.append(copy.deepcopy(out))
+        return out
+
+
+def recorded_trainer(monkeypatch, cfg, delta=0.0):
+    real = trainer_mod.make_backend
+    monkeypatch.setattr(trainer_mod, "make_backend", lambda *a, **k: _Recorded(real(*a, **k), delta))
     t = Trainer(cfg)
-    t.train()
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    monkeypatch.undo()
+    return t
+
+
+def float64_logprobs(model64, roll, temperature):
+    """Per sample: (logp (T,), entropy (T,)) of the response tokens from one unpadded float64 forward."""
+    out = []
+    for x, y in zip(roll.prompt_ids, roll.response_ids):
+        logits = model64(torch.tensor([x + y])).logits[0, len(x) - 1:-1] / temperature
+        lsm = torch.log_softmax(logits, -1)
+        out.append((lsm.gather(1, torch.tensor(y).view(-1, 1)).view(-1), -(lsm.exp() * lsm).sum(-1)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- values
+@pytest.mark.usefixtures("one_torch_thread")
+def test_tiny_run_metrics_agree_with_the_logged_samples(tmp_path):
+    """Every step's samples are logged; rewards, accuracy, format, lengths, truncation, group counts, behaviour
+    counts, advantages, packed rows (NSR-PreRL: only the negatives' tokens; GRPO: every sample of a group
+    with mixed rewards) and the masked sample counts are recomputed from them."""
+    Trainer(tiny_cfg(tmp_path, "logging.samples_every=1", "logging.view_gap=false")).train()
+    rows, samples = read_jsonl(tmp_path / "run" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "samples.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert [r["phase"] for r in rows] == ["nsr_prerl", "nsr_prerl", "grpo", "grpo"]
+    checked_negatives = 0
     for r in rows:
-        for k in ("reward/mean", "loss/policy", "rollout/response_len_mean", "perf/step_s"):
-            assert k in r
-    assert any(r["train/rows"] > 0 for r in rows)
-    assert (tmp_path / "run" / "config.toml").exists()
+        s = [x for x in samples if x["step"] == r["step"]]
+        assert len(s) == 16
+        rew = torch.tensor([x["reward"] for x in s])
+        assert rew.tolist() == parity_reward([x["response"] for x in s], s)
+        assert r["reward/mean"] == pytest.approx(rew.mean().item(), abs=1e-7)
+        assert r["reward/accuracy"] == sum(x["correct"] for x in s) / 16
+        assert r["reward/format"] == 1.0 and r["reward/timeouts"] == 0
+        assert r["rollout/response_len_mean"] == pytest.approx(sum(x["tokens"] for x in s) / 16)
+        assert r["rollout/truncated_frac"] == sum(x["truncated"] for x in s) / 16
+        assert all(x["truncated"] == (x["tokens"] == 8) for x in s)   # tiny.toml: max_new_tokens 8
+        groups = rew.view(-1, G)
+        same = groups.min(1).values == groups.max(1).values
+        assert r["groups/zero_adv_frac"] == same.float().mean().item()
+        assert r["groups/all_solved"] == int((same & (groups[:, 0] > 0)).sum())
+        assert r["groups/none_solved"] == int((same & (groups[:, 0] <= 0)).sum())
+        for kind in ("transition", "reflection", "execution"):
+            assert r[f"behaviour/{kind}"] == sum(behaviour_counts(x["response"])[kind] for x in s) / 16
+        mean = groups.mean(1, keepdim=True)
+        if r["phase"] == "nsr_prerl":   # negatives: wrong in a group with a right one; A = r - mean
+            neg = ((groups == 0) & (groups.max(1, keepdim=True).values == 1)).view(-1)
+            adv = torch.where(neg, (groups - mean).view(-1), torch.zeros(16))
+            assert r["samples/nsr_prerl"] == int(neg.sum())
+            assert r["train/rows"] == sum(x["tokens"] for x, n in zip(s, neg) if n)
+            assert r["train/packed_tokens"] == sum(x["tokens"] + 1 for x, n in zip(s, neg) if n)   # [e; y]
+            assert "logp/cond_mean" not in r
+            checked_negatives += int(neg.sum())
+        else:                           # GRPO: (r - mean) / (std + 1e-6), every sample
+            adv = ((groups - mean) / (groups.std(1, keepdim=True) + 1e-6)).view(-1)
+            assert r["samples/grpo"] == 16
+            assert r["train/rows"] == sum(x["tokens"] for x, a in zip(s, adv) if a != 0)
+        assert [x["advantage"] for x in s] == pytest.approx(adv.tolist(), abs=1e-6)
+    assert checked_negatives > 0
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert again.config.hidden_size == 64
 
 
-def test_nsr_prerl_step_packs_only_negative_free_rows(tmp_path, monkeypatch):
-    seen = []
-    real_pack = trainer_mod.pack
-
-    def spy(prompts, responses, **kw):
-        b = real_pack(prompts, responses, **kw)
-        seen.append((kw, b))
-        return b
-
-    scores_seen = []
-    real_score = trainer_mod._score
-
-    def score_spy(fn, texts, samples):
-        out = real_score(fn, texts, samples)
-        scores_seen.append(out[0])
-        return out
-
-    monkeypatch.setattr(trainer_mod, "pack", spy)
-    monkeypatch.setattr(trainer_mod, "_score", score_spy)
-    cfg = tiny_cfg(tmp_path, "logging.view_gap=false")
-    t = Trainer(cfg)
-    t.train()
-    checked = 0
-    for step, ((kw, b), scores) in enumerate(zip(seen, scores_seen)):
-        if step >= 2:
-            break  # the NSR-PreRL phase
-        r = torch.tensor(scores).view(-1, 4)
-        negative = (r < r.mean(1, keepdim=True)).view(-1)
-        assert b.view_rows["cond"].numel() == 0          # no prompt-conditioned rows at all
-        packed = set(b.row_sample.tolist())
-        assert packed == set(torch.nonzero(negative).view(-1).tolist())
-        checked += len(packed)
-    assert checked > 0
-
-
-@pytest.mark.parametrize("reset", [False, True])
-def test_phase_switch_keeps_or_resets_adam_state(tmp_path, reset):
-    cfg = tiny_cfg(tmp_path, f"schedule.reset_optimizer_at_switch={'true' if reset else 'false'}",
-                   "logging.view_gap=false")
-    t = Trainer(cfg)
-    t.train()
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    stepped = [r["train/rows"] > 0 for r in rows]
-    state_steps = {int(s["step"]) for s in t.optimizer.state.values()}
-    assert len(state_steps) == 1
-    expected = sum(stepped[2:]) if reset else sum(stepped)
-    assert state_steps == {expected}
-    if not reset:
-        assert sum(stepped[:2]) > 0, "the first phase must have taken a step for this check to mean anything"
+@pytest.mark.usefixtures("one_torch_thread")
+def test_one_step_at_temperature_0_7_matches_a_float64_recomputation(tmp_path, monkeypatch):
+    """W-REINFORCE (A = 0.1 right, -1 wrong) with old_logp = "rollout" and behaviour log-probs shifted by +0.1 at
+    even and +0.3 at odd positions (rho = exp(logp - beh) about e^-0.1 or e^-0.3 < 0.8: clipped where A < 0): the
+    loss, its clip fraction, the gradient norm, the mean log-prob and the entropy of the step equal a float64
+    recomputation from full logits / 0.7 of the same rollouts (fp32 tolerances)."""
+    phase = 'schedule.phases=[{name="w",steps=1,objectives=[{name="w_reinforce"}]}]'
+    cfg = tiny_cfg(tmp_path, "rollout.temperature=0.7", "algo.old_logp=rollout", "logging.view_gap=false",
+                   "optim.max_tokens_per_microbatch=40", phase)
+    t = recorded_trainer(monkeypatch, cfg, delta=lambda pos: 0.1 if pos % 2 == 0 else 0.3)
+    model64 = copy.deepcopy(t.model).double()
+    m = t.train_step(cfg.schedule.phases[0])
+    roll = t.rollout.batches[0]
+    texts = t.tok.batch_decode(roll.response_ids, skip_special_tokens=True)
+    r = torch.tensor(parity_reward(texts, None), dtype=torch.float64)
+    adv = torch.where(r >= 0.5, 0.1, -1.0)
+    lp = float64_logprobs(model64, roll, 0.7)
+    n_tok = sum(len(y) for y in roll.response_ids)
+    loss, clipped = 0.0, 0
+    for i, (logp, _) in enumerate(lp):
+        rho = torch.exp(logp - torch.tensor(roll.behaviour_logp[i], dtype=torch.float64))
+        a = adv[i]
+        per = torch.maximum(-a * rho, -a * rho.clamp(0.8, 1.2))
+        if a < 0:
+            per = torch.minimum(per, -a * 10.0)
+        loss = loss + per.sum() / n_tok
+        clipped += int(((rho < 0.8) & (a < 0)).sum() + ((rho > 1.2) & (a > 0)).sum())
+    assert (r == 0).any() and (r == 1).any() and clipped > 0
+    assert m["loss/policy"] == pytest.approx(loss.item(), rel=1e-5)
+    assert m["loss/w_reinforce"] == pytest.approx(loss.item(), rel=1e-5)
+    assert m["clip/w_reinforce"] == clipped / n_tok
+    grads = torch.autograd.grad(loss, [p for p in model64.parameters()])
+    assert m["train/grad_norm"] == pytest.approx(math.sqrt(sum((g * g).sum().item() for g in grads)), rel=1e-4)
+    assert m["logp/cond_mean"] == pytest.approx(torch.cat([x[0] for x in lp]).mean().item(), abs=1e-5)
+    assert m["train/entropy"] == pytest.approx(torch.cat([x[1] for x in lp]).mean().item(), abs=1e-5)
+    assert m["rollout/logprob_gap"] == pytest.approx(
+        sum(0.1 if j % 2 == 0 else 0.3 for y in roll.response_ids for j in range(len(y))) / n_tok, abs=1e-4)
 
 
-class _ShiftedBehaviour:
-    """The HF backend with every behaviour log-prob shifted by `delta` (a sampler that disagrees with the
-    trainer by a known amount)."""
+def _one_step(monkeypatch, tmp_path, name, *extra):
+    """One step of a phase mixing GRPO (weight 0.5) and NSR-PreRL (weight 1.0) with a KL term; returns the
+    metrics, the gradients of that step (read when the optimizer steps) and the rollouts."""
+    phases = ('schedule.phases=[{name="mix",steps=1,objectives=[{name="grpo",weight=0.5},'
+              '{name="nsr_prerl",weight=1.0}]}]')
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path / name}", "reward.fn=fake_rewards:parity_reward",
+                             "logging.console=false", "logging.view_gap=false", "algo.kl_coef=0.05", phases, *extra])
+    t = recorded_trainer(monkeypatch, cfg)
+    grads = []
+    t.optimizer.register_step_pre_hook(lambda *_: grads.append([p.grad.clone() for p in t.model.parameters()]))
+    m = t.train_step(cfg.schedule.phases[0])
+    return m, grads[0], t.rollout.batches[0], t
 
-    def __init__(self, inner, delta):
-        self.inner, self.delta = inner, delta
 
-    def generate(self, prompts, n):
-        out = self.inner.generate(prompts, n)
-        out.behaviour_logp = [[v + self.delta for v in row] for row in out.behaviour_logp]
-        return out
+@pytest.mark.usefixtures("one_torch_thread")
+def test_one_bin_and_many_give_the_same_loss_and_gradients_and_two_objectives_add_up(tmp_path, monkeypatch):
+    one, g1, roll, t = _one_step(monkeypatch, tmp_path, "one", "optim.max_tokens_per_microbatch=100000")
+    many, g2, roll2, _ = _one_step(monkeypatch, tmp_path, "many", "optim.max_tokens_per_microbatch=16")
+    assert roll2.response_ids == roll.response_ids            # same seed, same rollouts
+    assert one["train/microbatches"] == 1 and many["train/microbatches"] >= 8
+    for key in ("loss/policy", "loss/grpo", "loss/nsr_prerl", "train/grad_norm"):
+        assert many[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    # the two terms by hand (on-policy, rho = 1: a token's loss is -A): weight / N_o * sum_i -A_i len_i
+    texts = t.tok.batch_decode(roll.response_ids, skip_special_tokens=True)
+    r = torch.tensor(parity_reward(texts, None), dtype=torch.float64).view(-1, G)
+    lens = torch.tensor([len(y) for y in roll.response_ids], dtype=torch.float64)
+    a_grpo = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
+    neg = ((r == 0) & (r.max(1, keepdim=True).values == 1)).view(-1)
+    a_nsr = (r - r.mean(1, keepdim=True)).view(-1)
+    grpo = 0.5 * (-a_grpo * lens).sum() / lens.sum()
+    nsr = 1.0 * (-a_nsr * lens)[neg].sum() / lens[neg].sum()
+    assert neg.any() and one["samples/nsr_prerl"] == int(neg.sum())
+    assert one["loss/grpo"] == pytest.approx(grpo.item(), rel=1e-5)
+    assert one["loss/nsr_prerl"] == pytest.approx(nsr.item(), rel=1e-5)
+    # the KL term is 0 at the first step (reference = policy): the policy loss is the two terms' sum
+    assert one["loss/policy"] == pytest.approx(grpo.item() + nsr.item(), rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_kl_term_equals_a_float64_recomputation_against_a_different_reference(tmp_path, monkeypatch):
+    """Every reward 0: every advantage is 0 and the step loss is the KL term alone,
+    kl_coef / N * sum_t k3(logp_t, ref_t), k3 = exp(ref - logp) - (ref - logp) - 1, over every response token."""
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", "reward.fn=fake_rewards:zero_reward",
+                             "logging.console=false", "logging.view_gap=false", "algo.kl_coef=0.5",
+                             "optim.max_tokens_per_microbatch=32"])
+    t = recorded_trainer(monkeypatch, cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in t.ref_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pol64, ref64 = copy.deepcopy(t.model).double(), copy.deepcopy(t.ref_model).double()
+    m = t.train_step(cfg.schedule.phases[1])
+    roll = t.rollout.batches[0]
+    with torch.no_grad():
+        lp, ref = float64_logprobs(pol64, roll, 1.0), float64_logprobs(ref64, roll, 1.0)
+    d = torch.cat([b[0] for b in ref]) - torch.cat([a[0] for a in lp])
+    want = 0.5 * (torch.exp(d) - d - 1).sum().item() / d.numel()
+    assert m["loss/grpo"] == 0.0 and want > 1e-3
+    assert m["loss/policy"] == pytest.approx(want, rel=1e-4)
+    assert m["train/rows"] == d.numel()          # the KL term scores every sample's cond view
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_truncated_importance_sampling_scales_the_cond_loss_by_the_capped_ratio(tmp_path, monkeypatch):
-    import math
-
     def grpo_step(name, delta, *extra):
-        real = trainer_mod.make_backend
-        monkeypatch.setattr(trainer_mod, "make_backend",
-                            lambda *a, **k: _ShiftedBehaviour(real(*a, **k), delta))
         cfg = load_config(TINY, [f"run.output_dir={tmp_path / name}", "reward.fn=fake_rewards:parity_reward",
                                  "logging.console=false", "logging.view_gap=false", *extra])
-        t = Trainer(cfg)
+        t = recorded_trainer(monkeypatch, cfg, delta)
         return t.train_step(cfg.schedule.phases[1])   # the GRPO phase: every row is prompt-conditioned
 
     plain = grpo_step("plain", 0.0)
@@ -172,6 +249,23 @@ def test_truncated_importance_sampling_scales_the_cond_loss_by_the_capped_ratio(
     assert ignored["train/grad_norm"] == plain["train/grad_norm"]
 
 
+# ---------------------------------------------------------------------------------------------- the loop
+@pytest.mark.parametrize("reset", [False, True])
+def test_phase_switch_keeps_or_resets_adam_state(tmp_path, reset):
+    cfg = tiny_cfg(tmp_path, f"schedule.reset_optimizer_at_switch={'true' if reset else 'false'}",
+                   "logging.view_gap=false")
+    t = Trainer(cfg)
+    t.train()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    stepped = [r["train/rows"] > 0 for r in rows]
+    state_steps = {int(s["step"]) for s in t.optimizer.state.values()}
+    assert len(state_steps) == 1
+    expected = sum(stepped[2:]) if reset else sum(stepped)
+    assert state_steps == {expected}
+    if not reset:
+        assert sum(stepped[:2]) > 0, "the first phase must have taken a step for this check to mean anything"
+
+
 def test_periodic_eval_logs_fixed_problem_metrics_and_leaves_the_rng_alone(tmp_path):
     """eval.every = 3 over 4 steps evaluates before step 0, after step 3 and after the last step; an
     evaluation leaves torch's RNG where it was, so training is the same with or without it (compared with a
@@ -180,19 +274,19 @@ def test_periodic_eval_logs_fixed_problem_metrics_and_leaves_the_rng_alone(tmp_p
                    'eval.data=["builtin:addition", "reasoning_gym:chain_sum"]')
     t = Trainer(cfg)
     t.train()
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     eval_rows = [r for r in rows if r["phase"] == "eval"]
     assert [r["step"] for r in rows if r["phase"] != "eval"] == [0, 1, 2, 3]
     assert [r["step"] for r in eval_rows] == [0, 3, 4]
-    records = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    records = read_jsonl(tmp_path / "run" / "eval.jsonl")
     assert [r["step"] for r in records] == [0, 3, 4]
     for rec, row in zip(records, eval_rows):
         assert set(rec["datasets"]) == {"builtin:addition", "reasoning_gym:chain_sum"}
         for name, block in rec["datasets"].items():
-            assert block["n_problems"] == 3 and block["k"] == 2
+            assert block["n_problems"] == 3 and block["k"] == 2 and block["timeouts"] == 0
             assert 0.0 <= block["avg@k"] <= block["pass@k"] <= 1.0
             assert 1.0 <= block["response_len"] <= 4.0
-            assert row[f"eval/{name}/avg@k"] == block["avg@k"]
+            assert row[f"eval/{name}/avg@k"] == block["avg@k"] and row[f"eval/{name}/timeouts"] == 0
             base = records[0]["datasets"][name]["behaviour"]
             for kind, ratio in block["behaviour_ratio"].items():  # against the step-0 evaluation
                 assert ratio == (block["behaviour"][kind] / base[kind] if base[kind] > 0 else None)
@@ -203,7 +297,7 @@ def test_periodic_eval_logs_fixed_problem_metrics_and_leaves_the_rng_alone(tmp_p
 
     plain = tiny_cfg(tmp_path / "no_eval")
     Trainer(plain).train()
-    rows0 = [json.loads(x) for x in (tmp_path / "no_eval" / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows0 = read_jsonl(tmp_path / "no_eval" / "run" / "metrics.jsonl")
     drop = lambda r: {k: v for k, v in r.items() if not k.startswith(("perf/", "time"))}  # noqa: E731
     assert [drop(r) for r in rows if r["phase"] != "eval"] == [drop(r) for r in rows0]
     w_eval = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
@@ -231,33 +325,34 @@ def test_a_run_at_step_0_moves_an_earlier_runs_outputs_aside(tmp_path, caplog, m
     second.train()
     for n, data in first.items():
         assert (previous / n).read_bytes() == data, n
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 0, 1, 2, 3, 4]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 0, 1, 2, 3, 4]
     assert (run / "config.toml").read_bytes() != first["config.toml"]
     second_metrics = (run / "metrics.jsonl").read_bytes()
-    monkeypatch.setattr(trainer_mod.time, "strftime", lambda *a: previous.name)   # a second start in the same second
-    again = trainer_mod._set_aside_earlier_outputs(run)
+    monkeypatch.setattr(run_mod.time, "strftime", lambda *a: previous.name)   # a second start in the same second
+    again = run_mod.set_aside_earlier_outputs(run)
     monkeypatch.undo()
     assert again == previous.with_name(previous.name + "-1")
     assert (again / "metrics.jsonl").read_bytes() == second_metrics
     assert (previous / "metrics.jsonl").read_bytes() == first["metrics.jsonl"]
 
 
-class _Tok:
-    def __init__(self, tag):
-        self.tag = tag
-
-    def save_pretrained(self, folder):
-        (Path(folder) / "tok.txt").write_text(self.tag)
-
-
 def test_final_model_is_replaced_by_renames_and_a_stale_temporary_folder_is_cleared(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", 300))
+    tok = load_tokenizer("builtin:tiny-llama")
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(tiny_config("llama", 300))
+
+    def saved(folder):
+        return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+    m1, m2, m3 = model(1), model(2), model(3)
     final = tmp_path / "final"
     (tmp_path / "final.tmp").mkdir()
     (tmp_path / "final.tmp" / "junk").write_text("left by an interrupted write")
-    Trainer.save_model(SimpleNamespace(model=model, tok=_Tok("1")), final)
-    assert (final / "tok.txt").read_text() == "1" and not (final / "junk").exists()
+    ckpt.save_model(m1, tok, final)
+    assert not (final / "junk").exists() and (final / "tokenizer.json").is_file()
+    assert all(torch.equal(v, m1.state_dict()[k]) for k, v in saved(final).items())
     real_replace = os.replace
 
     def interrupted(src, dst):   # stops before the new folder is renamed into place
@@ -267,13 +362,12 @@ def test_final_model_is_replaced_by_renames_and_a_stale_temporary_folder_is_clea
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        Trainer.save_model(SimpleNamespace(model=model, tok=_Tok("2")), final)
+        ckpt.save_model(m2, tok, final)
     monkeypatch.undo()
-    assert (tmp_path / "final.old" / "tok.txt").read_text() == "1"   # the earlier model survives
-    Trainer.save_model(SimpleNamespace(model=model, tok=_Tok("3")), final)
-    assert (final / "tok.txt").read_text() == "3"
+    assert all(torch.equal(v, m1.state_dict()[k]) for k, v in saved(tmp_path / "final.old").items())  # survives
+    ckpt.save_model(m3, tok, final)
+    assert all(torch.equal(v, m3.state_dict()[k]) for k, v in saved(final).items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
-    assert AutoModelForCausalLM.from_pretrained(final).config.hidden_size == 64
 
 
 def test_unknown_builtin_model_is_refused_before_any_conversion(monkeypatch):
@@ -334,4 +428,4 @@ def test_cli_names_the_key_of_a_missing_path_and_reports_a_training_error_withou
     assert main(base) == 1
     assert "fastprerl: error at step 1: KeyError: 'boom' (newest checkpoint: none)" in capsys.readouterr().err
     assert closed == [True]
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0]
