@@ -215,6 +215,15 @@ def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List
     return m
 
 
+def sample_records(samples: List[Dict], texts: List[str], scores, roll, terms) -> List[Dict]:
+    """One samples.jsonl record per response: prompt, response, answer, reward, the advantage of the phase's
+    first objective, verdict, format flag, token count and truncation."""
+    adv = next(iter(terms.values())).advantage
+    return [{"prompt": s["prompt"], "response": texts[i], "answer": s["answer"], "reward": scores.score[i],
+             "advantage": float(adv[i]), "correct": scores.correct[i], "has_answer": scores.has_answer[i],
+             "tokens": len(roll.response_ids[i]), "truncated": roll.truncated[i]} for i, s in enumerate(samples)]
+
+
 def text_table(header: List[str], rows: List[List[str]]) -> str:
     """A console table: the first column left-aligned, the others right-aligned, a rule under the header."""
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(header)]

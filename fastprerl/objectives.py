@@ -185,7 +185,7 @@ class LossDiagnostics:
     """What a StepLoss call saw: the rows (indices into the packed rows), their detached log-probs, and per
     objective the summed weighted loss, the tokens in the loss and how many of them were clipped."""
     rows: torch.Tensor                     # (k,) int64
-    logp: torch.Tensor                     # (k,) float32, on the CPU
+    logp: torch.Tensor                     # (k,) on the CPU (float32 from the fused kernels)
     term_sums: Dict[str, torch.Tensor]     # name -> () float32
     tokens: Dict[str, int]
     clipped: Dict[str, int]
@@ -206,7 +206,7 @@ class LossDiagnostics:
 
     def logp_by_row(self, num_rows: int) -> torch.Tensor:
         """(R,) the log-prob of every packed row (0 for rows no call saw)."""
-        out = torch.zeros(num_rows)
+        out = torch.zeros(num_rows, dtype=self.logp.dtype)
         out[self.rows] = self.logp
         return out
 

@@ -60,3 +60,12 @@ class CPUOffloadAdamW(torch.optim.AdamW):
                 mp.grad = None
             elif mp.grad is not None:
                 mp.grad.zero_()
+
+
+def make_optimizer(model, o):
+    """AdamW over the model's trainable parameters (o: OptimConfig; offloaded with offload_optimizer_state) and
+    its LR scheduler (constant LR, as the paper; kept so that checkpoints carry one)."""
+    cls = CPUOffloadAdamW if o.offload_optimizer_state else torch.optim.AdamW
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+              weight_decay=o.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)

@@ -9,6 +9,7 @@ write a checkpoint; a second one abandons the step at once (StepAbandoned).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -55,6 +56,21 @@ def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
     log.warning("run.output_dir %s held the outputs of an earlier run (%s); moved them to %s", out,
                 ", ".join(p.name for p in found), dest)
     return dest
+
+
+def check_startup(cfg, device: torch.device) -> None:
+    """What must hold before anything loads: the wandb package when logging.wandb, a usable logprob_impl."""
+    from .kernels import resolve_impl
+
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise RuntimeError("logging.wandb = true but the `wandb` package is not installed: pip install wandb "
+                           "(or set logging.wandb = false)")
+    try:
+        resolve_impl(cfg.model.logprob_impl, device)
+    except RuntimeError:
+        raise RuntimeError(f"model.logprob_impl = {cfg.model.logprob_impl!r} needs a CUDA device and the triton "
+                           f"package (or TRITON_INTERPRET=1, for tests); this run is on {device.type}. "
+                           f"Choose 'auto' (Triton on CUDA, torch elsewhere), 'torch' or 'naive'") from None
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ write a checkpoint; a second one abandons it. A non-finite reward, loss or gradi
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import math
 import random
@@ -38,19 +37,18 @@ from . import checkpoint as ckpt
 from . import objectives as obj
 from .config import Config, to_toml
 from .data import PromptStream, format_prompt, load_problems
-from .kernels import resolve_impl, token_logprobs_no_grad, token_loss
-from .metrics import MetricsLogger, step_metrics
+from .kernels import token_logprobs_no_grad, token_loss
+from .metrics import MetricsLogger, sample_records, step_metrics
 from .models import choose_device, empty_context_token, lm_head_weight, load_model, load_tokenizer
-from .optim import CPUOffloadAdamW
+from .optim import make_optimizer
 from .packing import bins, pack, select_rows
 from .rollout import make_backend
-from .run import NonFiniteError, StepAbandoned, StopSignals, batch_report, naming, set_aside_earlier_outputs
+from .run import (NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming,
+                  set_aside_earlier_outputs)
 from .schedule import Schedule
 from .scoring import _reward_fn_from_config, score
 
 log = logging.getLogger("fastprerl")
-
-__all__ = ["Trainer", "NonFiniteError"]
 
 
 class Trainer:
@@ -59,16 +57,8 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         resume_from = ckpt.resume_point(self.ckpt_root, self.out, cfg.to_dict(), cfg.run.resume)
-        if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
-            raise RuntimeError("logging.wandb = true but the `wandb` package is not installed: pip install wandb "
-                               "(or set logging.wandb = false)")
         self.device = choose_device(cfg.run.device)
-        try:
-            resolve_impl(cfg.model.logprob_impl, self.device)
-        except RuntimeError:
-            raise RuntimeError(f"model.logprob_impl = {cfg.model.logprob_impl!r} needs a CUDA device and the triton "
-                               f"package (or TRITON_INTERPRET=1, for tests); this run is on {self.device.type}. "
-                               f"Choose 'auto' (Triton on CUDA, torch elsewhere), 'torch' or 'naive'") from None
+        check_startup(cfg, self.device)
         if resume_from is None:
             set_aside_earlier_outputs(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +78,7 @@ class Trainer:
         if cfg.algo.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.schedule = Schedule(cfg.schedule)
-        self.optimizer, self.scheduler = self._make_optimizer()
+        self.optimizer, self.scheduler = make_optimizer(self.model, self.cfg.optim)
         with naming("data.source", cfg.data.source):
             problems = load_problems(cfg.data, cfg.run.seed)
         self.stream = PromptStream(problems, cfg.run.seed, cfg.data.shuffle)
@@ -106,14 +96,6 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
                                      start_step=self.step, run_config=cfg.to_dict(),
                                      wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
-
-    def _make_optimizer(self):
-        """AdamW and its LR scheduler (constant LR, as the paper; kept so that checkpoints carry one)."""
-        o = self.cfg.optim
-        cls = CPUOffloadAdamW if o.offload_optimizer_state else torch.optim.AdamW
-        opt = cls([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-                  betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:
@@ -175,7 +157,7 @@ class Trainer:
         """Policy reincarnation: same weights; optionally a fresh optimizer and a re-synced reference."""
         sch = self.cfg.schedule
         if sch.reset_optimizer_at_switch:
-            self.optimizer, self.scheduler = self._make_optimizer()
+            self.optimizer, self.scheduler = make_optimizer(self.model, self.cfg.optim)
         if sch.resync_reference_at_switch and self.ref_model is not None:
             self.ref_model.load_state_dict(self.model.state_dict())
         log.info("step %d: switching to phase %r", self.step, phase.name)
@@ -247,12 +229,7 @@ class Trainer:
         m.update({"perf/rollout_s": t_roll - t0, "perf/reward_s": t_rew - t_roll, "perf/train_s": t_end - t_rew,
                   "perf/step_s": t_end - t0, "perf/weight_sync_s": sync_s})
         if cfg.logging.samples_every and self.step % cfg.logging.samples_every == 0:
-            adv0 = next(iter(terms.values())).advantage
-            self.metrics.log_samples(self.step, [
-                {"prompt": samples[i]["prompt"], "response": texts[i], "answer": samples[i]["answer"],
-                 "reward": scores.score[i], "advantage": float(adv0[i]), "correct": scores.correct[i],
-                 "has_answer": scores.has_answer[i], "tokens": len(roll.response_ids[i]),
-                 "truncated": roll.truncated[i]} for i in range(len(samples))])
+            self.metrics.log_samples(self.step, sample_records(samples, texts, scores, roll, terms))
         return m
 
     def _backward(self, batch, loss_fn: obj.StepLoss):

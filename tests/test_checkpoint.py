@@ -217,7 +217,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(reference, tmp_path):
     def writing(pid):
         return root.is_dir() and any(p.name.endswith(f".tmp-{pid}") for p in root.iterdir())
 
-    kills, history = [], []
+    kills, history, resumed = [], [], []
     for trial, mode in enumerate(["startup", "write", "step", "write", "step"]):
         newest = ckpt.list_checkpoints(root)
         expect = f"resuming from {newest[0][1]}" if newest else "no checkpoint"
@@ -248,9 +248,11 @@ def test_sigkill_at_random_moments_then_resume_is_exact(reference, tmp_path):
                        f"before: {newest[0][0] if newest else None}")
         if "resuming from" in out or "no checkpoint" in out:
             assert expect in out, f"trial {trial}: expected {expect!r} (seed {seed}):\n{out[-3000:]}"
+        resumed.append("resuming from" in out)
         for _, path in ckpt.list_checkpoints(root):  # no torn checkpoint is ever visible under its name
             assert ckpt.verify(path) is None, f"trial {trial} ({mode}, seed {seed}): {path}: {ckpt.verify(path)}"
-    assert len(kills) >= 5
+    # trials 3 and 4 start after trial 2 saw a checkpoint written: both must have resumed from one
+    assert resumed[3:] == [True, True], f"a trial after the first checkpoint did not resume (seed {seed}): {history}"
     assert ckpt.list_checkpoints(root), f"no trial got as far as a checkpoint (seed {seed}): {history}"
     assert any(mid_write for _, mid_write in kills), f"no kill landed during a checkpoint write: {history}"
 
@@ -258,6 +260,35 @@ def test_sigkill_at_random_moments_then_resume_is_exact(reference, tmp_path):
     assert t.status == "complete" and t.step == 8
     assert metric_rows(run) == metric_rows(ref)
     assert_same_weights(run / "final", ref / "final")
+
+
+def test_resume_across_a_data_epoch_boundary_is_exact(tmp_path):
+    """data.size = 5 with 2 prompts per step: step 2 (the third) takes the last problem of epoch 0 and the first
+    of epoch 1 (reshuffled with the epoch's seed). A run resumed from checkpoint step_2 (2 steps done) crosses
+    that boundary and gives the uninterrupted run's prompts, metrics and final weights."""
+    cfg_path = phases_config(tmp_path, 2, 2)
+    extra = ("data.size=5", "run.keep_checkpoints=5", "logging.samples_every=1")
+    ref = run_in_process(cfg_path, tmp_path / "ref", *extra)
+    assert ref.status == "complete"
+    def state(n):
+        return json.loads((tmp_path / "ref" / "checkpoints" / f"step_{n}" / ckpt.STATE).read_text())["data"]
+
+    assert state(2) == {"epoch": 0, "pos": 4} and state(3) == {"epoch": 1, "pos": 1}
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref", run)
+    for name in ("final", "checkpoints/step_4", "checkpoints/step_3"):
+        shutil.rmtree(run / name)
+    t = run_in_process(cfg_path, run, *extra, "run.resume=true")
+    assert t.status == "complete" and t.step == 4
+    assert metric_rows(run) == metric_rows(tmp_path / "ref")
+    def samples(r):
+        return [(x["step"], x["prompt"], x["response"]) for x in map(json.loads, (r / "samples.jsonl").read_text()
+                                                                              .splitlines())]
+
+    assert samples(run) == samples(tmp_path / "ref")
+    step2 = sorted({p for s, p, _ in samples(run) if s == 2})
+    assert len(step2) == 2   # two different problems: the end of epoch 0 and the start of epoch 1
+    assert_same_weights(run / "final", tmp_path / "ref" / "final")
 
 
 def test_corrupted_newest_checkpoints_are_skipped_and_resume_is_exact(reference, tmp_path, caplog):

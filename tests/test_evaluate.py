@@ -169,9 +169,9 @@ def test_cli_bad_data_exits_2_with_a_clear_message(capsys):
 
 def test_eval_end_to_end_on_a_tiny_model_against_a_different_baseline(tmp_path, capsys):
     """The baseline is another random-init model (seed 5, final norm x30: peaked distributions where the model's
-    are near uniform), so its samples differ; the single letters
-    as keywords ("w" and "k") make the behaviour counts vary per response. Every number of the report is recomputed from the
-    per-response records (model) and the baseline's block (ratios)."""
+    are near uniform), so its samples differ; the single letters "w" and "k" as keywords make the behaviour
+    counts vary per response. Every number of the report is recomputed from the per-response records (model)
+    and the baseline's block (ratios)."""
     from fastprerl.models import load_model, load_tokenizer
 
     base_dir = tmp_path / "base"

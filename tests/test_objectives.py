@@ -164,7 +164,8 @@ def test_step_loss_hand_computed_with_two_objectives_old_logp_and_kl():
     b, db = loss_fn(lp.detach()[[3, 1]], torch.tensor([3, 1]))
     merged = obj.LossDiagnostics.merge([da, db], loss_fn.names)
     assert (a.sum() + b.sum()).item() == pytest.approx(0.7791928, abs=1e-6)
-    assert merged.term_sums["grpo"].item() == pytest.approx(-0.7 / 3, abs=1e-6) and merged.clip_fraction("grpo") == 2 / 3
+    assert merged.term_sums["grpo"].item() == pytest.approx(-0.7 / 3, abs=1e-6)
+    assert merged.clip_fraction("grpo") == 2 / 3
     assert merged.logp_by_row(4).tolist() == pytest.approx([-0.8, -2.0, -1.0, -0.7])
 
 
