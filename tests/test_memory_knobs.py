@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from fastprerl.config import load_config
-from fastprerl.models import load_model, tiny_config
+from fastprerl.models import load_model
 from fastprerl.optim import CPUOffloadAdamW
 from fastprerl.kernels import token_loss
 from fastprerl.models import lm_head_weight

@@ -370,12 +370,13 @@ def test_final_model_is_replaced_by_renames_and_a_stale_temporary_folder_is_clea
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
-def test_unknown_builtin_model_is_refused_before_any_conversion(monkeypatch):
-    monkeypatch.setattr(models, "_smollm2_cached", lambda: pytest.fail("converted SmolLM2 for an unknown builtin"))
+def test_unknown_builtin_model_is_refused_before_any_conversion(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTPRERL_CACHE", str(tmp_path / "cache"))   # where a conversion would write
     for load in (models.load_tokenizer, models.load_model):
         with pytest.raises(ValueError, match="model.path: unknown builtin 'builtin:tiny-lama'; choose one of "
                                              "builtin:smollm2-135m, builtin:tiny-llama, builtin:tiny-qwen2"):
             load("builtin:tiny-lama")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_triton_logprobs_without_cuda_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

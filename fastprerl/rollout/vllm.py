@@ -154,14 +154,13 @@ class VLLMRollout(Rollout):
 
     # ------------------------------------------------------------------ weights and memory
     def sync_weights(self, model=None) -> float:
-        """The trainer's weights changed: push them now, or (engine asleep) at the next generate. Returns the
-        seconds the push took (0 when it is left to the next generate)."""
+        """The trainer's weights changed: push them now, or (engine asleep) when it wakes for the next generate.
+        Returns the seconds of the latest push (asleep: the one made when it last woke)."""
         if model is not None:
             self.model = model
         self.stale = True
-        if self.asleep:
-            return 0.0
-        self._push()
+        if not self.asleep:
+            self._push()
         return self.last_sync_s
 
     def _push(self):
