@@ -182,7 +182,7 @@ class UserReward:
             if not timed_out:
                 why = value[1] if ok else f"its worker {'died' if value == 'crash' else f'failed ({value})'}"
                 self._report(why, response, sample)
-            results.append(RewardResult(0.0, 0.0, not timed_out, timed_out=timed_out))
+            results.append(RewardResult(0.0, 0.0, timed_out, timed_out=timed_out))  # a failure: no answer
         return results
 
     def _report(self, why: str, response: str, sample: Mapping[str, Any]) -> None:
