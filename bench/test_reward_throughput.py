@@ -4,17 +4,18 @@ Verifications per second through `RewardPool.score_batch` (default extraction) w
 default 5 s timeout, and, as the peer column of the same run, plain math-verify
 (`verify(parse(gold), parse(response))`, the gold answer in `$...$`) run on the same pairs in the same pool
 through `RewardPool.run`, for
-  plain        plain-number answers (integers, decimals, fractions, thousands separators): the cheap path;
-  symbolic     answers that need sympy (radicals, pi, intervals, sets, equations, polynomials): the workers;
+  plain        plain-number answers (integers, decimals, fractions, thousands separators);
+  symbolic     answers that need sympy (radicals, pi, intervals, sets, equations, polynomials);
   typical      70% plain, 30% symbolic;
   typical+5%   the same with 5% of the items replaced by pathological answers (exponent towers, huge
                factorials, 1 MB strings, 10k nested braces, invalid LaTeX, ...).
 Targets, relative to the peer of the same run (so that a busy machine moves both columns alike):
-  plain, symbolic, typical  >= MIN_RATIO_TO_PEER x the peer's rate on the same pairs;
+  typical                   >= TYPICAL_MIN_RATIO x the peer: at most 1.5x slower, relative to the peer,
+                               than before rewards moved onto math-verify's own extraction (see there);
+  plain, symbolic           >= MIN_RATIO x the peer: fastprerl's own work (fresh state per call, guards,
+                               the pool's bookkeeping) costs at most a third on top of the library's;
   typical+5%                >= 1/4 of fastprerl's own typical rate (the peer is not run on it: each of its
                                50 runaway answers would hold a worker for the whole 5 s timeout).
-MIN_RATIO_TO_PEER comes from the measurement before rewards moved onto math-verify's own extraction (see
-its comment): the typical mix may be at most 1.5x slower, relative to the peer, than it was then.
 Every item is a distinct (response, gold) pair, so no result is reused. Appends one JSON line per case and
 column to bench/results/rewards.jsonl, with the machine's load average.
 """
@@ -33,8 +34,11 @@ import pytest
 import fastprerl
 from fastprerl.rewards import RewardPool
 
-# (filled in below)
-MIN_RATIO_TO_PEER = 0.0
+# Before the change (57bce24: hand-written extraction, plain numbers compared in the calling process), the
+# typical mix ran at 1.38, 1.46, 1.46 and 1.43x the peer (four runs of this file, 2-core CPU shared with other
+# work, load average 5-8): mean 1.43. At most 1.5x slower relative to the peer: 1.43 / 1.5 = 0.95.
+TYPICAL_MIN_RATIO = 0.95
+MIN_RATIO = 0.75
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rewards.jsonl"
 WORKERS = 2
@@ -208,7 +212,8 @@ def measure(pool: RewardPool, case: str, pairs, rates: dict, *, with_peer: bool 
 ], ids=["plain", "symbolic", "typical"])
 def test_against_plain_math_verify(pool, rates, case, make):
     ours, peer = measure(pool, case, make(), rates)
-    assert ours >= MIN_RATIO_TO_PEER * peer, f"{case}: {ours:.1f}/s vs math-verify {peer:.1f}/s"
+    floor = TYPICAL_MIN_RATIO if case == "typical" else MIN_RATIO
+    assert ours >= floor * peer, f"{case}: {ours:.1f}/s vs math-verify {peer:.1f}/s (at least {floor}x)"
 
 
 def test_typical_mix_with_5_percent_pathological(pool, rates):

@@ -5,7 +5,8 @@ How one math answer is scored (`RewardPool.verify`):
 1. The strict extraction modes of `extract` (`fastprerl.reward_answers`) run here, in order. An answer one
    of them finds is checked by the guards: one that is too long or holds a construct known to make sympy
    run away scores 1.0 only if it is the gold string itself, else 0.0, without reaching a worker
-   (`RewardPool(guards=False)` turns this off). Otherwise the answer goes to a worker.
+   (`RewardPool(guards=False)` turns the construct check off, here and in the workers). Otherwise the
+   answer goes to a worker.
 2. When none finds one and the last mode is "math_verify" (the default), the whole response goes to a worker
    (its last MAX_RESPONSE_CHARS characters: the final answer is at the end), where math-verify finds the
    answer. With no mode left: 0.0 and `has_answer=False`, minus the format penalty.
@@ -13,8 +14,8 @@ How one math answer is scored (`RewardPool.verify`):
    from the same fresh state for every call, so that the verdict does not depend on what that worker did
    before. Identical (answer, gold) pairs of a batch are verified once.
 4. A call that overruns the timeout has its worker killed and replaced; its answer scores 0.0 with
-   `timed_out=True` (counted in `stats["timeouts"]`), a verdict that no verifier gave. A worker that dies is
-   replaced likewise (`stats["crashes"]`).
+   `timed_out=True` (counted in `stats["timeouts"]`; `has_answer=True`, no format penalty), a verdict that
+   no verifier gave. A worker that dies is replaced likewise (`stats["crashes"]`).
 
 This module imports neither torch nor sympy.
 """
