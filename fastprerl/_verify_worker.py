@@ -1,11 +1,11 @@
-"""The verification server behind `fastprerl.rewards.RewardPool`, and the slow half of verification.
+"""The verification server behind `fastprerl.reward_pool.RewardPool`: worker processes with hard timeouts.
 
 `RewardPool` starts this module as its own process (`python -m fastprerl._verify_worker FD WORKERS MEM
-[MODULE...]`) and talks to it over one socket. This process imports sympy and math-verify once, warms them
-up, and then forks its worker processes from that warm state: a fresh worker, including one that replaces a
-killed worker, is ready in milliseconds. Forking is safe here because this process is single-threaded and
-holds nothing of the caller (no torch, no CUDA, no threads); the caller itself never forks and never imports
-this module.
+[MODULE...]`) and talks to it over one socket. This process imports what the workers compute
+(`fastprerl._verify_tasks`: sympy, math-verify) once, warms it up, and then forks its worker processes
+from that warm state: a fresh worker, including one that replaces a killed worker, is ready in
+milliseconds. Forking is safe here because this process is single-threaded and holds nothing of the caller
+(no torch, no CUDA, no threads); the caller itself never forks and never imports this module.
 
 Requests (pickled):   ("run", fn, args_list, timeout)  ->  ("done", [(ok, value), ...], counts, last_error)
                       ("preload", modules)              ->  ("done", None, {}, None)
@@ -14,16 +14,11 @@ Requests (pickled):   ("run", fn, args_list, timeout)  ->  ("done", [(ok, value)
 fn(*args); a call that runs past `timeout` seconds has its worker killed (SIGKILL) and replaced and comes back
 as (False, "timeout"); a worker that dies comes back as (False, "crash"); a call that raises, as
 (False, exception type name). The rest of the batch goes on on the other workers meanwhile.
-
-math-verify's own timeouts are switched off (`parsing_timeout=None`, `timeout_seconds=None`): they are built
-on `signal.alarm`, which fails off the main thread. Killing the worker is the timeout.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-import logging
 import multiprocessing
 import os
 import pickle
@@ -33,70 +28,7 @@ from collections import deque
 from multiprocessing import connection
 from typing import Any, Callable, Sequence
 
-from math_verify import parse, verify
-
-# math-verify warns once that its timeout is disabled, and logs every parse failure; neither is news here.
-for _name in ("math_verify", "latex2sympy2_extended"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
-
-
-# --------------------------------------------------------------------------------------------------------
-# What the workers compute.
-# --------------------------------------------------------------------------------------------------------
-
-
-def _parse(answer: str) -> list:
-    """math-verify's parse of one already extracted, normalised answer, read as LaTeX math."""
-    return parse("$" + answer + "$", parsing_timeout=None)
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str) -> list:
-    # The G completions of one prompt share a gold answer: parse it once per worker.
-    return _parse(gold)
-
-
-def verify_math(pred: str, gold: str) -> float:
-    """1.0 when math-verify finds `pred` equivalent to `gold` (both extracted and normalised), else 0.0."""
-    gold_parsed = _parse_gold(gold)
-    if not gold_parsed:
-        return 0.0
-    pred_parsed = _parse(pred)
-    if not pred_parsed:
-        return 0.0
-    return 1.0 if verify(gold_parsed, pred_parsed, timeout_seconds=None) else 0.0
-
-
-@functools.lru_cache(maxsize=None)
-def _reasoning_gym_scorer(dataset: str):
-    import reasoning_gym
-
-    return reasoning_gym.get_score_answer_fn(dataset)
-
-
-def score_reasoning_gym(dataset: str, answer: str | None, entry: dict) -> float:
-    """The reasoning-gym dataset's own `score_answer(answer, entry)` (it may give partial credit in [0, 1])."""
-    return float(_reasoning_gym_scorer(dataset)(answer, entry))
-
-
-# Representative answer forms: verifying them once builds the LaTeX parser's prediction caches and sympy's
-# caches, so that the first real answers are not ten times slower than the rest.
-_WARM_UP = [
-    ("1", "1"), (r"\frac{1}{2}", "0.5"), (r"\frac{\sqrt{3}}{2}", r"\sqrt{3}/2"), (r"2\pi", r"\pi"),
-    ("x = 5", "5"), ("(1, 2)", "(1, 2)"), ("[0, 1)", "[0, 1]"), (r"\{1, 2, 3\}", r"\{3, 2, 1\}"),
-    ("x^2 + 2x + 1", "(x+1)^2"), (r"50\%", "0.5"), (r"(-\infty, 3) \cup (4, \infty)", r"(-\infty, 3)"),
-    ("3 + 2i", "2i + 3"), (r"\text{(A)}", "A"), (r"\sin x", r"\cos x"), (r"\log_2 8", "3"),
-    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"),
-    (r"1.5 \times 10^{3}", "1500"), (r"y = 2x + 3", "2x + 3"), (r"\infty", r"-\infty"), (r"2\sqrt{2}", r"\sqrt{8}"),
-]
-
-
-def warm_up() -> None:
-    for gold, pred in _WARM_UP:
-        try:
-            verify_math(pred, gold)
-        except Exception:  # a warm-up failure only costs speed
-            pass
+from fastprerl import _verify_tasks
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -268,7 +200,7 @@ class WorkerGroup:
 def serve(upstream: connection.Connection, workers: int, max_memory_mb: int | None, preload: Sequence[str]) -> None:
     for module in preload:
         importlib.import_module(module)
-    warm_up()
+    _verify_tasks.warm_up()
     group = WorkerGroup(workers, max_memory_mb, keep_fds=[upstream.fileno()])
     upstream.send(("ready", os.getpid()))
     try:
@@ -304,8 +236,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    # Run under the module's real name, so that "fastprerl._verify_worker:verify_math" resolves to these very
-    # (warmed-up) functions and not to a second copy of the module.
-    from fastprerl._verify_worker import main as _main
-
-    _main(sys.argv)
+    main(sys.argv)

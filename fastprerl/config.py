@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .config_parse import OBJECTIVES, ConfigError, apply_override, build, parse_override_value
 from .data import check_source, check_template
-from .rewards import BUILTIN_REWARDS, USER_REWARD
+from .rewards import BUILTIN_REWARDS, MATH_VERIFY, USER_REWARD
 
 __all__ = ["Config", "ConfigError", "OBJECTIVES", "load_config", "config_from_dict", "to_toml", "validate"]
 
@@ -81,7 +81,9 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     fn: str = "math"                # math | reasoning_gym | module:function
-    extract: Tuple[str, ...] = ("boxed", "gsm8k", "answer_is")   # answer extraction modes ("math")
+    # answer extraction modes ("math"), tried in order: math-verify's own extraction by default (LaTeX and
+    # plain answers, boxed first); strict formats: boxed, gsm8k, answer_is, answer_tag, last_number, last_line
+    extract: Tuple[str, ...] = (MATH_VERIFY,)
     timeout: float = 5.0
     workers: int = 2
     format_penalty: float = 0.0
@@ -206,6 +208,13 @@ def validate(cfg: Config) -> Config:
                           f"'module:function', got {cfg.reward.fn!r}")
     if cfg.reward.fn == "math" and not cfg.reward.extract:
         raise ConfigError("reward.extract: expected at least one extraction mode for reward.fn 'math'")
+    if MATH_VERIFY in cfg.reward.extract[:-1]:
+        raise ConfigError(f"reward.extract: {MATH_VERIFY!r} finds an answer wherever another mode does, so it must "
+                          f"be the last mode, got {list(cfg.reward.extract)}")
+    if cfg.reward.format_penalty and cfg.reward.fn not in BUILTIN_REWARDS:
+        raise ConfigError(f"reward.format_penalty: applies to the built-in rewards ({', '.join(BUILTIN_REWARDS)}); "
+                          f"the reward function {cfg.reward.fn!r} returns its own scores, got "
+                          f"{cfg.reward.format_penalty}")
     local = cfg.model.path.startswith(("/", ".", "~"))   # a hub id is "org/name"; builtins start "builtin:"
     if local and not Path(cfg.model.path).expanduser().is_dir():
         raise ConfigError(f"model.path: no folder at {cfg.model.path!r}; expected a local model folder, a hub id "

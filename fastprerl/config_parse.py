@@ -11,7 +11,7 @@ import tomllib
 import typing
 from typing import Any, Dict, Tuple, Union
 
-from .rewards import EXTRACTORS
+from .rewards import EXTRACT_MODES
 
 OBJECTIVES = ("grpo", "prerl", "nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl", "w_reinforce")
 
@@ -31,7 +31,7 @@ CHOICES = {
     "algo.negative_rule": ("group_advantage", "reward_threshold"),
     "algo.old_logp": ("detached", "rollout"),
     "objective.name": OBJECTIVES,
-    "reward.extract": tuple(EXTRACTORS),
+    "reward.extract": EXTRACT_MODES,
 }
 POSITIVE = {"rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
             "rollout.temperature", "rollout.generation_batch_size", "reward.timeout", "reward.workers",

@@ -186,8 +186,9 @@ def default_reward(spec: DataSpec) -> str:
 
 
 def reward_config(name: str, base: RewardConfig) -> RewardConfig:
-    """The RewardConfig of an eval reward name: math (\\boxed, then GSM8K `####`, then "the answer is"),
-    last_number, reasoning_gym, or module:function; timeout and workers from `base`."""
+    """The RewardConfig of an eval reward name: math (the default `reward.extract`: math-verify's own
+    extraction, boxed answers first), last_number, reasoning_gym, or module:function; timeout and workers
+    from `base`."""
     if name == "last_number":
         return dataclasses.replace(base, fn="math", extract=("last_number",), format_penalty=0.0)
     if name in ("math", "reasoning_gym") or ":" in name:
@@ -197,10 +198,10 @@ def reward_config(name: str, base: RewardConfig) -> RewardConfig:
 
 def make_reward(name: str, base: RewardConfig):
     """The reward function of an eval reward name (`reward_config`)."""
-    from .scoring import _reward_fn_from_config
+    from .rewards import from_config
 
     try:
-        return _reward_fn_from_config(reward_config(name, base))
+        return from_config(reward_config(name, base))
     except ValueError as e:
         if isinstance(e, EvalError):
             raise

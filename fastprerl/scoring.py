@@ -1,21 +1,9 @@
-"""Reward functions as the trainer and the evaluation use them: built from a RewardConfig in one place
-(`_reward_fn_from_config`) and their results read in one place (`score`)."""
+"""Reward results as the trainer and the evaluation read them, in one place (`score`). Reward functions are
+built from a RewardConfig by `fastprerl.rewards.from_config`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
-
-from .rewards import get_reward_fn
-
-
-def _reward_fn_from_config(rc):
-    """rc: RewardConfig. Built-in reward functions take the options; a user's module:function none."""
-    if ":" in rc.fn:
-        return get_reward_fn(rc.fn)
-    opts = {"timeout": rc.timeout, "workers": rc.workers, "format_penalty": rc.format_penalty}
-    if rc.fn == "math":
-        opts["extract"] = tuple(rc.extract)
-    return get_reward_fn(rc.fn, **opts)
 
 
 @dataclass

@@ -46,7 +46,8 @@ from .rollout import make_backend
 from .run import (NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming,
                   set_aside_earlier_outputs)
 from .schedule import Schedule
-from .scoring import _reward_fn_from_config, score
+from .rewards import from_config as reward_fn_from_config
+from .scoring import score
 
 log = logging.getLogger("fastprerl")
 
@@ -83,7 +84,7 @@ class Trainer:
             problems = load_problems(cfg.data, cfg.run.seed)
         self.stream = PromptStream(problems, cfg.run.seed, cfg.data.shuffle)
         self.rollout = make_backend(cfg.rollout, self.model, self.tok, seed=cfg.run.seed)
-        self.reward_fn = _reward_fn_from_config(cfg.reward)
+        self.reward_fn = reward_fn_from_config(cfg.reward)
         self.step = 0                       # completed steps = the index of the next step
         self.last_checkpoint: Optional[Path] = None
         if resume_from is not None:
