@@ -11,13 +11,37 @@ Bound, the one of tests/tolerances.py (its table is loaded from there, not copie
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-QUANTITY = {"logp": "logp", "loss": "logp", "entropy": "entropy", "lse": "logp", "grad_h": "grad",
-            "grad_w": "grad"}
+CACHE_ENV = "FASTPRERL_ORACLE_CACHE"    # a folder shared by the benchmark workers of one run
+
+
+def quantity(key: str) -> str:
+    """The TOL column of an output: gradients ("grad*") -> "grad", entropy -> "entropy", else "logp"."""
+    return "grad" if key.startswith("grad") else ("entropy" if key == "entropy" else "logp")
+
+
+def cached(key: str, compute: Callable[[], tuple]) -> tuple:
+    """compute(), stored under $FASTPRERL_ORACLE_CACHE by `key` so that the workers of one benchmark run
+    compute each oracle once (without that variable: computed every time)."""
+    import torch
+
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        return compute()
+    path = Path(folder) / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt")
+    if path.exists():
+        return torch.load(path)
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+    return value
 
 
 def load_tolerances() -> dict:
@@ -80,7 +104,7 @@ def check(got: dict, oracle: dict, naive: dict, dtype, tol: Optional[dict] = Non
         finite = bool(torch.isfinite(g).all())
         err = (g - o).abs().max().item() if o.numel() else 0.0
         ref = (nv - o).abs().max().item() if o.numel() else 0.0
-        bound = ref + tol[QUANTITY[key]] * max(1.0, o.abs().max().item() if o.numel() else 0.0)
+        bound = ref + tol[quantity(key)] * max(1.0, o.abs().max().item() if o.numel() else 0.0)
         ok = finite and err <= bound
         res[key] = {"err": err, "naive_err": ref, "bound": bound, "ok": ok}
         res["ok"] = res["ok"] and ok

@@ -1,6 +1,6 @@
 """Every Triton kernel of kernels/ compiles for sm_90 (H100/H200) and sm_80 (A100) in every configuration the
 launchers choose at real model shapes, within the target's shared memory, and without register spills in the
-16-bit kernels (tests/triton_compile_check.py does the work; no GPU is needed: Triton's ptxas builds the
+16-bit kernels (and few in the fp32 ones) (tests/triton_compile_check.py does the work; no GPU is needed: Triton's ptxas builds the
 cubin). CI runs this file with the system Triton and, through tests/triton36_env.sh, with Triton 3.6 (what
 the GPU machines have)."""
 import json
@@ -89,3 +89,6 @@ def test_the_check_fails_on_a_spilling_configuration():
     assert any("spill instructions in a 16-bit kernel" in p for p in C.problems([row]))
     assert any("shared memory" in p for p in C.problems([{**row, "smem": C.SMEM_LIMIT[80] + 1}]))
     assert any("compile error" in p for p in C.problems([{**row, "error": "boom"}]))
+    fp32 = {**row, "sixteen_bit": False, "dtype": "fp32"}
+    assert C.problems([{**fp32, "stl": 3, "ldl": 3}]) == []
+    assert any("(fp32)" in p for p in C.problems([{**fp32, "stl": C.FP32_SPILL_LIMIT, "ldl": 1}]))
