@@ -1,8 +1,9 @@
-"""bench/gpu_check.py, the GPU check, in its CPU smoke mode (tiny shapes, Triton interpreter): it runs every
-section and exits 0, and a planted failure makes it exit non-zero: a wrong kernel result (log-probs off by
-0.01), and a section that raises. Each run is a fresh process (the smoke mode sets TRITON_INTERPRET=1 before
-triton is imported)."""
+"""bench/gpu_check.sh, the prepared device run, in its CPU smoke mode (tiny shapes, Triton interpreter): every
+step runs and passes and every result lands in the output folder. bench/gpu_check.py, its first step, exits
+non-zero on a planted failure: a wrong kernel result (log-probs off by 0.01), and a section that raises. Each
+run is a fresh process (the smoke mode sets TRITON_INTERPRET=1 before triton is imported)."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 PLANTS = {
-    "none": "",
     # a wrong kernel result: every log-prob of the Triton path 0.01 too high
     "wrong_logp": """
         import fastprerl.kernels.triton_logprob as tlp
@@ -49,13 +49,24 @@ def _run(tmp_path, plant):
     return res, next(r for r in summary if r.get("section") == "summary")["failures"]
 
 
-def test_cpu_smoke_runs_every_section_and_passes(tmp_path):
-    res, failures = _run(tmp_path, "none")
-    assert res.returncode == 0 and failures == [], res.stdout[-4000:] + res.stderr[-3000:]
-    report = (tmp_path / "gpu_check.md").read_text()
+def test_the_device_script_runs_every_step_in_cpu_smoke_mode(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", str(out)],
+                         capture_output=True, text=True, env={**env, "PYTHON": sys.executable}, timeout=1800)
+    logs = "".join(p.read_text()[-3000:] for p in sorted(out.glob("*.log")))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:] + logs
+    for name in ("gpu_check", "gpu_memory_24gb", "onepass"):
+        assert f"{name}: exit 0" in res.stdout
+    report = (out / "gpu_check.md").read_text()
     for section in ("1. correctness", "2. matmul rate", "3. benchmark", "## summary"):
         assert section in report
     assert "| fastprerl_triton |" in report and "all checks passed" in report
+    summary = next(json.loads(x) for x in (out / "gpu_check.jsonl").read_text().splitlines()
+                   if json.loads(x).get("section") == "summary")
+    assert summary["failures"] == []
+    assert (out / "gpu_memory_24gb_cpu_tiny.md").is_file() and (out / "onepass_cpu_quick.md").is_file()
+    assert "| quantity | value | target |" in res.stdout       # the short table, printed last
 
 
 @pytest.mark.parametrize("plant", ["wrong_logp", "raising_section"])

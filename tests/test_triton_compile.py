@@ -64,8 +64,9 @@ def test_every_kernel_compiles_for_both_targets_without_spills_or_smem_overflow(
 
 
 def test_the_check_fails_on_a_spilling_configuration():
-    """The control: a configuration known to spill (the sm_80 bf16 forward with entropy at 128 x 128 x 64,
-    the tile choice before per-architecture configs) is reported as a problem."""
+    """The control: a configuration that must spill (the sm_80 bf16 forward with a 256 x 128 tile on 4 warps: its
+    fp32 accumulator alone is 256 registers per thread, over the 255 of a thread) is reported as a problem, as
+    are shared memory over the limit, a compile error and too many fp32 spills."""
     import torch
     from fastprerl.kernels.triton_config import KernelConfig
     from fastprerl.kernels.triton_forward import forward_launch, forward_partials
@@ -76,7 +77,7 @@ def test_the_check_fails_on_a_spilling_configuration():
     w = torch.empty((V, H), device=meta, dtype=torch.bfloat16)
     t = torch.empty((M,), device=meta, dtype=torch.int64)
     launch = forward_launch(h, w, t, forward_partials(M, 1, meta), V, 1.0, True,
-                            KernelConfig(128, 128, 64, num_warps=8, num_stages=3))
+                            KernelConfig(256, 128, 64, num_warps=4, num_stages=3))
     spec = C._spec(launch, 80)
     script = ("import json, sys; sys.path.insert(0, %r); import triton_compile_check as C; "
               "print(json.dumps(C.compile_one(json.loads(sys.argv[1]))))" % str(HERE))
@@ -84,7 +85,7 @@ def test_the_check_fails_on_a_spilling_configuration():
                          env=_env(), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     row = {"spec": spec, **json.loads(res.stdout.strip().splitlines()[-1]), "arch": 80, "dtype": "bf16",
-           "sixteen_bit": True, "config": "128x128x64 w8 s3", "flags": "entropy", "smem_limit": C.SMEM_LIMIT[80]}
+           "sixteen_bit": True, "config": "256x128x64 w4 s3", "flags": "entropy", "smem_limit": C.SMEM_LIMIT[80]}
     assert row["stl"] + row["ldl"] > 0
     assert any("spill instructions in a 16-bit kernel" in p for p in C.problems([row]))
     assert any("shared memory" in p for p in C.problems([{**row, "smem": C.SMEM_LIMIT[80] + 1}]))
