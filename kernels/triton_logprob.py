@@ -13,7 +13,9 @@ CPU: the kernels run under the Triton interpreter when TRITON_INTERPRET=1, and t
 environment BEFORE `triton` is first imported in the process (kernels/triton_runtime.py says why; a launch
 under the other setting raises a RuntimeError naming the cause). Under the interpreter bf16 / fp16 `tl.dot`
 is unreliable, so the launchers compute on fp32 copies there (gradients are still returned in the input
-dtypes).
+dtypes). The interpreter tests run with Triton 3.9; Triton 3.6's interpreter stops on these kernels with
+"only 0-dimensional arrays can be converted to Python scalars" (so it did before the tile code was shared),
+while its compiler builds all of them (tests/triton36_env.sh).
 """
 from __future__ import annotations
 
