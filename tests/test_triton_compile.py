@@ -16,6 +16,9 @@ sys.path.insert(0, str(HERE))
 triton = pytest.importorskip("triton")
 import triton_compile_check as C  # noqa: E402
 
+# ~2 minutes on a quiet 2-core machine (144 compiles on 2 processes), ~7 under a load average of 7
+pytestmark = pytest.mark.timeout(1200)
+
 KERNELS = {"_logprob_fwd_kernel", "_logprob_bwd_kernel", "_logprob_bwd_dh_kernel", "_logprob_bwd_dw_kernel"}
 
 
