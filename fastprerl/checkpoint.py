@@ -4,6 +4,7 @@ A checkpoint is the folder `<output_dir>/checkpoints/step_<N>/`, N = completed s
 run starts at). It holds:
 
   config.json, model.safetensors, generation_config.json   the policy in Hugging Face format (from_pretrained)
+  (LoRA: adapter_config.json, adapter_model.safetensors      the adapter as PEFT saves it, instead)
   tokenizer files                                          so the folder is a complete model
   optimizer.pt, scheduler.pt                                optimizer and LR-scheduler state_dicts
   rng.pt                                                    python `random`, torch CPU (+ CUDA), numpy RNG states
@@ -42,7 +43,7 @@ STATE = "trainer_state.json"
 CONFIG_JSON = "run_config.json"
 CONFIG_TOML = "run_config.toml"
 REF_MODEL = "ref_model.safetensors"
-REQUIRED = ("config.json", "optimizer.pt", "scheduler.pt", "rng.pt", STATE, CONFIG_JSON)
+REQUIRED = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE, CONFIG_JSON)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 # Keys that may change when a run is resumed: where and how fast it runs, what it logs and evaluates.
@@ -55,7 +56,7 @@ RESUME_MAY_CHANGE = (
     "logging.", "eval.", "reward.workers", "rollout.generation_batch_size", "rollout.vllm_gpu_memory_utilization",
     "rollout.vllm_enforce_eager", "rollout.vllm_sleep", "optim.max_tokens_per_microbatch",
     "optim.offload_optimizer_state", "model.logprob_impl", "model.attn_implementation",
-    "model.gradient_checkpointing",
+    "model.gradient_checkpointing", "run.merge_lora",
 )
 
 
@@ -96,6 +97,8 @@ def verify(path: Path) -> Optional[str]:
     except (ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST} ({e})"
     missing = [r for r in REQUIRED if r not in entries]
+    if "config.json" not in entries and "adapter_config.json" not in entries:   # a full model or an adapter
+        missing.append("config.json")
     if missing:
         return f"{MANIFEST} lists no {missing}"
     for rel, meta in sorted(entries.items()):
@@ -232,8 +235,17 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state
 
 # ---------------------------------------------------------------------------------------------- loading
 def _load_hf_weights(model, path: Path) -> None:
-    """Loads the Hugging Face weights saved in `path` into `model` in place (tied weights included)."""
+    """Loads the Hugging Face weights saved in `path` into `model` in place (tied weights included); a
+    LoRA model gets its adapter weights (the frozen base is rebuilt from model.path)."""
     from safetensors.torch import load_file
+
+    from .lora import is_lora, load_adapter
+
+    if is_lora(model):
+        if not (path / "adapter_config.json").is_file():
+            raise ResumeError(f"{path} holds no LoRA adapter but this run trains one (model.lora.r > 0)")
+        load_adapter(model, path)
+        return
 
     sd = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -353,3 +365,13 @@ def save_model(model, tokenizer, path: Path) -> None:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
+    """<out>/final: the trained model (a LoRA run: its adapter); with merge_lora and a LoRA model also
+    <out>/final_merged, the base with the adapter folded in, as a plain Hugging Face model."""
+    from .lora import is_lora, save_merged
+
+    save_model(model, tokenizer, Path(out) / "final")
+    if merge_lora and is_lora(model):
+        save_merged(model, tokenizer, Path(out) / "final_merged")

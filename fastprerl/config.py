@@ -29,12 +29,35 @@ class RunConfig:
     resume: bool = False            # continue from the newest complete checkpoint (the CLI's --resume)
     checkpoint_every: int = 0       # write a checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2       # keep the newest K checkpoints
+    merge_lora: bool = False        # LoRA runs: also write <output_dir>/final_merged, the merged HF model
 
     def __post_init__(self):
         if self.checkpoint_every < 0:
             raise ConfigError(f"run.checkpoint_every: expected a value >= 0, got {self.checkpoint_every!r}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"run.keep_checkpoints: expected a value >= 1, got {self.keep_checkpoints!r}")
+
+
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters through PEFT (fastprerl/lora.py); r = 0 trains every weight (full fine-tuning)."""
+    r: int = 0                      # adapter rank; 0 = off
+    alpha: float = 16.0             # scale alpha / r of the adapter's product B A
+    dropout: float = 0.0            # dropout on the adapter's input
+    target_modules: Tuple[str, ...] = LORA_DEFAULT_TARGETS   # module names (the attention and MLP projections)
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ConfigError(f"model.lora.r: expected a rank >= 0 (0 = off), got {self.r!r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha: expected a value > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if self.r > 0 and not self.target_modules:
+            raise ConfigError("model.lora.target_modules: expected at least one module name when model.lora.r > 0")
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     empty_token: Union[int, str] = "auto"   # id, token string, or auto (BOS, else chat turn-start)
     logprob_impl: str = "auto"      # auto | torch | triton | naive
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)
@@ -266,8 +290,12 @@ def to_toml(cfg: Config) -> str:
         if section == "schedule":
             continue
         lines.append(f"[{section}]")
-        lines += [f"{k} = {fmt(v)}" for k, v in body.items()]
+        lines += [f"{k} = {fmt(v)}" for k, v in body.items() if not isinstance(v, dict)]
         lines.append("")
+        for name, sub in ((k, v) for k, v in body.items() if isinstance(v, dict)):   # e.g. [model.lora]
+            lines.append(f"[{section}.{name}]")
+            lines += [f"{k} = {fmt(v)}" for k, v in sub.items()]
+            lines.append("")
     sch = d["schedule"]
     lines.append("[schedule]")
     lines += [f"{k} = {fmt(v)}" for k, v in sch.items() if k != "phases"]

@@ -96,8 +96,9 @@ def tiny_config(kind: str, vocab_size: int, hidden: int = 64, layers: int = 2, h
 
 
 def load_model(spec: str, *, dtype: str = "float32", attn_implementation: str = "sdpa",
-               seed: int = 0, gradient_checkpointing: bool = False):
-    """Returns a Hugging Face causal LM in train mode on CPU (move it yourself)."""
+               seed: int = 0, gradient_checkpointing: bool = False, lora=None):
+    """Returns a Hugging Face causal LM in train mode on CPU (move it yourself); with `lora` (a
+    config.LoraConfig with r > 0) wrapped by PEFT with the base frozen (fastprerl/lora.py)."""
     from transformers import AutoModelForCausalLM
 
     _check_builtin(spec)
@@ -123,6 +124,9 @@ def load_model(spec: str, *, dtype: str = "float32", attn_implementation: str = 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if lora is not None and lora.r > 0:
+        from .lora import wrap
+        model = wrap(model, lora)
     model.train()
     return model
 

@@ -73,7 +73,8 @@ class Trainer:
             self.tok = load_tokenizer(cfg.model.path)
             self.model = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                     attn_implementation=cfg.model.attn_implementation, seed=cfg.run.seed,
-                                    gradient_checkpointing=cfg.model.gradient_checkpointing).to(self.device)
+                                    gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                    lora=cfg.model.lora).to(self.device)
         self.empty_token = empty_context_token(self.tok, cfg.model.empty_token)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
@@ -134,7 +135,7 @@ class Trainer:
                         break
                 if status == "complete":
                     self._maybe_evaluate(total, write)
-                    ckpt.save_model(self.model, self.tok, self.out / "final")
+                    ckpt.save_final(self.model, self.tok, self.out, merge_lora=self.cfg.run.merge_lora)
         except StepAbandoned as e:
             status = "abandoned"
             log.warning("%s again: abandoned step %d; newest checkpoint: %s", e, self.step,

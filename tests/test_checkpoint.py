@@ -58,10 +58,10 @@ def assert_same_weights(dir_a: Path, dir_b: Path):
         assert torch.equal(a[k], b[k]), f"weight {k} differs between {dir_a} and {dir_b}"
 
 
-def run_in_process(cfg_path: Path, run_dir: Path, *extra) -> Trainer:
+def run_in_process(cfg_path: Path, run_dir: Path, *extra, fast=FAST) -> Trainer:
     threads = torch.get_num_threads()
     try:
-        t = Trainer(load_config(cfg_path, [f"run.output_dir={run_dir}", *FAST, *extra]))
+        t = Trainer(load_config(cfg_path, [f"run.output_dir={run_dir}", *fast, *extra]))
         t.status = t.train()
     finally:
         torch.set_num_threads(threads)

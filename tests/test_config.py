@@ -158,3 +158,13 @@ def test_one_gpu_24gb_config():
     assert cfg.model.gradient_checkpointing and cfg.model.logprob_impl == "triton"
     assert cfg.optim.offload_optimizer_state and cfg.rollout.vllm_sleep
     assert 0 < cfg.rollout.vllm_gpu_memory_utilization < 0.5
+
+
+def test_qwen3_4b_lora_24gb_config():
+    cfg = load_config(ROOT / "configs" / "dsrl_qwen3_4b_24gb.toml")
+    assert cfg.model.path == "Qwen/Qwen3-4B" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.lora.r == 16 and cfg.model.lora.alpha == 32.0
+    assert set(cfg.model.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+    assert cfg.model.gradient_checkpointing and cfg.rollout.backend == "vllm" and cfg.rollout.vllm_sleep
+    assert [p.name for p in cfg.schedule.phases] == ["nsr_prerl", "grpo"]

@@ -1,0 +1,65 @@
+"""LoRA adapters through PEFT (`[model.lora]`, r > 0): the base model is frozen and only the adapters train.
+
+`wrap(model, lora_cfg)` returns a `peft.PeftModel` whose base weights have requires_grad False and whose
+LoRA matrices (A random, B zero, so the wrapped model starts equal to the base) are the only trainable
+parameters, so `optim.make_optimizer` holds only them. The wrapped model is used wherever the plain one is:
+`models.decoder_of` reaches the decoder inside the wrapper (the LoRA layers sit in it, in place), and
+`models.lm_head_weight` the frozen LM head, so the fused log-prob op gets a head without a gradient.
+
+Saved forms: a checkpoint and `final/` hold the adapter as PEFT writes it (adapter_config.json +
+adapter_model.safetensors; `PeftModel.from_pretrained(base, folder)` loads it); `save_merged` writes the
+base with the adapters folded in as a plain Hugging Face model (`run.merge_lora`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_lora(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def wrap(model, lora_cfg):
+    """The PEFT-wrapped model (lora_cfg: config.LoraConfig with r > 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    absent = [t for t in lora_cfg.target_modules if t not in present]
+    if absent:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"model.lora.target_modules: {absent} name no module of this model; its linear layers "
+                         f"are {linear}")
+    peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                          target_modules=list(lora_cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def load_adapter(model, folder: Path) -> None:
+    """Loads the adapter weights saved in `folder` (by save_pretrained) into the wrapped `model` in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(str(Path(folder) / ADAPTER_WEIGHTS)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder}: the saved adapter does not fit this model (missing {missing[:3]}, "
+                         f"unexpected {list(result.unexpected_keys)[:3]}); was it saved with other "
+                         f"model.lora settings?")
+
+
+def save_merged(model, tokenizer, folder: Path) -> None:
+    """The base with the adapters folded in (W + B A * alpha / r), as a plain Hugging Face model; `model`
+    itself is left unchanged (the merge runs on a copy)."""
+    import copy
+
+    from .checkpoint import save_model
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    save_model(merged, tokenizer, folder)

@@ -1,0 +1,144 @@
+"""LoRA through PEFT ([model.lora]): config checks, a frozen base with an adapter-only optimizer, both phases,
+final/ loadable by PEFT itself with the trained model's log-probs, the merged model, and exact resume after
+SIGKILL."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fastprerl.config import ConfigError, load_config
+from fastprerl.kernels import token_logprobs_no_grad
+from fastprerl.models import load_model
+from fastprerl.packing import bins, pack
+from fastprerl.trainer import Trainer
+from test_checkpoint import metric_rows as rows, run_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+TINY = ROOT / "configs" / "tiny.toml"
+# parity rewards (non-zero advantages), a KL reference model and the view gap: every part of the loss is live
+FAST = ["model.lora.r=8", "reward.fn=fake_rewards:parity_reward", "run.threads=1", "run.checkpoint_every=1",
+        "run.keep_checkpoints=4", "algo.kl_coef=0.05", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4",
+        "rollout.max_new_tokens=6", "logging.console=false", "logging.view_gap=true", "optim.lr=1e-2"]
+
+
+def train(run_dir, *extra):
+    return run_in_process(TINY, run_dir, *extra, fast=FAST)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    t = train(tmp / "run", "run.merge_lora=true")
+    assert t.status == "complete"
+    return t, tmp / "run"
+
+
+def test_config_errors_name_the_key():
+    for ov, key in [("model.lora.r=-1", "model.lora.r"), ("model.lora.alpha=0", "model.lora.alpha"),
+                    ("model.lora.dropout=1.0", "model.lora.dropout"), ("model.lora.rank=4", "model.lora.r")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(TINY, [ov])
+    assert load_config(TINY).model.lora.r == 0   # off by default
+    with pytest.raises(ValueError, match=r"model\.lora\.target_modules.*qkv"):
+        load_model("builtin:tiny-llama", lora=load_config(TINY, ["model.lora.r=4",
+                                                                  'model.lora.target_modules=["qkv"]']).model.lora)
+
+
+def test_vllm_backend_with_lora_is_refused_at_start(tmp_path):
+    with pytest.raises(RuntimeError, match=r"model\.lora\.r > 0 with rollout\.backend = 'vllm'"):
+        Trainer(load_config(TINY, [f"run.output_dir={tmp_path}", "model.lora.r=4", "rollout.backend=vllm"]))
+
+
+def test_base_is_frozen_and_only_the_adapter_trains(lora_run):
+    t, run = lora_run
+    trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    # 2 layers x 7 projections x (A, B)
+    assert len(trainable) == 2 * 7 * 2
+    from fastprerl.models import lm_head_weight
+    assert not lm_head_weight(t.model).requires_grad         # the fused op gets a frozen head
+    opt_params = [p for g in t.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in opt_params} == {id(p) for n, p in t.model.named_parameters() if p.requires_grad}
+    base = load_model("builtin:tiny-llama", seed=0)
+    merged_names = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                    for n, p in t.model.named_parameters() if not p.requires_grad}
+    for n, p in base.named_parameters():   # every base weight bit-identical to the untrained model's
+        assert torch.equal(merged_names[n], p), n
+    m = rows(run)
+    assert [r["phase"] for r in m] == ["nsr_prerl"] * 2 + ["grpo"] * 2
+    assert all(r["train/grad_norm"] > 0 for r in m)          # the adapter received gradients every step
+    lora_b = [p for n, p in t.model.named_parameters() if "lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in lora_b)            # B starts at 0: training moved it
+
+
+def _packed_logp(model, tok):
+    ids = tok(["12+34=46", "7+8=15 and more"])["input_ids"]
+    batch = pack([i[:3] for i in ids], [i[3:] for i in ids], cond=[0, 1], free=[0, 1], empty_token=1,
+                 max_tokens=64)
+    from fastprerl.models import lm_head_weight
+    out = torch.zeros(batch.rows.numel())
+    with torch.no_grad():
+        for ridx, h, targets in bins(model, batch):
+            out[ridx] = token_logprobs_no_grad(h, lm_head_weight(model), targets, impl="torch").logp
+    return out
+
+
+def test_final_loads_with_peft_and_merged_model_matches(lora_run):
+    t, run = lora_run
+    t.model.eval()
+    want = _packed_logp(t.model, t.tok)
+    loaded = PeftModel.from_pretrained(load_model("builtin:tiny-llama", seed=0), run / "final").eval()
+    assert torch.equal(_packed_logp(loaded, t.tok), want)
+    merged = AutoModelForCausalLM.from_pretrained(run / "final_merged").eval()
+    assert not isinstance(merged, PeftModel)
+    # W + s B A in float32 vs the adapter's separate product: equal up to rounding
+    torch.testing.assert_close(_packed_logp(merged, t.tok), want, rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([t.tok("12+34=")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, t.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    saved = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)        # the adapter only, not the base
+
+
+def test_gradient_checkpointing_gives_the_same_run(lora_run, tmp_path):
+    _, run = lora_run
+    t = train(tmp_path / "gc", "model.gradient_checkpointing=true", "run.checkpoint_every=0")
+    assert t.status == "complete" and t.model.base_model.model.is_gradient_checkpointing
+    assert rows(tmp_path / "gc") == rows(run)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_is_exact(lora_run, tmp_path):
+    _, ref = lora_run
+    run = tmp_path / "run"
+    env = {**__import__("os").environ, "PYTHONPATH": f"{TESTS}:{ROOT}"}
+    cmd = [sys.executable, "-m", "fastprerl.cli", "train", str(TINY), f"run.output_dir={run}", *FAST,
+           "run.merge_lora=true", "--resume"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=TESTS, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+    try:
+        while proc.poll() is None and "checkpoints/step_2" not in log.read_text():
+            assert time.monotonic() - t0 < 180, log.read_text()[-3000:]
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before the kill:\n{log.read_text()[-3000:]}"
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    from fastprerl.checkpoint import list_checkpoints
+    done = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    assert done and 2 <= max(done) < 4 and not (run / "final").exists()   # killed mid-run, after step_2
+    t = train(run, "run.merge_lora=true", "run.resume=true")
+    assert t.status == "complete" and t.step == 4
+    assert rows(run) == rows(ref)
+    a = load_file(str(run / "final" / "adapter_model.safetensors"))
+    b = load_file(str(ref / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
