@@ -297,9 +297,12 @@ def _flatten(d: Dict, prefix: str = "") -> Dict:
     return out
 
 
-def config_changes(saved: Dict, current: Dict) -> List[Tuple[str, object, object]]:
-    """(key, saved value, current value) of every key that differs and may not change on resume."""
-    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+def config_changes(saved: Dict, current: Dict, defaults: Optional[Dict] = None) -> List[Tuple[str, object, object]]:
+    """(key, saved value, current value) of every key that differs and may not change on resume. A key the
+    saved config lacks (one added to the schema after it was written) counts as its value in `defaults`."""
+    a = _flatten(json.loads(json.dumps(defaults or {})))
+    a.update(_flatten(json.loads(json.dumps(saved))))
+    b = _flatten(json.loads(json.dumps(current)))
     out = []
     for k in sorted(set(a) | set(b)):
         if a.get(k, "<unset>") == b.get(k, "<unset>"):
@@ -312,7 +315,9 @@ def config_changes(saved: Dict, current: Dict) -> List[Tuple[str, object, object
 
 def check_resume_config(path: Path, current: Dict) -> None:
     """Refuses (ResumeError) to resume checkpoint `path` with a config that changes what the run is."""
-    changes = config_changes(saved_config(path), current)
+    from .config import Config
+
+    changes = config_changes(saved_config(path), current, defaults=Config().to_dict())
     if changes:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
         raise ResumeError(f"cannot resume from {path}: the config changes {listed}. A resumed run must keep the "

@@ -189,6 +189,20 @@ def test_config_changes_allow_logging_and_refuse_model_or_schedule():
     assert [k for k, _, _ in ckpt.config_changes(base, schedule)] == ["schedule.phases"]
 
 
+def test_a_key_added_to_the_schema_after_a_checkpoint_counts_as_its_default():
+    """A checkpoint written before `model.lora` existed resumes with the default (LoRA off), and is refused
+    when the resumed config turns LoRA on."""
+    from fastprerl.config import Config
+
+    current = load_config(TINY).to_dict()
+    old = json.loads(json.dumps(current))
+    del old["model"]["lora"]
+    defaults = Config().to_dict()
+    assert ckpt.config_changes(old, current, defaults=defaults) == []
+    lora_on = load_config(TINY, ["model.lora.r=8"]).to_dict()
+    assert ckpt.config_changes(old, lora_on, defaults=defaults) == [("model.lora.r", 0, 8)]
+
+
 # ---------------------------------------------------------------------------------------------- resume
 def test_checkpoint_contents_and_keep_last(reference):
     _, run = reference
