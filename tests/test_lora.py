@@ -51,9 +51,43 @@ def test_config_errors_name_the_key():
                                                                   'model.lora.target_modules=["qkv"]']).model.lora)
 
 
-def test_vllm_backend_with_lora_is_refused_at_start(tmp_path):
-    with pytest.raises(RuntimeError, match=r"model\.lora\.r > 0 with rollout\.backend = 'vllm'"):
-        Trainer(load_config(TINY, [f"run.output_dir={tmp_path}", "model.lora.r=4", "rollout.backend=vllm"]))
+def _lora_with_random_b(targets, seed=3):
+    """The tiny Llama wrapped with LoRA r=4 on `targets`, every lora_B random (B = 0 would merge to the base)."""
+    lora = load_config(TINY, ["model.lora.r=4", "model.lora.alpha=8",
+                              f"model.lora.target_modules={targets!r}".replace("'", '"')]).model.lora
+    model = load_model("builtin:tiny-llama", seed=0, lora=lora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_merged_weights_equal_peft_merge_and_unload():
+    """lora.merged_weights (what the vLLM backend pushes) against PEFT's own merge of a copy of the model."""
+    import copy
+
+    from fastprerl.lora import lora_module_names, merged_weights
+    model = _lora_with_random_b(["q_proj", "v_proj", "up_proj"])
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    want = copy.deepcopy(model).merge_and_unload().state_dict()
+    got = merged_weights(model)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())   # the model is unchanged
+    assert [n for n, _ in got] == list(want)                 # the base model's own names, in its order
+    for n, t in got:
+        assert torch.equal(t, want[n]), n                    # same fp32 arithmetic as merge_and_unload
+    base = load_model("builtin:tiny-llama", seed=0).state_dict()
+    moved = {n for n, t in got if not torch.equal(t, base[n])}
+    assert moved == {f"model.layers.{i}.{m}.weight" for i in range(2)
+                     for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")}
+    assert lora_module_names(model) == [f"model.layers.{i}.{m}" for i in range(2)
+                                        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
+    # modules=: only the tensors under those modules, the frozen ones by reference
+    part = merged_weights(model, modules=["model.layers.1.self_attn"])
+    assert [n for n, _ in part] == [n for n in want if n.startswith("model.layers.1.self_attn.")]
+    k = dict(part)["model.layers.1.self_attn.k_proj.weight"]
+    assert k.data_ptr() == model.get_base_model().model.layers[1].self_attn.k_proj.weight.data_ptr()
 
 
 def test_base_is_frozen_and_only_the_adapter_trains(lora_run):
