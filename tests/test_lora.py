@@ -1,6 +1,7 @@
 """LoRA through PEFT ([model.lora]): config checks, a frozen base with an adapter-only optimizer, both phases,
 final/ loadable by PEFT itself with the trained model's log-probs, the merged model, and exact resume after
 SIGKILL."""
+import math
 import subprocess
 import sys
 import time
@@ -176,3 +177,55 @@ def test_sigkill_after_a_checkpoint_then_resume_is_exact(lora_run, tmp_path):
     a = load_file(str(run / "final" / "adapter_model.safetensors"))
     b = load_file(str(ref / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_resolves_a_lora_run_directory_to_its_base_and_adapter(lora_run, tmp_path):
+    import json
+    import shutil
+
+    from fastprerl import eval_data as ed
+    t, run = lora_run
+    r = ed.resolve_model(str(run))
+    assert (r.spec, r.adapter, r.base_seed, r.run_dir) == ("builtin:tiny-llama", str(run / "final"), 0, run)
+    assert r.run_config is not None and r.report() == {"resolved_model": str(run / "final"),
+                                                       "lora_base_model": "builtin:tiny-llama"}
+    # seed 7 for the loader: the random-init base must still be built with the run's seed (0)
+    model = ed.load_model_on(r, seed=7, device="cpu")
+    t.model.eval()
+    assert torch.equal(_packed_logp(model, t.tok), _packed_logp(t.model, t.tok))
+    assert ({n for n, p in model.named_parameters() if p.requires_grad}
+            == {n for n, p in t.model.named_parameters() if p.requires_grad})     # the adapter, as in training
+    # a checkpoint folder named directly: the base from the checkpoint's own run_config.toml
+    ck = ed.resolve_model(str(run / "checkpoints" / "step_4"))
+    assert (ck.spec, ck.adapter, ck.base_seed) == ("builtin:tiny-llama", str(run / "checkpoints" / "step_4"), 0)
+    # an adapter folder away from its run: PEFT's base_model_name_or_path, else a clear error
+    lone = tmp_path / "adapter"
+    shutil.copytree(run / "final", lone)
+    with pytest.raises(ed.EvalError, match="LoRA adapter whose base model is unknown"):
+        ed.resolve_model(str(lone))
+    conf = json.loads((lone / "adapter_config.json").read_text())
+    (lone / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "builtin:tiny-llama"}))
+    assert ed.resolve_model(str(lone)) == ed.ResolvedModel("builtin:tiny-llama", adapter=str(lone))
+
+
+def test_eval_and_align_cli_on_a_lora_run_directory(lora_run, tmp_path):
+    import json
+
+    from fastprerl.cli import main
+    _, run = lora_run
+    common = ["--data", "builtin:addition", "--n-problems", "3", "--max-new-tokens", "6", "--threads", "1",
+              "--reward-timeout", "2"]
+    assert main(["eval", str(run), *common, "--k", "2", "--out", str(tmp_path / "eval.json")]) == 0
+    assert main(["eval", str(run / "final_merged"), *common, "--k", "2", "--out", str(tmp_path / "merged.json")]) == 0
+    rep, merged = (json.loads((tmp_path / f).read_text()) for f in ("eval.json", "merged.json"))
+    assert rep["resolved_model"] == str(run / "final") and rep["lora_base_model"] == "builtin:tiny-llama"
+    # base + adapter samples what the merged model samples (their logits agree to ~1e-6, see
+    # test_final_loads_with_peft_and_merged_model_matches): the same scores
+    assert rep["datasets"] == merged["datasets"] and rep["datasets"]["builtin:addition"]["n_problems"] == 3
+    assert main(["align", str(run), *common, "--n", "3", "--out", str(tmp_path / "align.json")]) == 0
+    al = json.loads((tmp_path / "align.json").read_text())
+    assert al["lora_base_model"] == "builtin:tiny-llama"
+    assert al["settings"]["n_param_tensors"] == 2 * 7 * 2              # lora_A and lora_B of 2 x 7 projections
+    assert len(al["rollouts"]) == 3
+    assert all(r["grad_norm_cond"] > 0 and r["grad_norm_free"] > 0 and math.isfinite(r["inner"])
+               for r in al["rollouts"])
