@@ -229,3 +229,14 @@ def test_eval_and_align_cli_on_a_lora_run_directory(lora_run, tmp_path):
     assert len(al["rollouts"]) == 3
     assert all(r["grad_norm_cond"] > 0 and r["grad_norm_free"] > 0 and math.isfinite(r["inner"])
                for r in al["rollouts"])
+
+
+def test_qwen3_4b_24gb_config_passes_the_start_checks():
+    """configs/dsrl_qwen3_4b_24gb.toml (LoRA with the vLLM backend, which the start checks used to refuse)
+    passes every check the trainer makes before it loads anything (the model itself cannot be downloaded
+    here)."""
+    from fastprerl.run import check_startup
+
+    cfg = load_config(ROOT / "configs" / "dsrl_qwen3_4b_24gb.toml")
+    assert cfg.model.lora.r == 16 and cfg.rollout.backend == "vllm" and cfg.rollout.vllm_sleep
+    check_startup(cfg, torch.device("cuda"))   # the device the config names (run.device = "cuda")
