@@ -73,12 +73,14 @@ def lora_module_names(model) -> list:
     return [n for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
 
 
-def merged_weights(model, modules=None) -> list:
-    """(name, tensor) pairs of the wrapped `model` with its adapters folded in: W + scale * B @ A for every LoRA
-    layer (PEFT's `get_delta_weight`, the product `merge_and_unload` adds), every other tensor the base's own
-    (a reference, no copy). Names and order are those of the base model's state_dict (its Hugging Face
-    checkpoint names, `model.layers.0.self_attn.q_proj.weight`); the adapter matrices are not included.
-    modules: only the tensors under these module names (base naming). `model` is not changed."""
+def merged_weights(model, modules=None):
+    """Yields (name, tensor) pairs of the wrapped `model` with its adapters folded in: W + scale * B @ A for
+    every LoRA layer (PEFT's `get_delta_weight`, the product `merge_and_unload` adds), every other tensor the
+    base's own (a reference, no copy). Names and order are those of the base model's state_dict (its Hugging
+    Face checkpoint names, `model.layers.0.self_attn.q_proj.weight`); the adapter matrices are not included.
+    A generator: each merged weight is made when it is asked for, so a consumer that drops it after use holds
+    one at a time, not a second copy of the model. modules: only the tensors under these module names (base
+    naming). `model` is not changed."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
@@ -87,21 +89,20 @@ def merged_weights(model, modules=None) -> list:
         if layer.lora_variant or any(layer.lora_bias.values()):
             raise NotImplementedError(f"{name}: merging supports plain LoRA layers only (no DoRA, no LoRA bias)")
     prefixes = None if modules is None else tuple(m + "." for m in modules)
-    out = []
-    with torch.no_grad():
-        for key, t in base.state_dict().items():
-            parts = key.split(".")
-            owner = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in layers), None)
-            if owner is not None:
-                rest = key[len(owner) + 1:]
-                if not rest.startswith("base_layer."):
-                    continue                      # lora_A / lora_B / ...: folded into the weight below
-                key = f"{owner}.{rest[len('base_layer.'):]}"
-                if rest == "base_layer.weight":
-                    layer = layers[owner]
-                    for a in layer.active_adapters:
-                        if a in layer.lora_A and a not in layer.merged_adapters:
-                            t = t + layer.get_delta_weight(a).to(t.dtype)
-            if prefixes is None or key.startswith(prefixes):
-                out.append((key, t))
-    return out
+    for key, t in base.state_dict().items():
+        parts = key.split(".")
+        owner = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in layers), None)
+        if owner is not None:
+            rest = key[len(owner) + 1:]
+            if not rest.startswith("base_layer."):
+                continue                      # lora_A / lora_B / ...: folded into the weight below
+            key = f"{owner}.{rest[len('base_layer.'):]}"
+        if prefixes is not None and not key.startswith(prefixes):
+            continue
+        if owner is not None and rest == "base_layer.weight":
+            layer = layers[owner]
+            with torch.no_grad():
+                for a in layer.active_adapters:
+                    if a in layer.lora_A and a not in layer.merged_adapters:
+                        t = t + layer.get_delta_weight(a).to(t.dtype)
+        yield key, t

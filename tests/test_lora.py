@@ -73,7 +73,7 @@ def test_merged_weights_equal_peft_merge_and_unload():
     model = _lora_with_random_b(["q_proj", "v_proj", "up_proj"])
     before = {n: t.clone() for n, t in model.state_dict().items()}
     want = copy.deepcopy(model).merge_and_unload().state_dict()
-    got = merged_weights(model)
+    got = list(merged_weights(model))
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())   # the model is unchanged
     assert [n for n, _ in got] == list(want)                 # the base model's own names, in its order
     for n, t in got:
@@ -85,7 +85,7 @@ def test_merged_weights_equal_peft_merge_and_unload():
     assert lora_module_names(model) == [f"model.layers.{i}.{m}" for i in range(2)
                                         for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
     # modules=: only the tensors under those modules, the frozen ones by reference
-    part = merged_weights(model, modules=["model.layers.1.self_attn"])
+    part = list(merged_weights(model, modules=["model.layers.1.self_attn"]))
     assert [n for n, _ in part] == [n for n in want if n.startswith("model.layers.1.self_attn.")]
     k = dict(part)["model.layers.1.self_attn.k_proj.weight"]
     assert k.data_ptr() == model.get_base_model().model.layers[1].self_attn.k_proj.weight.data_ptr()

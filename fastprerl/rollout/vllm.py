@@ -201,24 +201,32 @@ class VLLMRollout(Rollout):
         return self.last_sync_s
 
     def _weights(self):
-        """What to push: the trainer's state_dict (references, no copies); LoRA: the merged weights, of the
-        whole model until the engine holds the base, then of the blocks that hold a LoRA layer."""
+        """What to push: the trainer's state_dict (references, no copies); LoRA: the merged weights, made one
+        at a time as the engine loads them (no second copy of the model), of the whole model until the engine
+        holds the base, then of the blocks that hold a LoRA layer."""
         if not is_lora(self.model):
-            return list(self.model.state_dict().items())
-        if not self.holds_base:
-            return merged_weights(self.model)
-        return merged_weights(self.model, modules=sorted({n.rpartition(".")[0] for n in lora_module_names(self.model)}))
+            yield from self.model.state_dict().items()
+        elif not self.holds_base:
+            yield from merged_weights(self.model)
+        else:
+            blocks = sorted({n.rpartition(".")[0] for n in lora_module_names(self.model)})
+            yield from merged_weights(self.model, modules=blocks)
 
     def _push(self):
         t0 = time.perf_counter()
         partial = is_lora(self.model) and self.holds_base
-        with torch.no_grad():
-            weights = self._weights()
-            with _quiet_partial_reload(partial):
-                self.llm.collective_rpc(_load_into_worker, args=(weights,))
+        names = []
+
+        def weights():
+            for name, t in self._weights():
+                names.append(name)
+                yield name, t
+
+        with torch.no_grad(), _quiet_partial_reload(partial):
+            self.llm.collective_rpc(_load_into_worker, args=(weights(),))
         self.llm.reset_prefix_cache()
         self.stale, self.holds_base = False, True
-        self.last_push_names = [n for n, _ in weights]
+        self.last_push_names = names
         self.last_sync_s = time.perf_counter() - t0
 
     def wake(self):
