@@ -3,7 +3,8 @@
 For a rollout y sampled WITH its prompt x, compares
   g_cond = d/dtheta log P(y | x)   and   g_free = d/dtheta log P(y) := d/dtheta log P(y | e)
 (e = the empty-context token, `fastprerl.models.empty_context_token`; both summed over the response tokens,
-at the sampling temperature) over all trainable parameters, or those whose name matches a regex:
+at the sampling temperature) over all trainable parameters (a LoRA run: its adapter's A and B, what the run
+trains), or those whose name matches a regex:
   inner   <g_free, g_cond>                      (float64 accumulation)
   cosine  inner / (|g_free| |g_cond|)
 and the per-token log-prob differences  d_t = log p(y_t | x, y_<t) - log p(y_t | e, y_<t).
@@ -161,7 +162,7 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
         e_id = empty_context_token(tok, empty_token)
     except ValueError as e:
         raise ev.EvalError(f"--empty-token: {e}") from None
-    model = ev.load_model_on(resolved.spec, dtype=dtype, seed=settings.eval.seed, device=device)
+    model = ev.load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
     try:
         named = select_params(model, params)
     except ValueError as e:
@@ -197,7 +198,7 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
         everything += rows
     return {
         "model": model_value,
-        "resolved_model": resolved.spec,
+        **resolved.report(),
         "settings": {"n": n, "samples_per_prompt": G, "temperature": settings.eval.temperature,
                      "top_p": settings.rollout.top_p, "max_new_tokens": settings.eval.max_new_tokens,
                      "format": datasets[0].data_cfg.format, "seed": settings.eval.seed, "params": params,

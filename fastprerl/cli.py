@@ -85,7 +85,7 @@ def _sampling_args(p, k_default: int):
     """Options shared by eval and align: the model, the data, prompts, sampling and rewards."""
     p.add_argument("model", metavar="MODEL_OR_RUN",
                    help="builtin:*, a local Hugging Face folder, a hub id, or a run directory (its final/ model, "
-                        "else its newest checkpoints/step_<N>/)")
+                        "else its newest checkpoints/step_<N>/; a LoRA run's adapter is loaded onto its base)")
     p.add_argument("--data", action="append", required=True, metavar="SOURCE",
                    help="builtin:addition | reasoning_gym:<task> | champ | a local .jsonl/.json/.parquet/.csv with "
                         "problem/answer fields; repeat for several datasets")

@@ -20,6 +20,7 @@ from typing import Dict, FrozenSet, List, Optional, Sequence
 
 from .config import ConfigError, DataConfig, EvalConfig, RewardConfig, RolloutConfig
 from .config_parse import build
+from .lora import ADAPTER_CONFIG
 
 log = logging.getLogger("fastprerl")
 
@@ -211,13 +212,22 @@ def make_reward(name: str, base: RewardConfig):
 # ---------------------------------------------------------------------------------------------- models
 @dataclass
 class ResolvedModel:
-    spec: str                       # what fastprerl.models.load_model / load_tokenizer take
+    spec: str                       # what fastprerl.models.load_model / load_tokenizer take (LoRA: the base)
     run_dir: Optional[Path] = None  # the run directory MODEL_OR_RUN named, if it named one
     run_config: object = None       # that run's Config (from its config.toml), when readable
+    adapter: Optional[str] = None   # a LoRA adapter folder (PEFT's format) loaded onto `spec`
+    base_seed: Optional[int] = None  # the seed that built the base (a builtin random-init model): its run's
+
+    def report(self) -> Dict:
+        """What a report says about the model it ran."""
+        if self.adapter is None:
+            return {"resolved_model": self.spec}
+        return {"resolved_model": self.adapter, "lora_base_model": self.spec}
 
 
 def resolve_model(value: str) -> ResolvedModel:
-    """A model spec as is; a run directory -> <run>/final, else its newest complete checkpoint."""
+    """A model spec as is; a run directory -> <run>/final, else its newest complete checkpoint. A folder
+    holding a LoRA adapter (a LoRA run's final/ or checkpoint) resolves to its base plus that adapter."""
     from . import checkpoint as ckpt
 
     path = Path(value)
@@ -229,9 +239,11 @@ def resolve_model(value: str) -> ResolvedModel:
         raise EvalError(f"model {value!r}: expected a model folder or a run directory, got a file")
     if (path / "config.json").is_file():
         return ResolvedModel(str(path))
+    if (path / ADAPTER_CONFIG).is_file():
+        return _with_adapter(ResolvedModel(str(path)))
     cfg = _run_config(path)
-    if (path / "final" / "config.json").is_file():
-        return ResolvedModel(str(path / "final"), path, cfg)
+    if (path / "final" / "config.json").is_file() or (path / "final" / ADAPTER_CONFIG).is_file():
+        return _with_adapter(ResolvedModel(str(path / "final"), path, cfg))
     latest, _ = ckpt.find_latest_valid(path / "checkpoints")
     if latest is None:
         found = ckpt.list_checkpoints(path / "checkpoints")
@@ -240,13 +252,38 @@ def resolve_model(value: str) -> ResolvedModel:
             log.warning("no complete checkpoint under %s; using %s", path / "checkpoints", latest)
     if latest is None:
         raise EvalError(f"model {value!r}: a directory without config.json, final/ or checkpoints/step_<N>/")
-    return ResolvedModel(str(latest), path, cfg)
+    return _with_adapter(ResolvedModel(str(latest), path, cfg))
 
 
-def _run_config(run_dir: Path):
+def _with_adapter(r: ResolvedModel) -> ResolvedModel:
+    """`r` unchanged unless its folder holds a LoRA adapter (and no full model); then the adapter on its base:
+    the run's model.path built with its run.seed (from the run's config.toml, or a checkpoint's own
+    run_config.toml), else the base_model_name_or_path PEFT wrote into adapter_config.json."""
+    import json
+
+    from .checkpoint import CONFIG_TOML
+
+    folder = Path(r.spec)
+    if (folder / "config.json").is_file() or not (folder / ADAPTER_CONFIG).is_file():
+        return r
+    cfg = r.run_config or next((c for c in (_run_config(folder, CONFIG_TOML), _run_config(folder.parent),
+                                            _run_config(folder.parent.parent)) if c is not None), None)
+    if cfg is not None:
+        return dataclasses.replace(r, spec=cfg.model.path, adapter=str(folder), base_seed=cfg.run.seed)
+    try:
+        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise EvalError(f"model {str(folder)!r}: unreadable {ADAPTER_CONFIG} ({e})") from None
+    if not base:
+        raise EvalError(f"model {str(folder)!r} holds a LoRA adapter whose base model is unknown: no config.toml "
+                        f"of its run beside it and no base_model_name_or_path in its {ADAPTER_CONFIG}")
+    return dataclasses.replace(r, spec=base, adapter=str(folder))
+
+
+def _run_config(run_dir: Path, name: str = "config.toml"):
     from .config import load_config
 
-    p = run_dir / "config.toml"
+    p = run_dir / name
     if not p.is_file():
         return None
     try:
@@ -265,15 +302,20 @@ def load_tokenizer_for(spec: str):
         raise EvalError(f"model {spec!r}: cannot load its tokenizer ({e})") from None
 
 
-def load_model_on(spec: str, *, dtype: str = "float32", seed: int = 0, device: str = "auto"):
-    """The model of `spec` on the device, in eval mode (HFRollout switches it to eval while sampling anyway)."""
+def load_model_on(resolved: ResolvedModel, *, dtype: str = "float32", seed: int = 0, device: str = "auto"):
+    """The resolved model on the device, in eval mode (HFRollout switches it to eval while sampling anyway).
+    A LoRA adapter: its base (built with base_seed when known, else `seed`) with the adapter loaded by PEFT,
+    the adapter trainable and the base frozen, as in its run (`fastprerl align` differentiates the adapter)."""
     from .models import choose_device, load_model
 
     try:
         dev = choose_device(device, "--device")
-        model = load_model(spec, dtype=dtype, seed=seed)
+        model = load_model(resolved.spec, dtype=dtype, seed=seed if resolved.base_seed is None else resolved.base_seed)
+        if resolved.adapter is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, resolved.adapter, is_trainable=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise EvalError(f"model {spec!r}: {e}") from None
+        raise EvalError(f"model {resolved.adapter or resolved.spec!r}: {e}") from None
     return model.to(dev).eval()
 
 

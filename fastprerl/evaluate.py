@@ -20,7 +20,9 @@ with the HF rollout backend (`fastprerl.rollout.hf.HFRollout`), scores them with
 paper's "average over benchmarks").
 
 MODEL_OR_RUN is a model spec of `fastprerl.models` (builtin:*, a local Hugging Face folder, a hub id) or a
-run directory: its `final/` model when present, else its newest `checkpoints/step_<N>/`. A run's
+run directory: its `final/` model when present, else its newest `checkpoints/step_<N>/`. A folder that holds a
+LoRA adapter (a LoRA run's `final/` or checkpoint, or the run itself) is loaded as its base (the run's
+model.path, built with its run.seed) with the adapter on it through PEFT. A run's
 `config.toml` supplies defaults: the prompt format, the empty-context token (for `fastprerl align`) and,
 for the dataset the run trained on, its template, system prompt, digits and newline stop.
 
@@ -154,7 +156,7 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
 
     tok = load_tokenizer_for(resolved.spec)
     datasets = prepare_datasets(specs, settings, tok, resolved.run_config)  # bad data fails before the model
-    model = load_model_on(resolved.spec, dtype=dtype, seed=settings.eval.seed, device=device)
+    model = load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
     per, records = {}, {}
     for ds in datasets:
         s = score(sample(model, tok, ds, settings), ds, settings)
@@ -163,7 +165,7 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
     trans, refl = settings.keywords()
     report = {
         "model": model_value,
-        "resolved_model": resolved.spec,
+        **resolved.report(),
         "settings": settings.report(datasets[0].data_cfg.format),
         "keywords": {"transition": list(trans), "reflection": list(refl)},
         "datasets": per,
@@ -174,7 +176,7 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
     if base_resolved is not None:
         del model
         btok = load_tokenizer_for(base_resolved.spec)
-        bmodel = load_model_on(base_resolved.spec, dtype=dtype, seed=settings.eval.seed, device=device)
+        bmodel = load_model_on(base_resolved, dtype=dtype, seed=settings.eval.seed, device=device)
         if btok.get_vocab() != tok.get_vocab():
             log.warning("the baseline's tokenizer differs from the model's; prompts are re-tokenised for it")
         bdatasets = prepare_datasets(specs, settings, btok, resolved.run_config)  # the same prompt texts
@@ -182,7 +184,7 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
         for ds in bdatasets:
             bper[ds.name] = summarise(score(sample(bmodel, btok, ds, settings), ds, settings), settings)
             _with_ratios(per[ds.name], bper[ds.name])
-        report["baseline"] = {"model": baseline, "resolved_model": base_resolved.spec, "datasets": bper,
+        report["baseline"] = {"model": baseline, **base_resolved.report(), "datasets": bper,
                               "overall": _overall(bper)}
         _with_ratios(report["overall"], report["baseline"]["overall"])
     if samples_path:

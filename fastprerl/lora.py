@@ -8,7 +8,8 @@ parameters, so `optim.make_optimizer` holds only them. The wrapped model is used
 
 Saved forms: a checkpoint and `final/` hold the adapter as PEFT writes it (adapter_config.json +
 adapter_model.safetensors; `PeftModel.from_pretrained(base, folder)` loads it); `save_merged` writes the
-base with the adapters folded in as a plain Hugging Face model (`run.merge_lora`).
+base with the adapters folded in as a plain Hugging Face model (`run.merge_lora`). `merged_weights` gives the
+same merged tensors under the base model's names without copying the model (what the vLLM backend pushes).
 """
 from __future__ import annotations
 
@@ -63,3 +64,45 @@ def save_merged(model, tokenizer, folder: Path) -> None:
 
     merged = copy.deepcopy(model).merge_and_unload()
     save_model(merged, tokenizer, folder)
+
+
+def lora_module_names(model) -> list:
+    """Names (the base model's own, e.g. `model.layers.0.self_attn.q_proj`) of the modules holding a LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    return [n for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
+
+
+def merged_weights(model, modules=None):
+    """Yields (name, tensor) pairs of the wrapped `model` with its adapters folded in: W + scale * B @ A for
+    every LoRA layer (PEFT's `get_delta_weight`, the product `merge_and_unload` adds), every other tensor the
+    base's own (a reference, no copy). Names and order are those of the base model's state_dict (its Hugging
+    Face checkpoint names, `model.layers.0.self_attn.q_proj.weight`); the adapter matrices are not included.
+    A generator: each merged weight is made when it is asked for, so a consumer that drops it after use holds
+    one at a time, not a second copy of the model. modules: only the tensors under these module names (base
+    naming). `model` is not changed."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, layer in layers.items():
+        if layer.lora_variant or any(layer.lora_bias.values()):
+            raise NotImplementedError(f"{name}: merging supports plain LoRA layers only (no DoRA, no LoRA bias)")
+    prefixes = None if modules is None else tuple(m + "." for m in modules)
+    for key, t in base.state_dict().items():
+        parts = key.split(".")
+        owner = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in layers), None)
+        if owner is not None:
+            rest = key[len(owner) + 1:]
+            if not rest.startswith("base_layer."):
+                continue                      # lora_A / lora_B / ...: folded into the weight below
+            key = f"{owner}.{rest[len('base_layer.'):]}"
+        if prefixes is not None and not key.startswith(prefixes):
+            continue
+        if owner is not None and rest == "base_layer.weight":
+            layer = layers[owner]
+            with torch.no_grad():
+                for a in layer.active_adapters:
+                    if a in layer.lora_A and a not in layer.merged_adapters:
+                        t = t + layer.get_delta_weight(a).to(t.dtype)
+        yield key, t

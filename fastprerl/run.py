@@ -59,16 +59,12 @@ def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
 
 
 def check_startup(cfg, device: torch.device) -> None:
-    """What must hold before anything loads: the wandb package when logging.wandb, a usable logprob_impl, no
-    LoRA with the vLLM backend (not implemented)."""
+    """What must hold before anything loads: the wandb package when logging.wandb, a usable logprob_impl."""
     from .kernels import resolve_impl
 
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise RuntimeError("logging.wandb = true but the `wandb` package is not installed: pip install wandb "
                            "(or set logging.wandb = false)")
-    if cfg.model.lora.r > 0 and cfg.rollout.backend == "vllm":
-        raise RuntimeError("model.lora.r > 0 with rollout.backend = 'vllm': pushing LoRA weights to the vLLM "
-                           "engine is not implemented yet; use rollout.backend = 'hf' for LoRA runs")
     try:
         resolve_impl(cfg.model.logprob_impl, device)
     except RuntimeError:

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from fastprerl.align import Alignment, rollout_alignment, select_params, summarise_alignment
 from fastprerl.cli import main
+from fastprerl.config import LoraConfig
+from fastprerl.lora import wrap
 from fastprerl.models import tiny_config
 
 E = 1  # empty-context token of the tiny models
@@ -40,10 +42,18 @@ def oracle(model, prompt, response, params, temperature):
     return inner, inner / (nc * nf), nc, nf, (lp_c - lp_f).detach()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama+lora"])
 def model64(request):
+    kind, _, lora = request.param.partition("+")
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(tiny_config(request.param, 300), attn_implementation="sdpa")
+    m = AutoModelForCausalLM.from_config(tiny_config(kind, 300), attn_implementation="sdpa")
+    if lora:   # what `fastprerl align` loads for a LoRA run: the adapter's parameters are the trainable ones
+        m = wrap(m, LoraConfig(r=4, alpha=8))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1)    # B = 0 (PEFT's start) would give the gradient of A zero
+        assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
     return m.double().eval()
 
 

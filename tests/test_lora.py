@@ -1,6 +1,7 @@
 """LoRA through PEFT ([model.lora]): config checks, a frozen base with an adapter-only optimizer, both phases,
 final/ loadable by PEFT itself with the trained model's log-probs, the merged model, and exact resume after
 SIGKILL."""
+import math
 import subprocess
 import sys
 import time
@@ -51,9 +52,43 @@ def test_config_errors_name_the_key():
                                                                   'model.lora.target_modules=["qkv"]']).model.lora)
 
 
-def test_vllm_backend_with_lora_is_refused_at_start(tmp_path):
-    with pytest.raises(RuntimeError, match=r"model\.lora\.r > 0 with rollout\.backend = 'vllm'"):
-        Trainer(load_config(TINY, [f"run.output_dir={tmp_path}", "model.lora.r=4", "rollout.backend=vllm"]))
+def _lora_with_random_b(targets, seed=3):
+    """The tiny Llama wrapped with LoRA r=4 on `targets`, every lora_B random (B = 0 would merge to the base)."""
+    lora = load_config(TINY, ["model.lora.r=4", "model.lora.alpha=8",
+                              f"model.lora.target_modules={targets!r}".replace("'", '"')]).model.lora
+    model = load_model("builtin:tiny-llama", seed=0, lora=lora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_merged_weights_equal_peft_merge_and_unload():
+    """lora.merged_weights (what the vLLM backend pushes) against PEFT's own merge of a copy of the model."""
+    import copy
+
+    from fastprerl.lora import lora_module_names, merged_weights
+    model = _lora_with_random_b(["q_proj", "v_proj", "up_proj"])
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    want = copy.deepcopy(model).merge_and_unload().state_dict()
+    got = list(merged_weights(model))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())   # the model is unchanged
+    assert [n for n, _ in got] == list(want)                 # the base model's own names, in its order
+    for n, t in got:
+        assert torch.equal(t, want[n]), n                    # same fp32 arithmetic as merge_and_unload
+    base = load_model("builtin:tiny-llama", seed=0).state_dict()
+    moved = {n for n, t in got if not torch.equal(t, base[n])}
+    assert moved == {f"model.layers.{i}.{m}.weight" for i in range(2)
+                     for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")}
+    assert lora_module_names(model) == [f"model.layers.{i}.{m}" for i in range(2)
+                                        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
+    # modules=: only the tensors under those modules, the frozen ones by reference
+    part = list(merged_weights(model, modules=["model.layers.1.self_attn"]))
+    assert [n for n, _ in part] == [n for n in want if n.startswith("model.layers.1.self_attn.")]
+    k = dict(part)["model.layers.1.self_attn.k_proj.weight"]
+    assert k.data_ptr() == model.get_base_model().model.layers[1].self_attn.k_proj.weight.data_ptr()
 
 
 def test_base_is_frozen_and_only_the_adapter_trains(lora_run):
@@ -142,3 +177,66 @@ def test_sigkill_after_a_checkpoint_then_resume_is_exact(lora_run, tmp_path):
     a = load_file(str(run / "final" / "adapter_model.safetensors"))
     b = load_file(str(ref / "final" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_resolves_a_lora_run_directory_to_its_base_and_adapter(lora_run, tmp_path):
+    import json
+    import shutil
+
+    from fastprerl import eval_data as ed
+    t, run = lora_run
+    r = ed.resolve_model(str(run))
+    assert (r.spec, r.adapter, r.base_seed, r.run_dir) == ("builtin:tiny-llama", str(run / "final"), 0, run)
+    assert r.run_config is not None and r.report() == {"resolved_model": str(run / "final"),
+                                                       "lora_base_model": "builtin:tiny-llama"}
+    # seed 7 for the loader: the random-init base must still be built with the run's seed (0)
+    model = ed.load_model_on(r, seed=7, device="cpu")
+    t.model.eval()
+    assert torch.equal(_packed_logp(model, t.tok), _packed_logp(t.model, t.tok))
+    assert ({n for n, p in model.named_parameters() if p.requires_grad}
+            == {n for n, p in t.model.named_parameters() if p.requires_grad})     # the adapter, as in training
+    # a checkpoint folder named directly: the base from the checkpoint's own run_config.toml
+    ck = ed.resolve_model(str(run / "checkpoints" / "step_4"))
+    assert (ck.spec, ck.adapter, ck.base_seed) == ("builtin:tiny-llama", str(run / "checkpoints" / "step_4"), 0)
+    # an adapter folder away from its run: PEFT's base_model_name_or_path, else a clear error
+    lone = tmp_path / "adapter"
+    shutil.copytree(run / "final", lone)
+    with pytest.raises(ed.EvalError, match="LoRA adapter whose base model is unknown"):
+        ed.resolve_model(str(lone))
+    conf = json.loads((lone / "adapter_config.json").read_text())
+    (lone / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "builtin:tiny-llama"}))
+    assert ed.resolve_model(str(lone)) == ed.ResolvedModel("builtin:tiny-llama", adapter=str(lone))
+
+
+def test_eval_and_align_cli_on_a_lora_run_directory(lora_run, tmp_path):
+    import json
+
+    from fastprerl.cli import main
+    _, run = lora_run
+    common = ["--data", "builtin:addition", "--n-problems", "3", "--max-new-tokens", "6", "--threads", "1",
+              "--reward-timeout", "2"]
+    assert main(["eval", str(run), *common, "--k", "2", "--out", str(tmp_path / "eval.json")]) == 0
+    assert main(["eval", str(run / "final_merged"), *common, "--k", "2", "--out", str(tmp_path / "merged.json")]) == 0
+    rep, merged = (json.loads((tmp_path / f).read_text()) for f in ("eval.json", "merged.json"))
+    assert rep["resolved_model"] == str(run / "final") and rep["lora_base_model"] == "builtin:tiny-llama"
+    # base + adapter samples what the merged model samples (their logits agree to ~1e-6, see
+    # test_final_loads_with_peft_and_merged_model_matches): the same scores
+    assert rep["datasets"] == merged["datasets"] and rep["datasets"]["builtin:addition"]["n_problems"] == 3
+    assert main(["align", str(run), *common, "--n", "3", "--out", str(tmp_path / "align.json")]) == 0
+    al = json.loads((tmp_path / "align.json").read_text())
+    assert al["lora_base_model"] == "builtin:tiny-llama"
+    assert al["settings"]["n_param_tensors"] == 2 * 7 * 2              # lora_A and lora_B of 2 x 7 projections
+    assert len(al["rollouts"]) == 3
+    assert all(r["grad_norm_cond"] > 0 and r["grad_norm_free"] > 0 and math.isfinite(r["inner"])
+               for r in al["rollouts"])
+
+
+def test_qwen3_4b_24gb_config_passes_the_start_checks():
+    """configs/dsrl_qwen3_4b_24gb.toml (LoRA with the vLLM backend, which the start checks used to refuse)
+    passes every check the trainer makes before it loads anything (the model itself cannot be downloaded
+    here)."""
+    from fastprerl.run import check_startup
+
+    cfg = load_config(ROOT / "configs" / "dsrl_qwen3_4b_24gb.toml")
+    assert cfg.model.lora.r == 16 and cfg.rollout.backend == "vllm" and cfg.rollout.vllm_sleep
+    check_startup(cfg, torch.device("cuda"))   # the device the config names (run.device = "cuda")

