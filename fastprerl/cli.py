@@ -48,13 +48,22 @@ def main(argv=None) -> int:
     al.add_argument("--no-token-diffs", action="store_true", help="leave per-token differences out of the JSON")
     al.add_argument("--verbose", action="store_true", help="print a line per rollout")
     al.add_argument("--out", default=None, help="JSON report path (default: RUN/align.json or ./align.json)")
-    st = sub.add_parser("study", help="GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL on one base model -> a report")
+    st = sub.add_parser("study", help="GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL (fixed / adaptive switch), "
+                                      "several seeds -> a report")
     st.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. run.threads=1")
     st.add_argument("--config", default="configs/dsrl.toml", help="base config (default configs/dsrl.toml)")
     st.add_argument("--steps", type=int, default=40, help="steps per arm (default 40)")
     st.add_argument("--warmup", type=int, default=10, help="DSRL's NSR-PreRL steps (default 10)")
     st.add_argument("--eval-every", type=int, default=10, help="evaluation interval in steps (default 10)")
-    st.add_argument("--arms", default=None, help="comma-separated subset of grpo,nsr_prerl,psr_prerl,dsrl")
+    st.add_argument("--adaptive-max", type=int, default=20,
+                    help="DSRL-adaptive: the most NSR-PreRL steps before the switch (default 20)")
+    st.add_argument("--arms", default=None, help="comma-separated subset of grpo,nsr_prerl,psr_prerl,dsrl,"
+                                                 "dsrl_adaptive (default: these five), or prerl")
+    st.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                    help="run.seed of each repetition of every arm (default: the config's run.seed)")
+    st.add_argument("--checkpoint-every", type=int, default=5,
+                    help="checkpoint interval of every arm; a later call resumes from it (default 5)")
+    st.add_argument("--title", default=None, help="the report's heading")
     st.add_argument("--align-n", type=int, default=32, help="rollouts for gradient alignment (0 = skip)")
     st.add_argument("--out", default="runs/study", help="arms' output directories (default runs/study)")
     st.add_argument("--doc", default="docs/RESULTS.md", help="report path (default docs/RESULTS.md)")

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .config_parse import OBJECTIVES, ConfigError, apply_override, build, parse_override_value
 from .data import check_source, check_template
+from .objectives import VIEW_OF
 from .rewards import BUILTIN_REWARDS, MATH_VERIFY, USER_REWARD
 
 __all__ = ["Config", "ConfigError", "OBJECTIVES", "load_config", "config_from_dict", "to_toml", "validate"]
@@ -140,6 +141,30 @@ class PhaseConfig:
     objectives: Tuple[ObjectiveConfig, ...] = (ObjectiveConfig(),)
 
 
+SWITCH_SIGNALS = ("logp/free_mean",)
+
+
+@dataclass(frozen=True)
+class AdaptiveSwitchConfig:
+    """[schedule.adaptive]: the first phase ends when its signal stops falling (the rule: fastprerl/schedule.py);
+    schedule.phases[0].steps is then its maximum length. signal "" = off (every phase runs its steps)."""
+    signal: str = ""                # "" (off) | logp/free_mean (prompt-free log-prob of the scored rows)
+    min_steps: int = 5              # the phase runs at least this many steps
+    window: int = 3                 # moving average over the last `window` measured steps
+    patience: int = 3               # end after this many measured steps without a new minimum
+    min_delta: float = 0.0          # a new minimum must be lower than the best by more than this
+
+    def __post_init__(self):
+        if self.signal and self.signal not in SWITCH_SIGNALS:
+            raise ConfigError(f"schedule.adaptive.signal: expected \"\" (off) or one of {list(SWITCH_SIGNALS)}, "
+                              f"got {self.signal!r}")
+        for key in ("min_steps", "window", "patience"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"schedule.adaptive.{key}: expected a value >= 1, got {getattr(self, key)!r}")
+        if self.min_delta < 0:
+            raise ConfigError(f"schedule.adaptive.min_delta: expected a value >= 0, got {self.min_delta!r}")
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     phases: Tuple[PhaseConfig, ...] = (
@@ -148,6 +173,7 @@ class ScheduleConfig:
     )
     reset_optimizer_at_switch: bool = False
     resync_reference_at_switch: bool = True
+    adaptive: AdaptiveSwitchConfig = field(default_factory=AdaptiveSwitchConfig)
 
 
 @dataclass(frozen=True)
@@ -223,6 +249,19 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"schedule.phases[{i}].objectives: objective {repeated!r} appears "
                               f"{names.count(repeated)} times in phase {ph.name!r}; expected one entry per "
                               f"objective (with the summed weight)")
+    ad = cfg.schedule.adaptive
+    if ad.signal:
+        first = cfg.schedule.phases[0]
+        if len(cfg.schedule.phases) < 2:
+            raise ConfigError("schedule.adaptive.signal: an adaptive switch ends schedule.phases[0] early; expected "
+                              "at least two phases")
+        if ad.min_steps > first.steps:
+            raise ConfigError(f"schedule.adaptive.min_steps: expected at most schedule.phases[0].steps "
+                              f"({first.steps}, the phase's maximum), got {ad.min_steps}")
+        if not any(VIEW_OF[o.name] == "free" for o in first.objectives):
+            raise ConfigError(f"schedule.adaptive.signal: {ad.signal!r} is measured on prompt-free rows; "
+                              f"schedule.phases[0] ({first.name!r}) has no prompt-free objective "
+                              f"(prerl, nsr_prerl, psr_prerl)")
     if cfg.algo.clip_eps_low >= 1:
         raise ConfigError(f"algo.clip_eps_low: expected a value < 1, got {cfg.algo.clip_eps_low}")
     if cfg.algo.dual_clip_c <= 1:
@@ -298,7 +337,10 @@ def to_toml(cfg: Config) -> str:
             lines.append("")
     sch = d["schedule"]
     lines.append("[schedule]")
-    lines += [f"{k} = {fmt(v)}" for k, v in sch.items() if k != "phases"]
+    lines += [f"{k} = {fmt(v)}" for k, v in sch.items() if not isinstance(v, (dict, list, tuple))]
+    lines.append("")
+    lines.append("[schedule.adaptive]")
+    lines += [f"{k} = {fmt(v)}" for k, v in sch["adaptive"].items()]
     lines.append("")
     for ph in sch["phases"]:
         lines.append("[[schedule.phases]]")

@@ -4,6 +4,8 @@ Every source yields samples as dicts with at least "prompt" (text before formatt
 (gold answer text); reasoning-gym samples also carry "entry" (the generator's entry) for its own scorer.
 
   builtin:addition         "Question: What is a + b?\\nAnswer: a + b =" with `data.digits`-digit operands
+  builtin:word_problems    two-step word problems with 1-digit numbers: "Mia has a coins. Mia gets b more coins,
+                           then gives c coins to a friend. How many coins does Mia have now?" (answer a + b - c)
   reasoning_gym:<task>     any reasoning-gym generator (basic_arithmetic, chain_sum, countdown, gsm_symbolic, ...)
   path/to/file.jsonl|.json|.parquet|.csv   local data via `datasets` (fields: data.prompt_field / answer_field)
   anything else            a hub dataset id loaded with `datasets.load_dataset` (needs network)
@@ -19,6 +21,7 @@ import string
 from pathlib import Path
 from typing import Dict, List
 
+BUILTIN_TASKS = ("builtin:addition", "builtin:word_problems")
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _FILE_SUFFIX = re.compile(r"\.[A-Za-z]+")  # ".txt" is a file suffix; the ".5" of a hub id "org/data-1.5" is not
 
@@ -27,8 +30,8 @@ def check_source(source: str) -> None:
     """Raise ValueError for an unknown builtin, and when `source` looks like a local file (an existing file, or
     a path with a file suffix) of a kind `file_problems` cannot read; it would otherwise be taken for a hub
     dataset id."""
-    if source.startswith("builtin:") and source != "builtin:addition":
-        raise ValueError(f"data.source: unknown builtin {source!r}; choose builtin:addition or "
+    if source.startswith("builtin:") and source not in BUILTIN_TASKS:
+        raise ValueError(f"data.source: unknown builtin {source!r}; choose one of {list(BUILTIN_TASKS)} or "
                          f"reasoning_gym:<task>")
     if source.startswith(("builtin:", "reasoning_gym:")):
         return
@@ -59,6 +62,23 @@ def addition_problems(n: int, digits: int, seed: int) -> List[Dict]:
     for _ in range(n):
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         out.append({"prompt": f"Question: What is {a} + {b}?\nAnswer: {a} + {b} =", "answer": str(a + b)})
+    return out
+
+
+WORD_NAMES = ("Sam", "Mia", "Tom", "Ana", "Ben", "Lily", "Max", "Zoe")
+WORD_ITEMS = ("apples", "pencils", "marbles", "cookies", "stickers", "books", "coins", "cards")
+
+
+def word_problems(n: int, seed: int) -> List[Dict]:
+    """Two-step word problems: a in 2..9, b in 1..9, c in 1..a+b-1, so the answer a + b - c is in 1..17."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        name, item = rng.choice(WORD_NAMES), rng.choice(WORD_ITEMS)
+        a, b = rng.randint(2, 9), rng.randint(1, 9)
+        c = rng.randint(1, a + b - 1)
+        out.append({"prompt": f"{name} has {a} {item}. {name} gets {b} more {item}, then gives {c} {item} to a "
+                              f"friend. How many {item} does {name} have now?", "answer": str(a + b - c)})
     return out
 
 
@@ -95,6 +115,8 @@ def problems_from_source(source: str, *, n: int, seed: int, digits: int = 2, spl
     check_source(source)
     if source == "builtin:addition":
         return addition_problems(n, digits, seed)
+    if source == "builtin:word_problems":
+        return word_problems(n, seed)
     if source.startswith("reasoning_gym:"):
         return reasoning_gym_problems(source.split(":", 1)[1], n, seed)
     return file_problems(source, split, prompt_field, answer_field)

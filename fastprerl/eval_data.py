@@ -107,7 +107,7 @@ class EvalSettings:
 @dataclass(frozen=True)
 class DataSpec:
     value: str   # as given on the command line (also the dataset's name in reports)
-    kind: str    # addition | reasoning_gym | champ | file
+    kind: str    # addition | word_problems | reasoning_gym | champ | file
     arg: str = ""
 
 
@@ -115,10 +115,12 @@ def parse_data_spec(value: str) -> DataSpec:
     """Checks one --data value without loading anything heavy; raises EvalError with the accepted forms."""
     from .data import LOCAL_FORMATS
 
-    forms = ("builtin:addition, reasoning_gym:<task>, champ, or a local .jsonl/.json/.parquet/.csv file "
+    forms = ("builtin:addition, builtin:word_problems, reasoning_gym:<task>, champ, or a local .jsonl/.json/.parquet/.csv file "
              "with problem/answer fields")
     if value == "builtin:addition":
         return DataSpec(value, "addition")
+    if value == "builtin:word_problems":
+        return DataSpec(value, "word_problems")
     if value.startswith("reasoning_gym:"):
         task = value.split(":", 1)[1]
         if not task:
@@ -161,7 +163,7 @@ def _subset(problems: List[Dict], n: Optional[int], seed: int) -> List[Dict]:
 
 def load_eval_problems(spec: DataSpec, n_problems: Optional[int], seed: int, *, digits: int = 2,
                        prompt_field: str = "problem", answer_field: str = "answer") -> List[Dict]:
-    """Generated sources: n_problems (default DEFAULT_GENERATED) problems; fixed sets: all, or a seeded
+    """Generated sources (builtin:addition, builtin:word_problems, reasoning_gym:*): n_problems (default DEFAULT_GENERATED) problems; fixed sets: all, or a seeded
     subset (in file order) of n_problems."""
     from .data import problems_from_source
 
@@ -340,8 +342,8 @@ def prepare_datasets(specs: Sequence[DataSpec], settings: EvalSettings, tokenize
                      run_config=None) -> List[EvalDataset]:
     """Problems, prompts and reward per dataset (same settings + seed -> the same problems and prompts).
     Defaults of what was not given: the run's format, else completion; for the dataset the run trained on,
-    its template, system prompt, digits and newline stop; files and champ append MATH_INSTRUCTION; newline
-    stop for builtin:addition; the reward of `default_reward`."""
+    its template, system prompt, digits and newline stop; files, champ and builtin:word_problems append
+    MATH_INSTRUCTION; newline stop for builtin:addition; the reward of `default_reward`."""
     from .data import format_prompt
 
     given, d = settings.given, settings.data
@@ -354,7 +356,7 @@ def prepare_datasets(specs: Sequence[DataSpec], settings: EvalSettings, tokenize
         digits = d.digits if "data.digits" in given else (run_data.digits if same_as_run else 2)
         problems = load_eval_problems(spec, settings.n_problems, settings.eval.seed, digits=digits,
                                       prompt_field=d.prompt_field, answer_field=d.answer_field)
-        template, system = (MATH_TEMPLATE if spec.kind in ("champ", "file") else "{prompt}"), ""
+        template, system = (MATH_TEMPLATE if spec.kind in ("champ", "file", "word_problems") else "{prompt}"), ""
         if same_as_run:
             template, system = run_data.template, run_data.system_prompt
         template = d.template if "data.template" in given else template

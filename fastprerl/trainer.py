@@ -120,6 +120,7 @@ class Trainer:
                     if self.schedule.is_switch(self.step):
                         self._switch_phase(phase)
                     row = {"step": self.step, "phase": phase.name, **self.train_step(phase)}
+                    row.update(self.schedule.observe(self.step, row))   # adaptive switch: may end the phase
                     self.metrics.log(row, write=write)
                     self.step += 1
                     if bar is not None:
@@ -279,6 +280,7 @@ class Trainer:
 
         state = {"step": self.step, "phase": self.schedule.phase_at(self.step - 1)[1].name,
                  "total_steps": self.schedule.total_steps, "data": self.stream.state_dict(),
+                 "schedule": self.schedule.state_dict(),
                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
         self.last_checkpoint = ckpt.save_checkpoint(
             self.ckpt_root, self.step, model=self.model, tokenizer=self.tok, optimizer=self.optimizer,
@@ -292,6 +294,7 @@ class Trainer:
                                      ref_model=self.ref_model)
         self.step = int(state["step"])
         self.stream.load_state_dict(state["data"])
+        self.schedule.load_state_dict(state.get("schedule"))   # absent in checkpoints of fixed schedules
         ckpt.restore_rng(state["rng"])
         self.last_checkpoint = path
         log.info("resuming from %s: step %d of %d", path, self.step, self.schedule.total_steps)

@@ -82,7 +82,8 @@ def test_overrides_apply_with_types():
     (["reward.fn=fake_rewards:"], "reward.fn: expected a builtin reward"),
     (['reward.extract=["boxed", "nonsense"]'], "reward.extract[1]: expected one of ['boxed', 'gsm8k', 'answer_is',"),
     (["reward.extract=[]"], "reward.extract: expected at least one extraction mode"),
-    (["data.source=builtin:additon"], "data.source: unknown builtin 'builtin:additon'; choose builtin:addition"),
+    (["data.source=builtin:additon"], "data.source: unknown builtin 'builtin:additon'; choose one of ['builtin:addition', "
+     "'builtin:word_problems']"),
     (["model.path=./no/such/model"], "model.path: no folder at './no/such/model'; expected a local model folder"),
     (["model.path=/no/such/model"], "model.path: no folder at '/no/such/model'"),
 ])
