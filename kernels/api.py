@@ -159,7 +159,10 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     those rows, and returns per-token losses of the same shape; it must be differentiable in torch.
     The loss math stays in torch; the vocabulary sweep is fused. With impl="torch" the gradients
     w.r.t. hidden and weight are formed during the forward (per row block: a stats sweep, loss_fn,
-    a gradient sweep), so autograd keeps no logits and backward only scales them. `chunk_rows`
+    a gradient sweep), so autograd keeps no logits and backward only scales them. With a frozen head
+    (`weight.requires_grad` False, `hidden` requiring grad) no dW is formed and there is no gradient sweep:
+    one sweep per row block accumulates E_p[W] beside the logsumexp (two matmuls per vocabulary tile), then,
+    with logp final, loss_fn gives g = d loss / d logp and dh = g (W[target] - E_p[W]) / T. `chunk_rows`
     caps the rows per block of the torch path (default 1024). `entropy_out`, a float32 (N,) tensor on
     hidden's device, receives the entropy of every active row (0 elsewhere), without gradient, from the same
     vocabulary sweep (no second pass over the LM head).
