@@ -272,6 +272,19 @@ def chunked_token_logprobs(h, weight, targets, temperature: float, with_entropy:
     return logp, None, lse
 
 
+def loss_and_grad(loss_fn: Callable, logp: torch.Tensor, rows: torch.Tensor):
+    """(sum of loss_fn(logp, rows) without graph, d sum / d logp or None when the loss ignores logp)."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(True)
+        loss = loss_fn(lp, rows)
+        if loss.shape != lp.shape:
+            raise ValueError(f"loss_fn must return per-token losses of shape {tuple(lp.shape)}, "
+                             f"got {tuple(loss.shape)}")
+        loss_sum = loss.sum()
+        (g,) = torch.autograd.grad(loss_sum, lp, allow_unused=True)
+    return loss_sum.detach(), g
+
+
 class _FusedLoss(torch.autograd.Function):
     """Forward: per row block a stats sweep, loss_fn, and a gradient sweep; backward scales the result.
     With p.with_entropy the stats sweep also yields each row's entropy (a second, non-differentiable output).
@@ -304,15 +317,8 @@ class _FusedLoss(torch.autograd.Function):
                                        expect[: e - s] if frozen else None)
             if ent is not None:
                 ent[s:e] = en
-            with torch.enable_grad():
-                lp = logp.detach().requires_grad_(True)
-                loss = loss_fn(lp, rows[s:e])
-                if loss.shape != lp.shape:
-                    raise ValueError(f"loss_fn must return per-token losses of shape {tuple(lp.shape)}, "
-                                     f"got {tuple(loss.shape)}")
-                loss_sum = loss.sum()
-                (g,) = torch.autograd.grad(loss_sum, lp, allow_unused=True)
-            total += loss_sum.detach().to(total.dtype)
+            loss_sum, g = loss_and_grad(loss_fn, logp, rows[s:e])
+            total += loss_sum.to(total.dtype)
             if g is None or not (need_dh or need_dw):
                 if need_dh:
                     dh[s:e].zero_()
