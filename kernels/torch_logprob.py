@@ -285,7 +285,23 @@ def loss_and_grad(loss_fn: Callable, logp: torch.Tensor, rows: torch.Tensor):
     return loss_sum.detach(), g
 
 
-class _FusedLoss(torch.autograd.Function):
+class PrecomputedGradsLoss(torch.autograd.Function):
+    """Backward of the token_loss Functions (inputs h, weight, targets, rows, loss_fn, params), whose forward
+    forms the gradients: it scales ctx.grads = (dh or None, dW or None) once, cast to ctx.dtypes."""
+
+    @staticmethod
+    def backward(ctx, grad_out, *_grad_entropy):
+        if ctx.grads is None:
+            raise RuntimeError("token_loss hands its precomputed gradients to autograd once; "
+                               "call token_loss again instead of backpropagating twice through one result")
+        (dh, dw), ctx.grads = ctx.grads, None
+        h_dtype, w_dtype = ctx.dtypes
+        gh = dh.mul_(grad_out).to(h_dtype) if dh is not None else None
+        gw = dw.mul_(grad_out).to(w_dtype) if dw is not None else None
+        return gh, gw, None, None, None, None
+
+
+class _FusedLoss(PrecomputedGradsLoss):
     """Forward: per row block a stats sweep, loss_fn, and a gradient sweep; backward scales the result.
     With p.with_entropy the stats sweep also yields each row's entropy (a second, non-differentiable output).
 
@@ -332,23 +348,12 @@ class _FusedLoss(torch.autograd.Function):
             dh.mul_(inv_t)
         # Plain attributes, not save_for_backward: backward hands these very tensors to autograd, which
         # can then adopt them as .grad without a copy (one d_weight in the peak, not two).
-        ctx.grads = (dh, dw)
-        ctx.meta = (need_dh, need_dw, h.dtype, weight.dtype)
+        ctx.grads, ctx.dtypes = (dh, dw), (h.dtype, weight.dtype)
         if ent is None:
             return total
         ctx.mark_non_differentiable(ent)
         return total, ent
 
-    @staticmethod
-    def backward(ctx, grad_out, *_grad_entropy):
-        if ctx.grads is None:
-            raise RuntimeError("token_loss(impl='torch') hands its precomputed gradients to autograd once; "
-                               "call token_loss again instead of backpropagating twice through one result")
-        (dh, dw), ctx.grads = ctx.grads, None
-        need_dh, need_dw, h_dtype, w_dtype = ctx.meta
-        gh = dh.mul_(grad_out).to(h_dtype) if need_dh else None
-        gw = dw.mul_(grad_out).to(w_dtype) if need_dw else None
-        return gh, gw, None, None, None, None
 
 
 def fused_token_loss(h, weight, targets, rows, loss_fn: Callable, temperature: float,

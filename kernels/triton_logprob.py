@@ -30,7 +30,7 @@ from .triton_backward import backward_dh_launch, backward_dw_launch, backward_la
 from .triton_config import KernelConfig, default_config, num_sms
 from .triton_forward import forward_launch, forward_partials, forward_splits, merge_splits
 from .triton_runtime import compute_operands, interpreting, triton_interpreted_at_import
-from .torch_logprob import loss_and_grad
+from .torch_logprob import PrecomputedGradsLoss, loss_and_grad
 
 __all__ = ["KernelConfig", "LogprobParams", "TritonTokenLogprobs", "triton_token_logprobs",
            "default_config", "triton_interpreted_at_import", "triton_forward", "triton_backward",
@@ -72,23 +72,33 @@ def _validate(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperatur
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def triton_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float,
-                   with_entropy: bool, config: Optional[KernelConfig] = None):
-    """Forward launcher: (logp, entropy or None, lse, E_p[z] or None), each (M,) float32."""
+def _sweep(h, weight, t, temperature: float, with_entropy: bool, config: Optional[KernelConfig], expect: bool):
+    """The forward launch and its merge: (logp, entropy or None, lse, E_p[z] or None, E_p[W] or None)."""
     _validate(h, weight, t, temperature)
     M, H = h.shape
     V = weight.shape[0]
     dev = h.device
     if M == 0:
         e = torch.empty(0, device=dev, dtype=torch.float32)
-        return e, (e.clone() if with_entropy else None), e.clone(), (e.clone() if with_entropy else None)
+        return (e, (e.clone() if with_entropy else None), e.clone(), (e.clone() if with_entropy else None),
+                torch.empty((0, H), device=dev, dtype=torch.float32) if expect else None)
     hc, wc = compute_operands(h, weight)
     cfg = config or default_config("fwd", M, V, H, h.dtype, dev)
     splits, cols = forward_splits(M, V, cfg, num_sms(dev))
     part = forward_partials(M, splits, dev)
-    forward_launch(hc, wc, t, part, cols, 1.0 / float(temperature), with_entropy, cfg)()
+    ew = torch.zeros((splits, M, H), device=dev, dtype=torch.float32) if expect else None
+    forward_launch(hc, wc, t, part, cols, 1.0 / float(temperature), with_entropy, cfg, ew=ew)()
     lse, ent, ez, zt = merge_splits(part[0], part[1], part[2] if with_entropy else None, part[3])
-    return zt - lse, ent, lse, ez
+    if ew is not None:   # E_p[W] = sum_s exp(m_s - lse) A_s
+        ew = (ew[0].mul_(torch.exp(part[0][0] - lse).unsqueeze(1)) if splits == 1 else
+              torch.einsum("sm,smh->mh", torch.exp(part[0] - lse), ew))
+    return zt - lse, ent, lse, ez, ew
+
+
+def triton_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float,
+                   with_entropy: bool, config: Optional[KernelConfig] = None):
+    """Forward launcher: (logp, entropy or None, lse, E_p[z] or None), each (M,) float32."""
+    return _sweep(h, weight, t, temperature, with_entropy, config, expect=False)[:4]
 
 
 def triton_frozen_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float,
@@ -99,31 +109,14 @@ def triton_frozen_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor
     The forward kernel with HAS_EXPECT also accumulates, per vocabulary split s, A_s = sum_v exp(z_v - m_s) W_v
     (rescaled when its running max m_s moves); E_p[W] = sum_s exp(m_s - lse) A_s. Memory: splits x M x H fp32
     (splits > 1 only when there are few row blocks, kernels/triton_forward.py: forward_splits)."""
-    _validate(h, weight, t, temperature)
-    M, H = h.shape
-    V = weight.shape[0]
-    dev = h.device
-    if M == 0:
-        e = torch.empty(0, device=dev, dtype=torch.float32)
-        return e, (e.clone() if with_entropy else None), torch.empty((0, H), device=dev, dtype=torch.float32)
-    hc, wc = compute_operands(h, weight)
-    cfg = config or default_config("fwd", M, V, H, h.dtype, dev)
-    splits, cols = forward_splits(M, V, cfg, num_sms(dev))
-    part = forward_partials(M, splits, dev)
-    ew = torch.zeros((splits, M, H), device=dev, dtype=torch.float32)
-    forward_launch(hc, wc, t, part, cols, 1.0 / float(temperature), with_entropy, cfg, ew=ew)()
-    lse, ent, _, zt = merge_splits(part[0], part[1], part[2] if with_entropy else None, part[3])
-    if splits == 1:
-        expect = ew[0].mul_(torch.exp(part[0][0] - lse).unsqueeze(1))
-    else:
-        expect = torch.einsum("sm,smh->mh", torch.exp(part[0] - lse), ew)
-    return zt - lse, ent, expect
+    logp, ent, _, _, ew = _sweep(h, weight, t, temperature, with_entropy, config, expect=True)
+    return logp, ent, ew
 
 
-class TritonFrozenLoss(torch.autograd.Function):
+class TritonFrozenLoss(PrecomputedGradsLoss):
     """token_loss with a frozen head (h differentiable, weight not): one Triton sweep gives logp and E_p[W];
     then loss_fn gives g = d loss / d logp (logp is final only after the sweep), and
-    dh = g (W[t] - E_p[W]) / T in torch, with no second sweep and no dW. Backward scales dh (once)."""
+    dh = g (W[t] - E_p[W]) / T in torch, with no second sweep and no dW. Backward scales dh (once, inherited)."""
 
     @staticmethod
     def forward(ctx, h, weight, t, rows, loss_fn, params: LogprobParams):
@@ -134,19 +127,12 @@ class TritonFrozenLoss(torch.autograd.Function):
             dh = torch.zeros_like(h)
         else:   # expect <- (W[t] - E_p[W]) g / T, in place
             dh = expect.neg_().add_(weight[t].float()).mul_((g.float() / params.temperature).unsqueeze(1))
-        ctx.dh, ctx.h_dtype = dh, h.dtype
+        ctx.grads, ctx.dtypes = (dh, None), (h.dtype, weight.dtype)
         if ent is None:
             return loss
         ctx.mark_non_differentiable(ent)
         return loss, ent
 
-    @staticmethod
-    def backward(ctx, grad_out, *_grad_entropy):
-        if ctx.dh is None:
-            raise RuntimeError("token_loss(impl='triton') with a frozen head hands its precomputed gradient to "
-                               "autograd once; call token_loss again instead of backpropagating twice")
-        dh, ctx.dh = ctx.dh, None
-        return dh.mul_(grad_out).to(ctx.h_dtype), None, None, None, None, None
 
 
 def triton_frozen_token_loss(h, weight, t, rows, loss_fn, temperature: float = 1.0, with_entropy: bool = False,
