@@ -83,7 +83,7 @@ def _sweep(h, weight, t, temperature: float, with_entropy: bool, config: Optiona
         return (e, (e.clone() if with_entropy else None), e.clone(), (e.clone() if with_entropy else None),
                 torch.empty((0, H), device=dev, dtype=torch.float32) if expect else None)
     hc, wc = compute_operands(h, weight)
-    cfg = config or default_config("fwd", M, V, H, h.dtype, dev)
+    cfg = config or default_config("fwd_expect" if expect else "fwd", M, V, H, h.dtype, dev)
     splits, cols = forward_splits(M, V, cfg, num_sms(dev))
     part = forward_partials(M, splits, dev)
     ew = torch.zeros((splits, M, H), device=dev, dtype=torch.float32) if expect else None

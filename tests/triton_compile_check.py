@@ -73,8 +73,11 @@ def _launches(arch: int):
                     splits, cols = forward_splits(M, V, c, sms)
                     part = forward_partials(M, splits, meta)
                     yield "fwd", tag, forward_launch(h, w, t, part, cols, 1.0, ent, c)
+                    c = cfg("fwd_expect")   # the frozen-head forward
+                    splits, cols = forward_splits(M, V, c, sms)
+                    part = forward_partials(M, splits, meta)
                     ew = torch.empty((splits, M, H), device=meta, dtype=torch.float32)
-                    yield "fwd", tag, forward_launch(h, w, t, part, cols, 1.0, ent, c, ew=ew)   # frozen head
+                    yield "fwd_expect", tag, forward_launch(h, w, t, part, cols, 1.0, ent, c, ew=ew)
                     for need in ((True, True), (True, False), (False, True)):
                         yield "bwd", tag, backward_launch(h, w, t, rows, dh, dw, *need, ent, 1.0, cfg("bwd"))
                     yield "bwd_dh", tag, backward_dh_launch(h, w, t, rows, dh, ent, 1.0, cfg("bwd_dh"))
