@@ -138,11 +138,11 @@ def _row_stats(hs, weight, wf_tiles, targets, p: _Plan, buf, buf2, expect=None):
     return zt - lse, lse, (log_s - e_acc / s_acc if e_acc is not None else None)
 
 
-def _frozen_dh(weight, targets, g, expect, dh_out):
-    """dh_out <- g (W[target] - E_p[W]) = sum_v g (onehot_v - p_v) W_v, the gradient w.r.t. hs of
-    sum g logp when W is frozen; `expect` holds E_p[W] from `_row_stats` (and is overwritten)."""
-    torch.mul(expect, g.neg().unsqueeze(1), out=dh_out)
-    _add_target_terms(None, weight, targets, g, dh_out, None)
+def _frozen_dh(weight, targets, g, dh):
+    """dh <- g (W[target] - E_p[W]) = sum_v g (onehot_v - p_v) W_v, in place: the gradient w.r.t. hs of
+    sum g logp when W is frozen; dh holds E_p[W] from `_row_stats` (the sweep accumulated it there)."""
+    dh.mul_(g.neg().unsqueeze(1))
+    _add_target_terms(None, weight, targets, g, dh, None)
 
 
 def _grad_sweep(hs, weight, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan, buf, buf2, dh_out, dw):
@@ -306,10 +306,11 @@ class _FusedLoss(PrecomputedGradsLoss):
     With p.with_entropy the stats sweep also yields each row's entropy (a second, non-differentiable output).
 
     Frozen head (weight without requires_grad, hidden with it): no dW, and no gradient sweep either. Per row
-    block the stats sweep also accumulates E_p[W] (`_row_stats` with `expect`: two matmuls per tile);
-    once the sweep has ended, logp is final, loss_fn gives g = d loss / d logp, and
-    dh = g (W[target] - E_p[W]) / T (`_frozen_dh`, no matmul). That order is why E_p[W] is kept normalised
-    per row (an (rows, H) buffer) rather than folded into dh during the sweep: g is not known before logp is.
+    block the stats sweep also accumulates E_p[W] (`_row_stats` with `expect`: two matmuls per tile), in the
+    block's rows of dh itself (no extra buffer); once the sweep has ended, logp is final, loss_fn gives
+    g = d loss / d logp, and dh = g (W[target] - E_p[W]) / T in place (`_frozen_dh`, no matmul). That order is
+    why E_p[W] is kept normalised per row rather than scaled by g during the sweep: g is not known before logp
+    is.
     """
 
     @staticmethod
@@ -325,12 +326,11 @@ class _FusedLoss(PrecomputedGradsLoss):
         tiles = _weight_tiles(weight, p.vocab_tile)
         buf, buf2 = _buffers(p, v, dt, h.device, p.with_entropy)
         frozen = need_dh and not need_dw
-        expect = torch.empty((p.row_block, h.shape[1]), dtype=dt, device=h.device) if frozen else None
         for s in range(0, n, p.row_block):
             e = min(s + p.row_block, n)
             hs = _scaled_rows(h, s, e, inv_t)
             logp, lse, en = _row_stats(hs, weight, tiles, targets[s:e], p, buf, buf2,
-                                       expect[: e - s] if frozen else None)
+                                       dh[s:e] if frozen else None)   # E_p[W], accumulated in place
             if ent is not None:
                 ent[s:e] = en
             loss_sum, g = loss_and_grad(loss_fn, logp, rows[s:e])
@@ -340,7 +340,7 @@ class _FusedLoss(PrecomputedGradsLoss):
                     dh[s:e].zero_()
                 continue
             if frozen:
-                _frozen_dh(weight, targets[s:e], g.to(dt), expect[: e - s], dh[s:e])
+                _frozen_dh(weight, targets[s:e], g.to(dt), dh[s:e])
                 continue
             _grad_sweep(hs, weight, tiles, targets[s:e], lse, g.to(dt), None, None, p, buf, None,
                         dh[s:e] if need_dh else None, dw)
