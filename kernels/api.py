@@ -159,7 +159,11 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     those rows, and returns per-token losses of the same shape; it must be differentiable in torch.
     The loss math stays in torch; the vocabulary sweep is fused. With impl="torch" the gradients
     w.r.t. hidden and weight are formed during the forward (per row block: a stats sweep, loss_fn,
-    a gradient sweep), so autograd keeps no logits and backward only scales them. `chunk_rows`
+    a gradient sweep), so autograd keeps no logits and backward only scales them. With a frozen head
+    (`weight.requires_grad` False, `hidden` requiring grad) no dW is formed and there is no gradient sweep:
+    one sweep per row block accumulates E_p[W] beside the logsumexp (two matmuls per vocabulary tile), then,
+    with logp final, loss_fn gives g = d loss / d logp and dh = g (W[target] - E_p[W]) / T (impl="torch"
+    per row block; impl="triton" in one launch, then loss_fn once over all active rows). `chunk_rows`
     caps the rows per block of the torch path (default 1024). `entropy_out`, a float32 (N,) tensor on
     hidden's device, receives the entropy of every active row (0 elsewhere), without gradient, from the same
     vocabulary sweep (no second pass over the LM head).
@@ -174,10 +178,14 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     if want_ent and (entropy_out.shape != (hidden.shape[0],) or entropy_out.device != hidden.device):
         raise ValueError(f"entropy_out must be a ({hidden.shape[0]},) tensor on {hidden.device}, got "
                          f"{tuple(entropy_out.shape)} on {entropy_out.device}")
+    frozen = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
     if impl == "torch":
         from .torch_logprob import fused_token_loss
         loss, ent = fused_token_loss(h, weight, t, rows, loss_fn, temperature, row_block=chunk_rows,
                                      with_entropy=want_ent)
+    elif impl == "triton" and frozen and t.numel():
+        from .triton_logprob import triton_frozen_token_loss
+        loss, ent = triton_frozen_token_loss(h, weight, t, rows, loss_fn, temperature, want_ent)
     else:
         if impl == "naive":
             logp, ent, _ = naive_token_logprobs(h, weight, t, temperature, with_entropy=want_ent)

@@ -15,6 +15,10 @@ per row block instead of being picked out of every tile. Without an entropy grad
 -sign(g) exp(z - lse + log|g|), so the logits matmul carries the bias (addmm) and one exp pass forms
 the tile. Four matmuls are the floor at this memory: a single sweep needs each row's lse before its
 first gradient tile, i.e. a row block's logits over the whole vocabulary kept alive.
+Frozen head (`token_loss` with a weight that does not require a gradient): one sweep, two matmuls per
+tile. The stats sweep also accumulates E_p[W] = sum_v p_v W_v flash-attention style (running max, rescale,
+divide by the sum-exp at the end), and dh = g (W[target] - E_p[W]) / T once loss_fn has given g from the
+final logp; no dW, no gradient sweep (see `_FusedLoss`).
 `token_logprobs` runs the stats sweep in forward and the gradient sweep in backward; `token_loss`
 runs both in its forward (the gradients are ready when backward is called and backward only scales
 them), so neither keeps more than one logits tile alive. Half-precision inputs are computed in float32
@@ -73,8 +77,9 @@ def _target_logits(hs, weight, targets):
 
 
 def _add_target_terms(hs, weight, targets, g, dh, dw):
-    """The one-hot part of dz = g (onehot(target) - p): dh += g W[target], dW[target] += g hs."""
-    for a in range(0, hs.shape[0], _PIECE):
+    """The one-hot part of dz = g (onehot(target) - p): dh += g W[target], dW[target] += g hs
+    (hs may be None without dW)."""
+    for a in range(0, targets.shape[0], _PIECE):
         t, gp = targets[a:a + _PIECE], g[a:a + _PIECE].unsqueeze(1)
         if dh is not None:
             dh[a:a + _PIECE].addcmul_(_f32(weight[t]), gp)
@@ -82,18 +87,23 @@ def _add_target_terms(hs, weight, targets, g, dh, dw):
             dw.index_add_(0, t, hs[a:a + _PIECE] * gp)
 
 
-def _row_stats(hs, weight, wf_tiles, targets, p: _Plan, buf, buf2):
+def _row_stats(hs, weight, wf_tiles, targets, p: _Plan, buf, buf2, expect=None):
     """One stats sweep over the vocabulary for the rows hs (already divided by T).
 
-    Returns (logp, lse, entropy or None). Without entropy each tile contributes its own logsumexp,
-    merged with logaddexp. With entropy the sweep keeps a reference max m and
+    Returns (logp, lse, entropy or None). Without entropy (and without `expect`) each tile contributes its
+    own logsumexp, merged with logaddexp. Otherwise the sweep keeps a running max m and
     S = sum exp(z - m), E = sum exp(z - m) (z - m) <= 0; moving m -> m' multiplies both by
     a = exp(m - m') and adds (m - m') S to E. At the end lse = m + log S and
-    entropy = lse - E_p[z] = log S - E / S (two non-negative terms: no cancellation)."""
+    entropy = lse - E_p[z] = log S - E / S (two non-negative terms: no cancellation).
+
+    expect: an (rows, H) buffer of the working dtype, or None. When given, the sweep also accumulates
+    A = sum_v exp(z_v - m) W_v the way flash attention accumulates its output (A <- a A + exp(z - m') W_tile
+    per tile, a second matmul per tile) and leaves E_p[W] = A / S in it: with a frozen head that is all
+    d logp / dh needs (see `_frozen_dh`)."""
     r = hs.shape[0]
     dt = hs.dtype
     zt = _target_logits(hs, weight, targets)
-    if not p.with_entropy:
+    if not p.with_entropy and expect is None:
         lse = torch.full((r,), -math.inf, dtype=dt, device=hs.device)
         for a, wt in wf_tiles():
             z = torch.mm(hs, wt.t(), out=buf[:r, : wt.shape[0]])
@@ -103,22 +113,36 @@ def _row_stats(hs, weight, wf_tiles, targets, p: _Plan, buf, buf2):
         return zt - lse, lse, None
     m = torch.full((r,), -math.inf, dtype=dt, device=hs.device)
     s_acc = torch.zeros(r, dtype=dt, device=hs.device)
-    e_acc = torch.zeros(r, dtype=dt, device=hs.device)
+    e_acc = torch.zeros(r, dtype=dt, device=hs.device) if p.with_entropy else None
+    if expect is not None:
+        expect.zero_()   # the first tile multiplies it by exp(-inf) = 0: no garbage may be nan
     for a, wt in wf_tiles():
         b = a + wt.shape[0]
         z = torch.mm(hs, wt.t(), out=buf[:r, : b - a])
         m_new = torch.maximum(m, z.amax(dim=1))
         alpha = torch.exp(m - m_new)
         zs = z.sub_(m_new.unsqueeze(1))
-        ex = torch.exp(zs, out=buf2[:r, : b - a])
+        ex = torch.exp(zs, out=buf2[:r, : b - a]) if e_acc is not None else zs.exp_()
         tile_s = ex.sum(dim=1)
-        shift = torch.where(s_acc > 0, s_acc * (m - m_new), 0.0)  # first tile: m = -inf, S = 0
-        e_acc.add_(shift).mul_(alpha).add_(ex.mul_(zs).sum(dim=1))
+        if expect is not None:
+            expect.mul_(alpha.unsqueeze(1)).addmm_(ex, wt)
+        if e_acc is not None:
+            shift = torch.where(s_acc > 0, s_acc * (m - m_new), 0.0)  # first tile: m = -inf, S = 0
+            e_acc.add_(shift).mul_(alpha).add_(ex.mul_(zs).sum(dim=1))
         s_acc.mul_(alpha).add_(tile_s)
         m = m_new
     log_s = s_acc.log()
     lse = m + log_s
-    return zt - lse, lse, log_s - e_acc / s_acc
+    if expect is not None:
+        expect.div_(s_acc.unsqueeze(1))
+    return zt - lse, lse, (log_s - e_acc / s_acc if e_acc is not None else None)
+
+
+def _frozen_dh(weight, targets, g, dh):
+    """dh <- g (W[target] - E_p[W]) = sum_v g (onehot_v - p_v) W_v, in place: the gradient w.r.t. hs of
+    sum g logp when W is frozen; dh holds E_p[W] from `_row_stats` (the sweep accumulated it there)."""
+    dh.mul_(g.neg().unsqueeze(1))
+    _add_target_terms(None, weight, targets, g, dh, None)
 
 
 def _grad_sweep(hs, weight, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan, buf, buf2, dh_out, dw):
@@ -248,9 +272,46 @@ def chunked_token_logprobs(h, weight, targets, temperature: float, with_entropy:
     return logp, None, lse
 
 
-class _FusedLoss(torch.autograd.Function):
+def loss_and_grad(loss_fn: Callable, logp: torch.Tensor, rows: torch.Tensor):
+    """(sum of loss_fn(logp, rows) without graph, d sum / d logp or None when the loss ignores logp)."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(True)
+        loss = loss_fn(lp, rows)
+        if loss.shape != lp.shape:
+            raise ValueError(f"loss_fn must return per-token losses of shape {tuple(lp.shape)}, "
+                             f"got {tuple(loss.shape)}")
+        loss_sum = loss.sum()
+        (g,) = torch.autograd.grad(loss_sum, lp, allow_unused=True)
+    return loss_sum.detach(), g
+
+
+class PrecomputedGradsLoss(torch.autograd.Function):
+    """Backward of the token_loss Functions (inputs h, weight, targets, rows, loss_fn, params), whose forward
+    forms the gradients: it scales ctx.grads = (dh or None, dW or None) once, cast to ctx.dtypes."""
+
+    @staticmethod
+    def backward(ctx, grad_out, *_grad_entropy):
+        if ctx.grads is None:
+            raise RuntimeError("token_loss hands its precomputed gradients to autograd once; "
+                               "call token_loss again instead of backpropagating twice through one result")
+        (dh, dw), ctx.grads = ctx.grads, None
+        h_dtype, w_dtype = ctx.dtypes
+        gh = dh.mul_(grad_out).to(h_dtype) if dh is not None else None
+        gw = dw.mul_(grad_out).to(w_dtype) if dw is not None else None
+        return gh, gw, None, None, None, None
+
+
+class _FusedLoss(PrecomputedGradsLoss):
     """Forward: per row block a stats sweep, loss_fn, and a gradient sweep; backward scales the result.
-    With p.with_entropy the stats sweep also yields each row's entropy (a second, non-differentiable output)."""
+    With p.with_entropy the stats sweep also yields each row's entropy (a second, non-differentiable output).
+
+    Frozen head (weight without requires_grad, hidden with it): no dW, and no gradient sweep either. Per row
+    block the stats sweep also accumulates E_p[W] (`_row_stats` with `expect`: two matmuls per tile), in the
+    block's rows of dh itself (no extra buffer); once the sweep has ended, logp is final, loss_fn gives
+    g = d loss / d logp, and dh = g (W[target] - E_p[W]) / T in place (`_frozen_dh`, no matmul). That order is
+    why E_p[W] is kept normalised per row rather than scaled by g during the sweep: g is not known before logp
+    is.
+    """
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows, loss_fn, p: _Plan):
@@ -264,24 +325,22 @@ class _FusedLoss(torch.autograd.Function):
         ent = torch.empty(n, dtype=dt, device=h.device) if p.with_entropy else None
         tiles = _weight_tiles(weight, p.vocab_tile)
         buf, buf2 = _buffers(p, v, dt, h.device, p.with_entropy)
+        frozen = need_dh and not need_dw
         for s in range(0, n, p.row_block):
             e = min(s + p.row_block, n)
             hs = _scaled_rows(h, s, e, inv_t)
-            logp, lse, en = _row_stats(hs, weight, tiles, targets[s:e], p, buf, buf2)
+            logp, lse, en = _row_stats(hs, weight, tiles, targets[s:e], p, buf, buf2,
+                                       dh[s:e] if frozen else None)   # E_p[W], accumulated in place
             if ent is not None:
                 ent[s:e] = en
-            with torch.enable_grad():
-                lp = logp.detach().requires_grad_(True)
-                loss = loss_fn(lp, rows[s:e])
-                if loss.shape != lp.shape:
-                    raise ValueError(f"loss_fn must return per-token losses of shape {tuple(lp.shape)}, "
-                                     f"got {tuple(loss.shape)}")
-                loss_sum = loss.sum()
-                (g,) = torch.autograd.grad(loss_sum, lp, allow_unused=True)
-            total += loss_sum.detach().to(total.dtype)
+            loss_sum, g = loss_and_grad(loss_fn, logp, rows[s:e])
+            total += loss_sum.to(total.dtype)
             if g is None or not (need_dh or need_dw):
                 if need_dh:
                     dh[s:e].zero_()
+                continue
+            if frozen:
+                _frozen_dh(weight, targets[s:e], g.to(dt), dh[s:e])
                 continue
             _grad_sweep(hs, weight, tiles, targets[s:e], lse, g.to(dt), None, None, p, buf, None,
                         dh[s:e] if need_dh else None, dw)
@@ -289,23 +348,12 @@ class _FusedLoss(torch.autograd.Function):
             dh.mul_(inv_t)
         # Plain attributes, not save_for_backward: backward hands these very tensors to autograd, which
         # can then adopt them as .grad without a copy (one d_weight in the peak, not two).
-        ctx.grads = (dh, dw)
-        ctx.meta = (need_dh, need_dw, h.dtype, weight.dtype)
+        ctx.grads, ctx.dtypes = (dh, dw), (h.dtype, weight.dtype)
         if ent is None:
             return total
         ctx.mark_non_differentiable(ent)
         return total, ent
 
-    @staticmethod
-    def backward(ctx, grad_out, *_grad_entropy):
-        if ctx.grads is None:
-            raise RuntimeError("token_loss(impl='torch') hands its precomputed gradients to autograd once; "
-                               "call token_loss again instead of backpropagating twice through one result")
-        (dh, dw), ctx.grads = ctx.grads, None
-        need_dh, need_dw, h_dtype, w_dtype = ctx.meta
-        gh = dh.mul_(grad_out).to(h_dtype) if need_dh else None
-        gw = dw.mul_(grad_out).to(w_dtype) if need_dw else None
-        return gh, gw, None, None, None, None
 
 
 def fused_token_loss(h, weight, targets, rows, loss_fn: Callable, temperature: float,

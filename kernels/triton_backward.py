@@ -73,10 +73,10 @@ def _logprob_bwd_kernel(
     dzc = dz.to(w_ptr.dtype.element_ty)
     if HAS_DH:
         add_product_rows(dh_ptr, offs_m, mask_m, dzc, w_ptr, offs_n, mask_n, stride_wv, stride_wk, H,
-                         BLOCK_K, DOT_PRECISION, True)
+                         BLOCK_K, DOT_PRECISION, True, 1.0, False)
     if HAS_DW:
         add_product_rows(dw_ptr, offs_n, mask_n, tl.trans(dzc), h_ptr, offs_m, mask_m, stride_hm, stride_hk,
-                         H, BLOCK_K, DOT_PRECISION, True)
+                         H, BLOCK_K, DOT_PRECISION, True, 1.0, False)
 
 
 @jit
@@ -103,7 +103,7 @@ def _logprob_bwd_dh_kernel(
                           stride_wv, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         dz = dz_tile(acc, offs_n, mask_n, lse, glp, coef, tgt, ez, gent, inv_temperature, HAS_ENTROPY)
         add_product_rows(dh_ptr, offs_m, mask_m, dz.to(w_ptr.dtype.element_ty), w_ptr, offs_n, mask_n,
-                         stride_wv, stride_wk, H, BLOCK_K, DOT_PRECISION, False)
+                         stride_wv, stride_wk, H, BLOCK_K, DOT_PRECISION, False, 1.0, False)
         # this program owns these rows of d_h: order its read-modify-writes across threads
         tl.debug_barrier()
 
@@ -132,7 +132,7 @@ def _logprob_bwd_dw_kernel(
                                                         offs_m, mask_m, stride_t, HAS_ENTROPY)
         dz = dz_tile(acc, offs_n, mask_n, lse, glp, coef, tgt, ez, gent, inv_temperature, HAS_ENTROPY)
         add_product_rows(dw_ptr, offs_n, mask_n, tl.trans(dz.to(w_ptr.dtype.element_ty)), h_ptr, offs_m,
-                         mask_m, stride_hm, stride_hk, H, BLOCK_K, DOT_PRECISION, False)
+                         mask_m, stride_hm, stride_hk, H, BLOCK_K, DOT_PRECISION, False, 1.0, False)
         tl.debug_barrier()
 
 

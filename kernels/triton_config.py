@@ -2,7 +2,8 @@
 GPU architecture (no autotuning: `@triton.autotune` does not run under the interpreter, and a fixed choice
 can be compiled and checked for every target in CI, see tests/test_triton_compile.py).
 
-Kinds: "fwd" (kernels/triton_forward.py), "bwd" (the atomic backward), "bwd_dh" / "bwd_dw" (the
+Kinds: "fwd" (kernels/triton_forward.py), "fwd_expect" (the same kernel with HAS_EXPECT: the frozen-head
+forward, which also accumulates E_p[W]), "bwd" (the atomic backward), "bwd_dh" / "bwd_dw" (the
 deterministic backward). `default_config` picks one `KernelConfig` per kind from the tables below.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .triton_runtime import interpreting
 
 __all__ = ["KernelConfig", "default_config", "device_arch", "num_sms", "dot_precision", "KINDS"]
 
-KINDS = ("fwd", "bwd", "bwd_dh", "bwd_dw")
+KINDS = ("fwd", "fwd_expect", "bwd", "bwd_dh", "bwd_dw")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ _TABLE: Dict[Tuple[str, bool, str], Tuple[int, int, int, int]] = {
     ("sm90", True, "bwd_dh"): (64, 128, 64, 3),
     ("sm90", True, "bwd_dw"): (64, 128, 64, 3),
     ("sm90", False, "fwd"): (64, 128, 16, 3),
+    # the frozen-head forward adds exp(z - m) @ W_tile and its fp32 read-modify-write: at the forward's 64-wide
+    # K slices it spilled 7 instructions (sm_90, 128 rows) and 4 (sm_80, with entropy); 32 / 64-row tiles do not
+    ("sm90", True, "fwd_expect"): (128, 128, 32, 3),
+    ("sm90", False, "fwd_expect"): (64, 128, 16, 3),
     ("sm90", False, "bwd"): (64, 128, 16, 3),
     ("sm90", False, "bwd_dh"): (64, 128, 16, 3),
     ("sm90", False, "bwd_dw"): (64, 128, 16, 3),
@@ -72,6 +77,8 @@ _TABLE: Dict[Tuple[str, bool, str], Tuple[int, int, int, int]] = {
     ("sm80", True, "bwd_dh"): (64, 128, 64, 3),
     ("sm80", True, "bwd_dw"): (64, 128, 64, 3),
     ("sm80", False, "fwd"): (64, 128, 16, 3),
+    ("sm80", True, "fwd_expect"): (64, 128, 64, 3),
+    ("sm80", False, "fwd_expect"): (64, 128, 16, 3),
     ("sm80", False, "bwd"): (64, 128, 16, 3),
     ("sm80", False, "bwd_dh"): (128, 128, 16, 3),
     ("sm80", False, "bwd_dw"): (128, 128, 16, 3),
@@ -108,12 +115,12 @@ def default_config(kind: str, M: int, V: int, H: int, dtype: torch.dtype, device
                                 block_k=_pow2_clamp(H, 16, 64), num_warps=4, num_stages=1, vocab_splits=1)
         arch = device_arch(device)
     block_m, block_n, block_k, stages = _TABLE[(_family(arch), dtype != torch.float32, kind)]
-    if M <= 16:
-        block_m, block_k, warps = 16, min(block_k, 32), 4
+    if M <= 16:   # the frozen-head forward spilled 3 instructions at 16 x 128 x 32 (sm_90): 16-wide K slices
+        block_m, block_k, warps = 16, min(block_k, 16 if kind == "fwd_expect" else 32), 4
     else:
         warps = 8
     return KernelConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages,
-                        group_m=8, vocab_splits=0 if kind == "fwd" else 1)
+                        group_m=8, vocab_splits=0 if kind in ("fwd", "fwd_expect") else 1)
 
 
 _num_sms_cache: dict = {}

@@ -13,6 +13,13 @@ combines the splits (a few (M,) torch ops). One split is the plain "one program 
 splits keep the GPU busy when there are few row blocks. Keeping `a` relative to the running max gives the
 entropy as log(s) - a / s with no cancellation between lse and E[z].
 
+HAS_EXPECT (frozen head, kernels/triton_logprob.py: triton_frozen_forward): the same sweep also accumulates
+A = sum_v exp(z_v - m) W_v per row and split the way flash attention accumulates its output: per tile
+A <- alpha A + exp(z - m_new) @ W_tile, a second `tl.dot` per tile, A held in an fp32 (splits, M, H) buffer
+that the program owns (read-modify-write per K slice, as the deterministic d_h kernel does with d_h: its
+(BLOCK_M x H) fp32 slab is read and written once per vocabulary tile; that traffic, not the two matmuls, is
+what to measure first on a GPU). E_p[W] = sum_s exp(m_s - lse) A_s, after the launch.
+
 What the SASS shows (compiled without a GPU for sm_90 and sm_80, Triton 3.9 and 3.6, bf16 at the Qwen3-4B
 head, M = 16384; tests/triton_compile_check.py): on sm_90 the 128-row tile runs on wgmma (HGMMA.64, async
 behind WARPGROUP.ARRIVE / DEPBAR) with both operands staged by 16-byte cp.async (LDGSTS.E.BYPASS.128) in a
@@ -25,13 +32,15 @@ moves 16 bytes per thread and instruction.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .triton_config import KernelConfig, dot_precision
 from .triton_runtime import Launch, jit
-from .triton_tiles import NEG, logits_tile
+from .triton_tiles import NEG, add_product_rows, logits_tile
 
 __all__ = ["forward_launch", "forward_splits", "forward_partials", "merge_splits"]
 
@@ -40,10 +49,11 @@ __all__ = ["forward_launch", "forward_splits", "forward_partials", "merge_splits
 def _logprob_fwd_kernel(
     h_ptr, w_ptr, t_ptr,
     m_ptr, s_ptr, a_ptr, zt_ptr,              # (splits, M) fp32 partials, row stride `stride_part`
+    ew_ptr,                                   # (splits, M, H) fp32 zeros, contiguous (HAS_EXPECT only)
     M, V, H, cols_per_split,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_t, stride_part,
     inv_temperature,
-    HAS_ENTROPY: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, HAS_EXPECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -76,6 +86,12 @@ def _logprob_fwd_kernel(
             a_run = alpha * (a_run + (m_run - m_new) * s_run) + tl.sum(e * zc, axis=1)
         s_run = s_run * alpha + tl.sum(e, axis=1)
         m_run = m_new
+        if HAS_EXPECT:
+            # flash-attention style: A <- alpha A + exp(z - m_new) @ W_tile, A = this split's rows of ew
+            add_product_rows(ew_ptr + pid_s * M * H, offs_m, mask_m, e.to(w_ptr.dtype.element_ty), w_ptr,
+                             offs_n, mask_n, stride_wv, stride_wk, H, BLOCK_K, DOT_PRECISION, False, alpha, True)
+            # this program owns these rows of A: order its read-modify-writes across threads
+            tl.debug_barrier()
         zt += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), axis=1)
 
     out = pid_s * stride_part + offs_m
@@ -108,18 +124,21 @@ def forward_partials(M: int, splits: int, device: torch.device) -> torch.Tensor:
 
 def forward_launch(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, part: torch.Tensor,
                    cols_per_split: int, inv_temperature: float, with_entropy: bool,
-                   cfg: KernelConfig) -> Launch:
-    """The forward launch writing `part` (4, splits, M) fp32 (`forward_partials`): m, s, a, z_t per split."""
+                   cfg: KernelConfig, ew: Optional[torch.Tensor] = None) -> Launch:
+    """The forward launch writing `part` (4, splits, M) fp32 (`forward_partials`): m, s, a, z_t per split;
+    with `ew` ((splits, M, H) fp32 zeros, contiguous) also A = sum_v exp(z_v - m) W_v per split (frozen head)."""
     M, H = h.shape
     V = weight.shape[0]
     splits = part.shape[1]
+    if ew is not None and (ew.shape != (splits, M, H) or ew.dtype != torch.float32 or not ew.is_contiguous()):
+        raise ValueError(f"ew must be contiguous float32 ({splits}, {M}, {H}), got {tuple(ew.shape)} {ew.dtype}")
     return Launch(
         _logprob_fwd_kernel, (triton.cdiv(M, cfg.block_m), splits),
-        (h, weight, t, part[0], part[1], part[2], part[3], M, V, H, cols_per_split,
-         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), t.stride(0), part.stride(1),
-         inv_temperature),
-        dict(HAS_ENTROPY=with_entropy, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-             DOT_PRECISION=dot_precision(h.dtype)),
+        (h, weight, t, part[0], part[1], part[2], part[3], ew if ew is not None else part[0], M, V, H,
+         cols_per_split, h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
+         part.stride(1), inv_temperature),
+        dict(HAS_ENTROPY=with_entropy, HAS_EXPECT=ew is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+             BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(h.dtype)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

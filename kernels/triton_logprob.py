@@ -7,7 +7,9 @@ Layout of the Triton code (one job per module):
   triton_backward.py  the atomic backward kernel and the deterministic d_h / d_W kernels, and their launchers
   triton_config.py    block sizes / warps / stages per kernel, dtype and GPU architecture
   triton_runtime.py   compiled or interpreted flavour, and the `Launch` record every launcher returns
-  triton_logprob.py   this module: input checks, output allocation, the two passes, autograd
+  triton_logprob.py   this module: input checks, output allocation, the two passes, autograd; and the
+                      frozen-head token_loss (one pass: the forward kernel with HAS_EXPECT gives E_p[W],
+                      dh = g (W[t] - E_p[W]) / T in torch, no backward kernel)
 
 CPU: the kernels run under the Triton interpreter when TRITON_INTERPRET=1, and that flag must be in the
 environment BEFORE `triton` is first imported in the process (kernels/triton_runtime.py says why; a launch
@@ -28,9 +30,11 @@ from .triton_backward import backward_dh_launch, backward_dw_launch, backward_la
 from .triton_config import KernelConfig, default_config, num_sms
 from .triton_forward import forward_launch, forward_partials, forward_splits, merge_splits
 from .triton_runtime import compute_operands, interpreting, triton_interpreted_at_import
+from .torch_logprob import PrecomputedGradsLoss, loss_and_grad
 
 __all__ = ["KernelConfig", "LogprobParams", "TritonTokenLogprobs", "triton_token_logprobs",
-           "default_config", "triton_interpreted_at_import", "triton_forward", "triton_backward"]
+           "default_config", "triton_interpreted_at_import", "triton_forward", "triton_backward",
+           "triton_frozen_forward", "triton_frozen_token_loss"]
 
 
 @dataclass(frozen=True)
@@ -68,23 +72,75 @@ def _validate(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperatur
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def triton_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float,
-                   with_entropy: bool, config: Optional[KernelConfig] = None):
-    """Forward launcher: (logp, entropy or None, lse, E_p[z] or None), each (M,) float32."""
+def _sweep(h, weight, t, temperature: float, with_entropy: bool, config: Optional[KernelConfig], expect: bool):
+    """The forward launch and its merge: (logp, entropy or None, lse, E_p[z] or None, E_p[W] or None)."""
     _validate(h, weight, t, temperature)
     M, H = h.shape
     V = weight.shape[0]
     dev = h.device
     if M == 0:
         e = torch.empty(0, device=dev, dtype=torch.float32)
-        return e, (e.clone() if with_entropy else None), e.clone(), (e.clone() if with_entropy else None)
+        return (e, (e.clone() if with_entropy else None), e.clone(), (e.clone() if with_entropy else None),
+                torch.empty((0, H), device=dev, dtype=torch.float32) if expect else None)
     hc, wc = compute_operands(h, weight)
-    cfg = config or default_config("fwd", M, V, H, h.dtype, dev)
+    cfg = config or default_config("fwd_expect" if expect else "fwd", M, V, H, h.dtype, dev)
     splits, cols = forward_splits(M, V, cfg, num_sms(dev))
     part = forward_partials(M, splits, dev)
-    forward_launch(hc, wc, t, part, cols, 1.0 / float(temperature), with_entropy, cfg)()
+    ew = torch.zeros((splits, M, H), device=dev, dtype=torch.float32) if expect else None
+    forward_launch(hc, wc, t, part, cols, 1.0 / float(temperature), with_entropy, cfg, ew=ew)()
     lse, ent, ez, zt = merge_splits(part[0], part[1], part[2] if with_entropy else None, part[3])
-    return zt - lse, ent, lse, ez
+    if ew is not None:   # E_p[W] = sum_s exp(m_s - lse) A_s
+        ew = (ew[0].mul_(torch.exp(part[0][0] - lse).unsqueeze(1)) if splits == 1 else
+              torch.einsum("sm,smh->mh", torch.exp(part[0] - lse), ew))
+    return zt - lse, ent, lse, ez, ew
+
+
+def triton_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float,
+                   with_entropy: bool, config: Optional[KernelConfig] = None):
+    """Forward launcher: (logp, entropy or None, lse, E_p[z] or None), each (M,) float32."""
+    return _sweep(h, weight, t, temperature, with_entropy, config, expect=False)[:4]
+
+
+def triton_frozen_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float,
+                          with_entropy: bool, config: Optional[KernelConfig] = None):
+    """Frozen-head forward, one sweep: (logp, entropy or None, E_p[W]); logp / entropy (M,) float32,
+    E_p[W] = sum_v softmax(z)_v W_v (M, H) float32.
+
+    The forward kernel with HAS_EXPECT also accumulates, per vocabulary split s, A_s = sum_v exp(z_v - m_s) W_v
+    (rescaled when its running max m_s moves); E_p[W] = sum_s exp(m_s - lse) A_s. Memory: splits x M x H fp32
+    (splits > 1 only when there are few row blocks, kernels/triton_forward.py: forward_splits)."""
+    logp, ent, _, _, ew = _sweep(h, weight, t, temperature, with_entropy, config, expect=True)
+    return logp, ent, ew
+
+
+class TritonFrozenLoss(PrecomputedGradsLoss):
+    """token_loss with a frozen head (h differentiable, weight not): one Triton sweep gives logp and E_p[W];
+    then loss_fn gives g = d loss / d logp (logp is final only after the sweep), and
+    dh = g (W[t] - E_p[W]) / T in torch, with no second sweep and no dW. Backward scales dh (once, inherited)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, t, rows, loss_fn, params: LogprobParams):
+        logp, ent, expect = triton_frozen_forward(h, weight, t, params.temperature, params.with_entropy,
+                                                  params.config)
+        loss, g = loss_and_grad(loss_fn, logp, rows)
+        if g is None:
+            dh = torch.zeros_like(h)
+        else:   # expect <- (W[t] - E_p[W]) g / T, in place
+            dh = expect.neg_().add_(weight[t].float()).mul_((g.float() / params.temperature).unsqueeze(1))
+        ctx.grads, ctx.dtypes = (dh, None), (h.dtype, weight.dtype)
+        if ent is None:
+            return loss
+        ctx.mark_non_differentiable(ent)
+        return loss, ent
+
+
+
+def triton_frozen_token_loss(h, weight, t, rows, loss_fn, temperature: float = 1.0, with_entropy: bool = False,
+                             *, config: Optional[KernelConfig] = None):
+    """(loss, entropy or None) of sum loss_fn(logp, rows) for a frozen head; differentiable w.r.t. h only."""
+    params = LogprobParams(temperature=float(temperature), with_entropy=bool(with_entropy), config=config)
+    out = TritonFrozenLoss.apply(h, weight, t, rows, loss_fn, params)
+    return out if with_entropy else (out, None)
 
 
 def triton_backward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, lse: torch.Tensor,

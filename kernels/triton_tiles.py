@@ -7,7 +7,7 @@ kernels/triton_backward*.py is a loop over (BLOCK_M x BLOCK_N) tiles of logits b
                       entropy E_p[z] and g_ent
     dz_tile           d loss / d logits of a tile (see below)
     add_product_rows  out[rows, :] += a @ B[b_rows, :], K slice by K slice, by fp32 atomics or by a
-                      read-modify-write of rows the program owns
+                      read-modify-write of rows the program owns (optionally rescaling out first)
 
 Gradient of a tile (per row, with upstream g_lp, g_ent, g_lse; Ez = E_p[z] = lse - ent):
     d logp / dz_j = onehot_j - p_j
@@ -89,10 +89,13 @@ def dz_tile(acc, offs_n, mask_n, lse, glp, coef, tgt, ez, gent, inv_temperature,
 
 @jit
 def add_product_rows(out_ptr, offs_r, mask_r, a, b_ptr, offs_b, mask_b, stride_b, stride_bk, H,
-                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
+                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+                     scale, HAS_SCALE: tl.constexpr):
     """out[offs_r, :H] += a @ B[offs_b, :H] for a (R, Bn) tile `a` and the rows offs_b of B (row stride
     `stride_b`, column stride `stride_bk`); `out` is fp32 (rows, H), contiguous. ATOMIC: fp32
-    `tl.atomic_add` (rows shared between programs); else a read-modify-write (rows this program owns)."""
+    `tl.atomic_add` (rows shared between programs); else a read-modify-write (rows this program owns).
+    HAS_SCALE (read-modify-write only): out[offs_r] = scale[:, None] * out[offs_r] + a @ B, the rescale of a
+    running-max accumulator (`scale` (R,) fp32; ignored otherwise)."""
     offs_k0 = tl.arange(0, BLOCK_K).to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + offs_k0
@@ -106,4 +109,6 @@ def add_product_rows(out_ptr, offs_r, mask_r, a, b_ptr, offs_b, mask_b, stride_b
             tl.atomic_add(ptrs, part, mask=msk, sem="relaxed")
         else:
             prev = tl.load(ptrs, mask=msk, other=0.0)
+            if HAS_SCALE:
+                prev = prev * scale[:, None]
             tl.store(ptrs, prev + part, mask=msk)

@@ -253,3 +253,111 @@ def test_token_loss_entropy_out_matches_the_oracle_and_leaves_the_loss_alone(imp
         assert max_err(got, o) <= max_err(nv, o) + TOL[torch.float32]["grad"] * max(1.0, o.abs().max().item())
     with pytest.raises(ValueError, match=r"entropy_out must be a \(37,\) tensor"):
         token_loss(hid, w, t, loss_fn, impl=impl, entropy_out=torch.empty(3))
+
+
+# ---------------------------------------------------------------------------------------------- frozen head
+def _frozen_oracle(hid, w, t, rows, T, loss_of_logp):
+    """float64 autograd oracle and the naive same-dtype yardstick of a frozen-head token_loss: the loss
+    sum_{active} f(logp), its gradient w.r.t. hidden only, and the entropy (0 on inactive rows)."""
+    out = {}
+    for name, (h_, w_) in {"oracle": (hid.double(), w.double()), "naive": (hid, w)}.items():
+        h_ = h_.detach().clone().requires_grad_()
+        lp, ent, _ = naive_token_logprobs(h_, w_.detach(), t, T, with_entropy=True)
+        mask = torch.zeros(hid.shape[0], dtype=torch.bool)
+        mask[rows if rows is not None else slice(None)] = True
+        idx = torch.nonzero(mask).view(-1)
+        loss = loss_of_logp(lp.double()[idx], idx).sum()
+        loss.backward()
+        out[name] = (loss.detach(), (ent * mask).detach(), h_.grad)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_pattern", ROWS)
+@pytest.mark.parametrize("T", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_frozen_head_token_loss_matches_oracle(dtype, rows_pattern, T, with_entropy, tiling):
+    """Weight without requires_grad: the single-sweep path (E_p[W] accumulated in the stats sweep) gives the
+    loss, d loss / d hidden and the entropy of the float64 oracle, and leaves weight.grad None. The loss is
+    nonlinear in logp (a mixed-sign advantage term and a square), so g = f'(logp) depends on the final logp."""
+    n, h, v = 37, 61, 1000
+    hid, w, t = make(n, h, v, dtype, seed=11)
+    rows = row_index(rows_pattern, n)
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    loss_fn = lambda lp, idx: -adv[idx].to(lp.dtype) * torch.exp(lp) + 0.1 * lp ** 2  # noqa: E731
+    ref = _frozen_oracle(hid, w, t, rows, T, loss_fn)
+    h_ = hid.clone().requires_grad_()
+    ent = torch.full((n,), float("nan")) if with_entropy else None
+    loss = token_loss(h_, w, t, loss_fn, rows=rows, temperature=T, impl="torch", chunk_rows=16, entropy_out=ent)
+    loss.backward()
+    assert w.grad is None and not w.requires_grad
+    tol = TOL[dtype]
+    (lo, eo, gho), (ln, en, ghn) = ref["oracle"], ref["naive"]
+    assert abs(loss.item() - lo.item()) <= abs(ln.item() - lo.item()) + tol["logp"] * n
+    assert h_.grad.dtype == dtype and h_.grad.shape == hid.shape
+    assert max_err(h_.grad, gho) <= max_err(ghn, gho) + tol["grad"] * max(1.0, gho.abs().max().item())
+    if rows is not None and rows.numel() < n:
+        inactive = torch.isin(torch.arange(n), rows, invert=True)
+        assert torch.all(h_.grad[inactive] == 0)
+    if with_entropy:
+        assert max_err(ent, eo) <= max_err(en, eo) + tol["entropy"] * max(1.0, eo.abs().max().item())
+
+
+def test_frozen_head_float64_is_exact(tiling):
+    """float64 inputs run the torch path in float64: the frozen-head gradient equals autograd's to 1e-12."""
+    n, h, v = 29, 13, 301
+    hid, w, t = make(n, h, v, torch.float64, seed=13)
+    rows = row_index("negatives", n)
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    loss_fn = lambda lp, idx: -adv[idx] * torch.exp(lp) + 0.1 * lp ** 2  # noqa: E731
+    ref = _frozen_oracle(hid, w, t, rows, 0.6, loss_fn)["oracle"]
+    h_ = hid.clone().requires_grad_()
+    ent = torch.empty(n, dtype=torch.float64)
+    token_loss(h_, w, t, loss_fn, rows=rows, temperature=0.6, impl="torch", chunk_rows=8, entropy_out=ent).backward()
+    assert max_err(h_.grad, ref[2]) <= 1e-12 * max(1.0, ref[2].abs().max().item())
+    assert max_err(ent, ref[1]) <= 1e-12
+
+
+class _MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the (rows x vocabulary-tile) matmuls of the torch path: aten mm / addmm (the per-token target
+    gathers use bmm and are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_head_is_one_sweep_of_two_matmuls_per_tile(monkeypatch):
+    """The frozen path never enters the gradient sweep and issues exactly 2 matmuls per (row block, vocabulary
+    tile): the logits tile and exp(z - m) @ W_tile. The trainable head, counted the same way, takes 4
+    (stats, and in the gradient sweep logits, dh, dW), which shows the counter sees them."""
+    import fastprerl.kernels.torch_logprob as tl
+    monkeypatch.setattr(tl, "_ROW_BLOCK", 8)
+    monkeypatch.setattr(tl, "_TILE_ELEMS", 8 * 48)
+    monkeypatch.setattr(tl, "_MIN_VOCAB_TILE", 5)
+    n, h, v = 37, 16, 200
+    hid, w, t = make(n, h, v, torch.float32, seed=15)
+    p = tl._plan(n, v, 1.0, False, 8)
+    tiles = -(-n // p.row_block) * -(-v // p.vocab_tile)
+    assert tiles > 20   # several row blocks and vocabulary tiles
+    loss_fn = lambda lp, idx: -lp  # noqa: E731
+
+    counts = {}
+    for name, w_ in (("trainable", w.clone().requires_grad_()), ("frozen", w)):
+        h_ = hid.clone().requires_grad_()
+        with _MatmulCount() as c:
+            token_loss(h_, w_, t, loss_fn, impl="torch", chunk_rows=8).backward()
+        counts[name] = c.n
+    assert counts == {"trainable": 4 * tiles, "frozen": 2 * tiles}
+
+    def no_sweep(*a, **k):
+        raise AssertionError("the frozen head must not run the gradient sweep")
+    monkeypatch.setattr(tl, "_grad_sweep", no_sweep)
+    h_ = hid.clone().requires_grad_()
+    token_loss(h_, w, t, loss_fn, impl="torch", chunk_rows=8).backward()
+    assert w.grad is None and h_.grad is not None and torch.isfinite(h_.grad).all()

@@ -327,3 +327,93 @@ def test_flag_set_after_triton_import_fails_clearly():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ frozen head
+def _frozen_reference(h, w, t, rows, temperature, loss_fn):
+    """(loss, d loss / d h, entropy) of sum_{rows} loss_fn(logp) with the weight frozen, by autograd through the
+    naive reference in h's dtype (float64 inputs: the oracle); entropy is 0 on inactive rows."""
+    hh = h.detach().clone().requires_grad_(True)
+    lp, ent, _ = naive_token_logprobs(hh, w.detach(), t, temperature, with_entropy=True)
+    idx = rows if rows is not None else torch.arange(h.shape[0], device=h.device)
+    loss = loss_fn(lp.double()[idx], idx).sum()
+    (dh,) = torch.autograd.grad(loss, [hh])
+    mask = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+    mask[idx] = True
+    return loss.detach(), dh, (ent * mask).detach()
+
+
+@in_process
+@pytest.mark.parametrize("rows_kind", ["all", "compacted"])
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["lp", "ent"])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_frozen_head_token_loss_matches_oracle(dtype, temperature, with_entropy, rows_kind):
+    """token_loss(impl="triton") with weight.requires_grad False: one sweep (E_p[W] accumulated in the forward
+    kernel), loss, d loss / d h and entropy within the naive error of the float64 oracle; weight.grad None.
+    The loss is nonlinear in logp, so g = f'(logp) needs the final logp."""
+    M, H, V = 37, 61, 300
+    h, w, t, up = _inputs(M, H, V, dtype, seed=21)
+    rows = (torch.nonzero(up[1] > -0.3).view(-1) if rows_kind == "compacted" else None)
+    adv = up[0]
+    loss_fn = lambda lp, idx: -adv[idx].to(lp.dtype) * torch.exp(lp) + 0.1 * lp ** 2  # noqa: E731
+    hh = h.clone().requires_grad_(True)
+    ent = torch.full((M,), float("nan"), device=DEVICE) if with_entropy else None
+    loss = token_loss(hh, w, t, loss_fn, rows=rows, temperature=temperature, impl="triton", entropy_out=ent)
+    loss.backward()
+    assert w.grad is None and hh.grad.dtype == dtype
+    lo, gho, eo = _frozen_reference(h.double(), w.double(), t, rows, temperature, loss_fn)
+    ln, ghn, en = _frozen_reference(h, w, t, rows, temperature, loss_fn)
+    tol = TOL[dtype]
+    assert abs(loss.item() - lo.item()) <= abs(ln.item() - lo.item()) + tol["logp"] * M
+    _check_bound("dh", hh.grad, ghn, gho, tol["grad"])
+    if rows is not None:
+        assert 0 < rows.numel() < M and not hh.grad[torch.isin(torch.arange(M, device=DEVICE), rows,
+                                                                invert=True)].any()
+    if with_entropy:
+        _check_bound("entropy", ent, en, eo, tol["entropy"])
+
+
+@in_process
+@pytest.mark.parametrize("scale", [1.0, 60.0], ids=["plain", "large_logits"])
+def test_frozen_forward_multi_tile_matches_oracle(scale):
+    """The HAS_EXPECT forward over several row blocks, vocabulary tiles and splits (all with partial edges):
+    E_p[W] (rescaled whenever the running max moves, merged across splits), logp and entropy against float64."""
+    M, H, V = 37, 61, 100
+    h, w, t, _ = _inputs(M, H, V, torch.float32, seed=22, scale=scale)
+    logp, ent, expect = tlp.triton_frozen_forward(h, w, t, 0.7, True, config=MULTI_TILE)
+    z = (h.double() @ w.double().t()) / 0.7
+    p = torch.softmax(z, dim=-1)
+    lp_o, ent_o, _ = naive_token_logprobs(h.double(), w.double(), t, 0.7, with_entropy=True)
+    lp_n, ent_n, _ = naive_token_logprobs(h, w, t, 0.7, with_entropy=True)
+    ew_n = torch.softmax((h @ w.t()) / 0.7, dim=-1) @ w
+    assert expect.shape == (M, H) and expect.dtype == torch.float32
+    _check_bound("E_p[W]", expect, ew_n, p @ w.double(), TOL[torch.float32]["grad"])
+    _check_bound("logp", logp, lp_n, lp_o, TOL[torch.float32]["logp"])
+    _check_bound("entropy", ent, ent_n, ent_o, TOL[torch.float32]["entropy"])
+
+
+@in_process
+def test_frozen_head_is_one_launch_and_no_backward(monkeypatch):
+    """The frozen head runs one forward launch (with HAS_EXPECT) and no backward kernel at all."""
+    M, H, V = 20, 16, 70
+    h, w, t, up = _inputs(M, H, V, torch.float32, seed=23)
+    launches = []
+    real = tlp.forward_launch
+
+    def counted(*a, **k):
+        launch = real(*a, **k)
+        launches.append(launch.constexprs["HAS_EXPECT"])
+        return launch
+
+    def no_backward(*a, **k):
+        raise AssertionError("the frozen head must not run a backward kernel")
+    monkeypatch.setattr(tlp, "forward_launch", counted)
+    for name in ("triton_backward", "backward_launch", "backward_dh_launch", "backward_dw_launch"):
+        monkeypatch.setattr(tlp, name, no_backward)
+    hh = h.clone().requires_grad_(True)
+    token_loss(hh, w, t, lambda lp, idx: -up[0][idx] * lp, impl="triton").backward()
+    assert launches == [True] and w.grad is None and torch.isfinite(hh.grad).all() and hh.grad.abs().sum() > 0
+    # a trainable head, for contrast, goes through the backward (which raises here)
+    with pytest.raises(AssertionError, match="must not run a backward"):
+        token_loss(hh, w.clone().requires_grad_(True), t, lambda lp, idx: -lp, impl="triton").backward()

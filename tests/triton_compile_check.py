@@ -73,6 +73,11 @@ def _launches(arch: int):
                     splits, cols = forward_splits(M, V, c, sms)
                     part = forward_partials(M, splits, meta)
                     yield "fwd", tag, forward_launch(h, w, t, part, cols, 1.0, ent, c)
+                    c = cfg("fwd_expect")   # the frozen-head forward
+                    splits, cols = forward_splits(M, V, c, sms)
+                    part = forward_partials(M, splits, meta)
+                    ew = torch.empty((splits, M, H), device=meta, dtype=torch.float32)
+                    yield "fwd_expect", tag, forward_launch(h, w, t, part, cols, 1.0, ent, c, ew=ew)
                     for need in ((True, True), (True, False), (False, True)):
                         yield "bwd", tag, backward_launch(h, w, t, rows, dh, dw, *need, ent, 1.0, cfg("bwd"))
                     yield "bwd_dh", tag, backward_dh_launch(h, w, t, rows, dh, ent, 1.0, cfg("bwd_dh"))
@@ -171,7 +176,8 @@ def check(archs=(90, 80), jobs: int = 2) -> List[dict]:
         dtype = s["signature"]["h_ptr"].lstrip("*")
         row.update(triton=triton.__version__, arch=s["arch"], dtype=dtype, sixteen_bit=dtype in ("bf16", "fp16"),
                    config=f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{s['num_warps']} s{s['num_stages']}",
-                   flags=",".join(f"{k[4:].lower()}" for k in ("HAS_ENTROPY", "HAS_DH", "HAS_DW") if c.get(k)),
+                   flags=",".join(f"{k[4:].lower()}" for k in ("HAS_ENTROPY", "HAS_DH", "HAS_DW", "HAS_EXPECT")
+                                   if c.get(k)),
                    smem_limit=SMEM_LIMIT[s["arch"]])
     return rows
 
