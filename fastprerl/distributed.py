@@ -27,6 +27,15 @@ environment) is not: it trains exactly as it always has, without a process group
   than a plain process for world sizes that are not powers of two.)
 - Mixed precision: MixedPrecisionPolicy(param_dtype = model.dtype, reduce_dtype = float32): gradients are
   summed over ranks in fp32 also for bf16/fp16 models.
+- CPU offload, two ways, both kept: `optim.offload_optimizer_state` (plain process, fastprerl/optim.py)
+  moves only AdamW's two moments to the CPU (weights and gradients stay on the device; per step one copy of
+  weights and gradients to the host and of the weights back), is bit-identical to the resident AdamW and
+  needs no process group. `dist.cpu_offload` (FSDP2's CPUOffloadPolicy, under torchrun, also with
+  --nproc_per_node=1) keeps the sharded weights, the gradients and the moments on the CPU and runs AdamW
+  there; the device holds only the layers being computed (gathered per layer, forward and backward) and the
+  activations. The first costs less per step when weights + gradients fit on the device; the second is the
+  way when they do not. Under torchrun optim.offload_optimizer_state is refused (it would copy DTensor shards
+  by hand beside FSDP2's own offload).
 - Generation (`full_weights`): the HF backend's generate() runs on full weights, gathered once for the whole
   call (every FSDP module unsharded, reshard-after-forward off) and resharded after it, not once per token.
 """
@@ -252,7 +261,7 @@ def shard_model(model, d: Dist, dtype: torch.dtype, cpu_offload: bool = False) -
     dev = next(model.parameters()).device
     mesh = init_device_mesh(dev.type, (d.world_size,))
     kw = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
-              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+              offload_policy=CPUOffloadPolicy(pin_memory=dev.type == "cuda") if cpu_offload else OffloadPolicy())
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, **kw)
