@@ -299,6 +299,10 @@ def save_final_sharded(model, tokenizer, out: Path, dist) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first = {}
+    for name, p in model.named_parameters(remove_duplicate=False):   # a tied weight is saved once, as HF does
+        if first.setdefault(id(p), name) != name:
+            full.pop(name, None)
     if dist.is_main:
         save_model(model, tokenizer, Path(out) / "final", state_dict=full)
     dist.barrier()

@@ -251,7 +251,8 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     while not (out / "checkpoints" / "step_1").is_dir():
         assert p.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+    ranked = [c for c in psutil.Process(p.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+    workers = [c for c in ranked if c.parent().environ().get("RANK") != "1"]   # not its reward workers
     assert len(workers) == 1
     workers[0].send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=600)
