@@ -13,6 +13,18 @@ run starts at). It holds:
   run_config.toml, run_config.json                          the resolved run config
   manifest.json                                             size + sha256 of every file above, written last
 
+A run under torchrun (fastprerl/distributed.py) writes the same folder with the weights and the AdamW state
+sharded by torch.distributed.checkpoint instead of model.safetensors and optimizer.pt:
+
+  dcp/                                                      {"model", "optim"} as DCP writes them, one file
+                                                            per rank (+ .metadata), keyed by parameter name
+  config.json, tokenizer files, scheduler.pt, rng.pt (rank 0's), trainer_state.json, run configs, manifest
+
+Every rank writes its shard into the same folder (several nodes need a shared file system); rank 0 writes the
+rest, the manifest, and renames the folder. `load_checkpoint` reads both kinds into either kind of model:
+DCP reshards a sharded checkpoint to any world size (also to a plain process: 2 -> 1), and a plain
+checkpoint's full weights and optimizer state are scattered to the shards of an FSDP2 model (1 -> N).
+
 Writing is atomic: everything goes to a hidden temporary folder, each file is fsynced, the manifest is written
 last, then the folder is renamed to `step_<N>` (os.replace). A folder named `step_<N>` is therefore either a
 complete checkpoint or was damaged afterwards; `verify` tells which by re-hashing every file. The last
@@ -44,6 +56,9 @@ CONFIG_JSON = "run_config.json"
 CONFIG_TOML = "run_config.toml"
 REF_MODEL = "ref_model.safetensors"
 REQUIRED = ("optimizer.pt", "scheduler.pt", "rng.pt", STATE, CONFIG_JSON)
+DCP_DIR = "dcp"
+DCP_METADATA = f"{DCP_DIR}/.metadata"
+REQUIRED_SHARDED = (DCP_METADATA, "scheduler.pt", "rng.pt", STATE, CONFIG_JSON)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 # Keys that may change when a run is resumed: where and how fast it runs, what it logs and evaluates.
@@ -56,7 +71,7 @@ RESUME_MAY_CHANGE = (
     "logging.", "eval.", "reward.workers", "rollout.generation_batch_size", "rollout.vllm_gpu_memory_utilization",
     "rollout.vllm_enforce_eager", "rollout.vllm_sleep", "optim.max_tokens_per_microbatch",
     "optim.offload_optimizer_state", "model.logprob_impl", "model.attn_implementation",
-    "model.gradient_checkpointing", "run.merge_lora",
+    "model.gradient_checkpointing", "run.merge_lora", "dist.",
 )
 
 
@@ -96,7 +111,7 @@ def verify(path: Path) -> Optional[str]:
         entries = json.loads(man.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST} ({e})"
-    missing = [r for r in REQUIRED if r not in entries]
+    missing = [r for r in (REQUIRED_SHARDED if DCP_METADATA in entries else REQUIRED) if r not in entries]
     if "config.json" not in entries and "adapter_config.json" not in entries:   # a full model or an adapter
         missing.append("config.json")
     if missing:
@@ -204,17 +219,27 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state
     tmp.mkdir()
     with quiet_hf_progress():
         model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(capture_rng(), tmp / "rng.pt")
     if ref_model is not None:
         save_model(ref_model, str(tmp / REF_MODEL))
+    _write_run_state(tmp, tokenizer=tokenizer, scheduler=scheduler, state=state, config=config,
+                     config_toml=config_toml)
+    return _seal(tmp, final, root, step, keep)
+
+
+def _write_run_state(tmp: Path, *, tokenizer, scheduler, state: Dict, config: Dict, config_toml: str) -> None:
+    """What both kinds of checkpoint hold besides weights and optimizer state."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(capture_rng(), tmp / "rng.pt")
     (tmp / STATE).write_text(json.dumps({"format": FORMAT_VERSION, **state}, indent=1))
     (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=1))
     (tmp / CONFIG_TOML).write_text(config_toml)
 
+
+def _seal(tmp: Path, final: Path, root: Path, step: int, keep: int) -> Path:
+    """fsync every file, write the manifest last, rename tmp to final, keep the newest `keep` checkpoints."""
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync(f)
@@ -231,6 +256,56 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state
     for _, old in list_checkpoints(root)[keep:]:
         _discard(old)
     return final
+
+
+def _sharded_state(model, optimizer, with_optim: bool) -> Dict:
+    """{"model", "optim"} state dicts keyed by parameter name (DTensor shards under FSDP2). An optimizer that
+    has not stepped yet has no state and is left out: get_optimizer_state_dict would create it by a step with
+    lr 0, which counts as a step in AdamW's bias correction."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    sd = {"model": get_model_state_dict(model)}
+    if with_optim:
+        sd["optim"] = get_optimizer_state_dict(model, optimizer)
+    return sd
+
+
+def save_sharded_checkpoint(root: Path, step: int, *, dist, model, optimizer, scheduler, state: Dict,
+                            config: Dict, config_toml: str, tokenizer=None, keep: int = 2) -> Path:
+    """The torchrun kind of checkpoint (module docstring); called on every rank (dist: distributed.Dist)."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    final = step_dir(root, step)
+    tmp = root / f".{final.name}.tmp-dist"
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save(_sharded_state(model, optimizer, with_optim=bool(optimizer.state)), checkpoint_id=str(tmp / DCP_DIR))
+    if dist.is_main:   # dcp.save returns after every rank's shard is written
+        model.config.save_pretrained(tmp)
+        _write_run_state(tmp, tokenizer=tokenizer, scheduler=scheduler, state=state, config=config,
+                         config_toml=config_toml)
+        _seal(tmp, final, root, step, keep)
+    dist.barrier()
+    return final
+
+
+def save_final_sharded(model, tokenizer, out: Path, dist) -> None:
+    """<out>/final from an FSDP2 model: the full weights gathered to rank 0 (on the CPU), one Hugging Face
+    folder written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first = {}
+    for name, p in model.named_parameters(remove_duplicate=False):   # a tied weight is saved once, as HF does
+        if first.setdefault(id(p), name) != name:
+            full.pop(name, None)
+    if dist.is_main:
+        save_model(model, tokenizer, Path(out) / "final", state_dict=full)
+    dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -269,9 +344,14 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) 
 
     path = Path(path)
     dev = next(model.parameters()).device
-    _load_hf_weights(model, path)
-    # read to host memory: load_state_dict moves each state to its parameter's device (CPU when offloaded)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if (path / DCP_METADATA).is_file():
+        _load_sharded(path, model, optimizer)
+    elif _is_fsdp(model):
+        _load_full_into_sharded(path, model, optimizer)
+    else:
+        _load_hf_weights(model, path)
+        # read to host memory: load_state_dict moves each state to its parameter's device (CPU when offloaded)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if ref_model is not None:
         if not (path / REF_MODEL).is_file():
@@ -280,6 +360,52 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) 
     state = json.loads((path / STATE).read_text())
     state["rng"] = torch.load(path / "rng.pt", weights_only=True)
     return state
+
+
+def _is_fsdp(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """A DCP checkpoint into a model of any world size (a plain process too), resharded by DCP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    saved = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+    sd = _sharded_state(model, optimizer, with_optim=any(k.startswith("optim.") for k in saved))
+    dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
+    set_model_state_dict(model, sd["model"])
+    if "optim" in sd:
+        set_optimizer_state_dict(model, optimizer, sd["optim"])
+
+
+def _load_full_into_sharded(path: Path, model, optimizer) -> None:
+    """A plain checkpoint (model.safetensors, optimizer.pt keyed by parameter index) into an FSDP2 model: every
+    rank reads the full tensors and keeps its shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    sd = {}
+    for f in sorted(path.glob("*.safetensors")):
+        if f.name != REF_MODEL:
+            sd.update(load_file(str(f)))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]   # the optimizer's parameter order
+    missing = [n for n, _ in model.named_parameters() if n not in sd]
+    if missing:
+        raise ResumeError(f"{path}: the saved weights lack {missing[:3]} (a model of another kind?)")
+    own = set(model.state_dict())
+    set_model_state_dict(model, {k: v for k, v in sd.items() if k in own},   # tied weights are saved once
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+    full = StateDictOptions(full_state_dict=True)
+    raw = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if not raw["state"]:   # saved before the first optimizer step: nothing to load (see _sharded_state)
+        return
+    osd = {"state": {names[i]: st for i, st in raw["state"].items()},
+           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in raw["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, osd, options=full)
 
 
 def saved_config(path: Path) -> Dict:
@@ -355,15 +481,16 @@ def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Op
     return path
 
 
-def save_model(model, tokenizer, path: Path) -> None:
+def save_model(model, tokenizer, path: Path, state_dict: Optional[Dict] = None) -> None:
     """Model and tokenizer in Hugging Face format at `path`, written to <path>.tmp and renamed into place;
     an earlier folder at `path` is renamed to <path>.old first and deleted last, so an interruption leaves
-    a complete model in `path` or, between the two renames, in <path>.old."""
+    a complete model in `path` or, between the two renames, in <path>.old. state_dict: the weights to write
+    instead of the model's own (the full weights of a sharded model)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write
     with quiet_hf_progress():
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -151,9 +151,22 @@ def _train(args) -> int:
     except ConfigError as e:
         print(f"fastprerl: config error: {e}", file=sys.stderr)
         return 2
+    from . import distributed
+    try:
+        return _run_training(cfg)
+    finally:
+        distributed.shutdown()
+
+
+def _run_training(cfg) -> int:
+    from . import distributed
+    from .distributed import CollectiveTimeout
     from .trainer import NonFiniteError, Trainer
     try:
         trainer = Trainer(cfg)
+    except CollectiveTimeout as e:
+        print(f"fastprerl: {e}", file=sys.stderr)
+        return 1
     except (ValueError, RuntimeError, OSError) as e:
         print(f"fastprerl: {e}", file=sys.stderr)
         return 2
@@ -166,10 +179,12 @@ def _train(args) -> int:
         print(f"fastprerl: stopped: {e}", file=sys.stderr)
         return 3
     except Exception as e:
+        if trainer.dist.enabled and distributed.is_timeout(e):
+            e = CollectiveTimeout(distributed.timeout_message(cfg.dist.timeout_s, e))
         print(f"fastprerl: error at step {trainer.step}: {type(e).__name__}: {e} (newest checkpoint: "
               f"{trainer.last_checkpoint or 'none'})", file=sys.stderr)
         return 1
-    if status == "complete":
+    if status == "complete" and trainer.dist.is_main:
         print(f"fastprerl: done; metrics in {cfg.run.output_dir}/metrics.jsonl", file=sys.stderr)
     return 4 if status == "abandoned" else 0
 

@@ -216,6 +216,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    """Runs under torchrun (fastprerl/distributed.py); a plain process ignores this section."""
+    timeout_s: float = 600.0        # a collective that takes longer (a dead or hung rank) stops every rank
+    cpu_offload: bool = False       # FSDP2's CPUOffloadPolicy: sharded weights, gradients and AdamW on the CPU
+
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ConfigError(f"dist.timeout_s: expected seconds > 0, got {self.timeout_s!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -227,6 +238,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     @property
     def total_steps(self) -> int:

@@ -156,11 +156,14 @@ def read_metrics(path) -> List[Dict]:
 
 def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List[bool], texts: List[str], batch,
                  loss: float, grad_norm: float, diag, entropy, behaviour, terms, tis_cap: float,
-                 view_gap: bool) -> Dict:
+                 view_gap: bool, weights: Optional[Dict[str, int]] = None) -> Dict:
     """The metrics row of one training step (without step, phase and perf/*). rewards (B,), resp_lens (B,);
     scores: fastprerl.scoring.Scores; batch: the step's PackedBatch (R rows); diag: its LossDiagnostics;
-    entropy (R,) or None; behaviour (R,) the sampler's log-probs of the rows; terms: name -> SampleTerms."""
+    entropy (R,) or None; behaviour (R,) the sampler's log-probs of the rows; terms: name -> SampleTerms.
+    weights: when given, filled with the number of items each mean is taken over (`reduce_rows`)."""
     import torch
+
+    weights = {} if weights is None else weights
 
     from .objectives import tis_weight
 
@@ -183,24 +186,32 @@ def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List
         "train/packed_tokens": batch.num_tokens,
         "train/microbatches": len(batch.bins),
     }
+    weights.update(dict.fromkeys(("reward/mean", "reward/accuracy", "reward/format", "rollout/response_len_mean",
+                                  "rollout/truncated_frac", "groups/zero_adv_frac"), B))
     for name, s in diag.term_sums.items():
         m[f"loss/{name}"] = s.item()
         m[f"samples/{name}"] = int(terms[name].mask.sum())
         m[f"clip/{name}"] = diag.clip_fraction(name)
+        weights[f"clip/{name}"] = diag.tokens[name]
     logp = diag.logp_by_row(batch.rows.numel())
     for view in ("cond", "free"):
         sel = batch.view_mask(view)
         if sel.any():
             m[f"logp/{view}_mean"] = logp[sel].mean().item()
+            weights[f"logp/{view}_mean"] = int(sel.sum())
             if entropy is not None:
                 m[f"entropy/{view}"] = entropy[sel].mean().item()
+                weights[f"entropy/{view}"] = int(sel.sum())
     if entropy is not None and batch.rows.numel():
         m["train/entropy"] = entropy.mean().item()
+        weights["train/entropy"] = batch.rows.numel()
     cond_rows = torch.nonzero(batch.view_mask("cond")).view(-1)
     if cond_rows.numel():
         m["rollout/logprob_gap"] = (behaviour[cond_rows] - logp[cond_rows]).abs().mean().item()
+        weights["rollout/logprob_gap"] = cond_rows.numel()
         if tis_cap > 0:
             m["rollout/tis_weight_mean"] = tis_weight(logp[cond_rows], behaviour[cond_rows], tis_cap).mean().item()
+            weights["rollout/tis_weight_mean"] = cond_rows.numel()
     if view_gap and batch.rows.numel():
         rs, rp = batch.row_sample, batch.row_pos
         c = {(s, p): v for s, p, v in zip(rs[cond_rows].tolist(), rp[cond_rows].tolist(), logp[cond_rows].tolist())}
@@ -209,10 +220,51 @@ def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List
                                               logp[free_rows].tolist()) if (s, p) in c]
         if d:
             m["logp/cond_minus_free"] = sum(d) / len(d)
+            weights["logp/cond_minus_free"] = len(d)
     counts = [behaviour_counts(t) for t in texts]
     for kind in ("transition", "reflection", "execution"):
         m[f"behaviour/{kind}"] = sum(c[kind] for c in counts) / B
+        weights[f"behaviour/{kind}"] = B
     return m
+
+
+SUMMED = ("reward/timeouts", "groups/all_solved", "groups/none_solved", "loss/", "samples/", "train/rows",
+          "train/packed_tokens", "train/microbatches")
+
+
+def reduce_rows(rows: List[Dict], weights: List[Dict[str, int]]) -> Dict:
+    """One metrics row of a step whose samples were spread over processes, from each process's row of its own
+    samples (`step_metrics`) and the item counts of its means: a mean over items (samples, tokens, rows) is
+    the count-weighted mean of the processes' means; counts and loss parts (each process's loss is its share
+    of the step loss) are summed; perf/* (seconds) is the slowest process's; anything else (the gradient norm,
+    computed over all processes) is the first process's."""
+    out = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        have = [(r[key], w.get(key)) for r, w in zip(rows, weights) if key in r]
+        vals = [v for v, _ in have]
+        if key.startswith("perf/"):
+            out[key] = max(vals)
+        elif any(key == s or (s.endswith("/") and key.startswith(s)) for s in SUMMED):
+            out[key] = sum(vals)
+        elif all(n is not None for _, n in have):
+            total = sum(n for _, n in have)
+            out[key] = sum(v * n for v, n in have) / total if total else vals[0]
+        else:
+            out[key] = vals[0]
+    return out
+
+
+class NoMetrics:
+    """The metric sinks of a process other than rank 0: nothing is written."""
+
+    def log(self, row: Dict, write=None):
+        pass
+
+    def log_samples(self, step: int, rows: List[Dict]):
+        pass
+
+    def close(self):
+        pass
 
 
 def sample_records(samples: List[Dict], texts: List[str], scores, roll, terms) -> List[Dict]:

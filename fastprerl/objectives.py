@@ -58,7 +58,7 @@ the step loss is the same whatever the micro-batches are, and nothing outside th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -174,6 +174,9 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
+_RESPONSE_TOKENS = "response tokens"   # the KL term's normaliser, beside the objectives' N_o
+
+
 def token_normalisers(terms: Dict[str, SampleTerms], resp_lens: torch.Tensor) -> Dict[str, int]:
     """N_o: kept tokens of objective o over the whole step (all micro-batches)."""
     return {name: int(resp_lens[t.mask].sum().item()) for name, t in terms.items()}
@@ -239,17 +242,23 @@ class StepLoss:
     @classmethod
     def build(cls, terms: Dict[str, SampleTerms], weights: Dict[str, float], resp_lens: torch.Tensor, *,
               row_sample: torch.Tensor, cond: torch.Tensor, behaviour: torch.Tensor, algo,
-              ref: Optional[torch.Tensor] = None) -> "StepLoss":
+              ref: Optional[torch.Tensor] = None,
+              totals: Optional[Callable[[Dict[str, int]], Dict[str, int]]] = None) -> "StepLoss":
         """terms / weights: per objective; resp_lens (B,); row_sample (R,) sample of each packed row; cond (R,);
-        behaviour (R,); algo: AlgoConfig (clip, dual-clip, old_logp, TIS, KL); ref (R,) or None (KL off)."""
+        behaviour (R,); algo: AlgoConfig (clip, dual-clip, old_logp, TIS, KL); ref (R,) or None (KL off).
+        totals: when the step's samples are spread over processes, maps this process's token counts to the
+        step's (the sums over processes), so that every normaliser counts the whole step."""
         norms = token_normalisers(terms, resp_lens)
+        norms[_RESPONSE_TOKENS] = int(resp_lens.sum())
+        if totals is not None:
+            norms = totals(norms)
         rows = []
         for name, t in terms.items():
             on = cond if t.view == "cond" else ~cond
             coef = torch.where(on & t.mask[row_sample], torch.tensor(weights[name] / max(norms[name], 1)),
                                torch.tensor(0.0))
             rows.append(RowTerm(name, coef, t.advantage[row_sample]))
-        kl = torch.where(cond, torch.tensor(algo.kl_coef / max(int(resp_lens.sum()), 1)), torch.tensor(0.0))
+        kl = torch.where(cond, torch.tensor(algo.kl_coef / max(norms[_RESPONSE_TOKENS], 1)), torch.tensor(0.0))
         return cls(tuple(rows), cond, behaviour, behaviour if algo.old_logp == "rollout" else None, ref, kl,
                    tis_cap=algo.tis_cap, eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high,
                    dual_clip_c=algo.dual_clip_c)

@@ -192,10 +192,18 @@ class BinRows(NamedTuple):
 def bins(model, batch: PackedBatch) -> Iterator[BinRows]:
     """One forward of the model body per bin that holds response rows (`bin_hidden`), in stream order.
     Gradients flow when the caller's grad mode allows them."""
-    for b in range(len(batch.bins)):
-        ridx = batch.bin_row_index(b)
-        if ridx.numel() == 0:
-            continue
-        hid = bin_hidden(model, batch, b)
-        h = hid.index_select(0, (batch.rows[ridx] - batch.bins[b][0]).to(hid.device))
-        yield BinRows(ridx, h, batch.targets[ridx].to(hid.device))
+    for b in active_bins(batch):
+        yield bin_rows(model, batch, b)
+
+
+def active_bins(batch: PackedBatch) -> List[int]:
+    """The bins that hold response rows, in stream order."""
+    return [b for b in range(len(batch.bins)) if batch.bin_row_index(b).numel()]
+
+
+def bin_rows(model, batch: PackedBatch, b: int) -> BinRows:
+    """The rows of bin b with their final hidden states: one forward of the model body (`bin_hidden`)."""
+    ridx = batch.bin_row_index(b)
+    hid = bin_hidden(model, batch, b)
+    h = hid.index_select(0, (batch.rows[ridx] - batch.bins[b][0]).to(hid.device))
+    return BinRows(ridx, h, batch.targets[ridx].to(hid.device))

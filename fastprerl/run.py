@@ -58,19 +58,49 @@ def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
     return dest
 
 
-def check_startup(cfg, device: torch.device) -> None:
-    """What must hold before anything loads: the wandb package when logging.wandb, a usable logprob_impl."""
+def check_startup(cfg, device: torch.device, dist=None) -> None:
+    """What must hold before anything loads: the wandb package when logging.wandb, a usable logprob_impl;
+    under torchrun (dist: distributed.Dist) `check_distributed`."""
     from .kernels import resolve_impl
 
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise RuntimeError("logging.wandb = true but the `wandb` package is not installed: pip install wandb "
                            "(or set logging.wandb = false)")
+    if dist is not None and dist.enabled:
+        check_distributed(cfg, dist.world_size)
     try:
         resolve_impl(cfg.model.logprob_impl, device)
     except RuntimeError:
         raise RuntimeError(f"model.logprob_impl = {cfg.model.logprob_impl!r} needs a CUDA device and the triton "
                            f"package (or TRITON_INTERPRET=1, for tests); this run is on {device.type}. "
                            f"Choose 'auto' (Triton on CUDA, torch elsewhere), 'torch' or 'naive'") from None
+
+
+def check_distributed(cfg, world_size: int) -> None:
+    """What a run under torchrun needs and what it does not do (yet): a batch that splits over the processes;
+    no LoRA, KL reference model, vLLM engine, periodic evaluation or optim.offload_optimizer_state (FSDP2's
+    own CPU offload, dist.cpu_offload, replaces it there)."""
+    P, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
+    if P % world_size:
+        raise ValueError(f"rollout.prompts_per_step = {P} does not split over the {world_size} processes of "
+                         f"this torchrun (WORLD_SIZE, --nproc_per_node x --nnodes): each process takes "
+                         f"prompts_per_step / world_size prompts (and their rollout.samples_per_prompt = {G} "
+                         f"samples); choose a multiple of {world_size}")
+    refused = [
+        (cfg.model.lora.r > 0, "model.lora.r > 0: LoRA with FSDP2 is not built; train LoRA in one process"),
+        (cfg.algo.kl_coef > 0, "algo.kl_coef > 0: the KL reference model is not sharded yet; set algo.kl_coef "
+                               "= 0 or train in one process"),
+        (cfg.rollout.backend == "vllm", "rollout.backend = 'vllm': one colocated vLLM engine per rank (with the "
+                                        "updated weights gathered from the shards and pushed after every step) "
+                                        "is not built; use rollout.backend = 'hf' under torchrun"),
+        (cfg.eval.every > 0, "eval.every > 0: periodic evaluation of sharded weights is not built; set "
+                             "eval.every = 0 and run `fastprerl eval` on the run's final/ model"),
+        (cfg.optim.offload_optimizer_state, "optim.offload_optimizer_state = true: under torchrun use "
+                                            "dist.cpu_offload = true (FSDP2's CPUOffloadPolicy) instead"),
+    ]
+    for bad, why in refused:
+        if bad:
+            raise ValueError(f"{why} (this run is under torchrun with {world_size} process(es))")
 
 
 @contextlib.contextmanager

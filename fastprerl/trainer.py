@@ -19,6 +19,14 @@ Durability (checkpoint.py, run.py): a checkpoint holds everything the loop carri
 next, so a resumed run is bit-identical on CPU to one that never stopped. SIGINT/SIGTERM finish the step and
 write a checkpoint; a second one abandons it. A non-finite reward, loss or gradient norm stops the run
 (NonFiniteError) before the optimizer step, with the batch statistics.
+
+Under torchrun (distributed.py states the decisions): every process samples and scores its slice of the
+step's prompts, the normalisers N_o and N count the tokens of all processes, the model is sharded by FSDP2
+and each micro-batch's forward + fused loss runs inside the FSDP2 root (`self.root`), every process runs as
+many micro-batch passes as the busiest one (idle passes add exactly 0 to the gradients), the metrics row is
+reduced over processes and written by rank 0, checkpoints are DCP, and a signal on any process stops all of
+them after the same step. A plain process (no torchrun environment) runs none of this: self.root is None
+and every collective helper is the identity.
 """
 from __future__ import annotations
 
@@ -34,14 +42,15 @@ from typing import Dict, Optional
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from . import objectives as obj
 from .config import Config, to_toml
 from .data import PromptStream, format_prompt, load_problems
 from .kernels import token_logprobs_no_grad, token_loss
-from .metrics import MetricsLogger, sample_records, step_metrics
-from .models import choose_device, empty_context_token, lm_head_weight, load_model, load_tokenizer
+from .metrics import MetricsLogger, NoMetrics, reduce_rows, sample_records, step_metrics
+from .models import DTYPES, choose_device, empty_context_token, lm_head_weight, load_model, load_tokenizer
 from .optim import make_optimizer
-from .packing import bins, pack, select_rows
+from .packing import active_bins, bin_rows, bins, pack, select_rows
 from .rollout import make_backend
 from .run import (NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming,
                   set_aside_earlier_outputs)
@@ -55,15 +64,16 @@ log = logging.getLogger("fastprerl")
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.dist = distributed.init(cfg.run.device, cfg.dist.timeout_s)
+        if not self.dist.is_main:
+            log.setLevel(logging.WARNING)   # the console is rank 0's
         self.out = Path(cfg.run.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        resume_from = ckpt.resume_point(self.ckpt_root, self.out, cfg.to_dict(), cfg.run.resume)
         self.device = choose_device(cfg.run.device)
-        check_startup(cfg, self.device)
-        if resume_from is None:
-            set_aside_earlier_outputs(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(to_toml(cfg))
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        check_startup(cfg, self.device, self.dist)
+        resume_from = self.dist.on_main(self._prepare_output_dir)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         random.seed(cfg.run.seed)
@@ -75,6 +85,10 @@ class Trainer:
                                     attn_implementation=cfg.model.attn_implementation, seed=cfg.run.seed,
                                     gradient_checkpointing=cfg.model.gradient_checkpointing,
                                     lora=cfg.model.lora).to(self.device)
+        self.root = None      # the FSDP2 root around self.model under torchrun (distributed.LossRoot)
+        if self.dist.enabled:
+            self.root = distributed.shard_model(self.model, self.dist, DTYPES[cfg.model.dtype],
+                                                cpu_offload=cfg.dist.cpu_offload)
         self.empty_token = empty_context_token(self.tok, cfg.model.empty_token)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
@@ -95,9 +109,22 @@ class Trainer:
             from .periodic_eval import PeriodicEval
             self.evaluator = PeriodicEval(cfg, self.tok, self.out, run_reward_fn=self.reward_fn,
                                           start_step=self.step)
-        self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard, console=cfg.logging.console,
-                                     start_step=self.step, run_config=cfg.to_dict(),
-                                     wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
+        self.metrics = NoMetrics()
+        if self.dist.is_main:
+            self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard,
+                                         console=cfg.logging.console, start_step=self.step,
+                                         run_config=cfg.to_dict(),
+                                         wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
+
+    def _prepare_output_dir(self) -> Optional[Path]:
+        """The checkpoint to resume from (None: step 0); a fresh run sets earlier outputs aside. Rank 0 only."""
+        cfg = self.cfg
+        resume_from = ckpt.resume_point(self.ckpt_root, self.out, cfg.to_dict(), cfg.run.resume)
+        if resume_from is None:
+            set_aside_earlier_outputs(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(to_toml(cfg))
+        return resume_from
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:
@@ -106,7 +133,7 @@ class Trainer:
         the step in progress was dropped; the newest checkpoint is unchanged). Raises NonFiniteError."""
         total = self.schedule.total_steps
         bar = None
-        if self.cfg.logging.progress:
+        if self.cfg.logging.progress and self.dist.is_main:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True)
@@ -115,6 +142,8 @@ class Trainer:
         try:
             with StopSignals() as stop:
                 while self.step < total:
+                    if self.dist.enabled:   # the sampling RNG of a step: (seed, step, rank), not the history
+                        self.dist.seed_step(self.cfg.run.seed, self.step)
                     self._maybe_evaluate(total, write)
                     _, phase = self.schedule.phase_at(self.step)
                     if self.schedule.is_switch(self.step):
@@ -127,16 +156,21 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", phase=phase.name)
                     every = self.cfg.run.checkpoint_every
-                    if self.step == total or (every > 0 and self.step % every == 0) or stop.requested:
+                    stopping = self.dist.any(stop.requested is not None)   # a signal on any process
+                    if self.step == total or (every > 0 and self.step % every == 0) or stopping:
                         self.save_checkpoint()
-                    if stop.requested and self.step < total:
+                    if stopping and self.step < total:
                         status = "stopped"
                         log.warning("%s: stopped after step %d; checkpoint %s; continue with --resume",
-                                    stop.requested, self.step - 1, self.last_checkpoint)
+                                    stop.requested or "a signal on another process", self.step - 1,
+                                    self.last_checkpoint)
                         break
                 if status == "complete":
                     self._maybe_evaluate(total, write)
-                    ckpt.save_final(self.model, self.tok, self.out, merge_lora=self.cfg.run.merge_lora)
+                    if self.root is not None:
+                        ckpt.save_final_sharded(self.model, self.tok, self.out, self.dist)
+                    else:
+                        ckpt.save_final(self.model, self.tok, self.out, merge_lora=self.cfg.run.merge_lora)
         except StepAbandoned as e:
             status = "abandoned"
             log.warning("%s again: abandoned step %d; newest checkpoint: %s", e, self.step,
@@ -153,7 +187,7 @@ class Trainer:
             return
         t0 = time.perf_counter()
         row = {"step": self.step, "phase": "eval", **self.evaluator.run(self.model, self.step),
-               "perf/eval_s": time.perf_counter() - t0}
+               "perf/eval_s": time.perf_counter() - t0, "dist/world_size": self.dist.world_size}
         self.metrics.log(row, write=write)
 
     def _switch_phase(self, phase):
@@ -171,8 +205,9 @@ class Trainer:
         G = cfg.rollout.samples_per_prompt
 
         # --- rollout: G completions per prompt, sampled WITH the prompt in every phase
-        problems = self.stream.next_batch(cfg.rollout.prompts_per_step)
-        roll = self.rollout.generate([format_prompt(p, cfg.data, self.tok) for p in problems], G)
+        problems = self.dist.shard(self.stream.next_batch(cfg.rollout.prompts_per_step))   # this process's
+        with distributed.full_weights(self.root):   # gathered once for the whole generate call
+            roll = self.rollout.generate([format_prompt(p, cfg.data, self.tok) for p in problems], G)
         samples = [problems[i // G] for i in range(len(roll.response_ids))]                 # (B,)
         texts = self.tok.batch_decode(roll.response_ids, skip_special_tokens=True)
         t_roll = time.perf_counter()
@@ -182,7 +217,7 @@ class Trainer:
         rewards = torch.tensor(scores.score, dtype=torch.float32)                           # (B,)
         resp_lens = torch.tensor([len(r) for r in roll.response_ids], dtype=torch.long)     # (B,)
         report = dict(rewards=rewards, resp_lens=resp_lens, truncated=roll.truncated)
-        if not torch.isfinite(rewards).all():
+        if self.dist.any(not torch.isfinite(rewards).all()):
             raise NonFiniteError(self._stop_message(batch_report(self.step, phase.name, "non-finite rewards",
                                                                  texts=texts, **report)))
         t_rew = time.perf_counter()
@@ -203,22 +238,23 @@ class Trainer:
         loss_fn = obj.StepLoss.build(terms, {o.name: o.weight for o in phase.objectives}, resp_lens,
                                      row_sample=batch.row_sample, cond=batch.view_mask("cond"),
                                      behaviour=behaviour, algo=cfg.algo,
-                                     ref=self._reference_logp(batch) if use_kl else None)
+                                     ref=self._reference_logp(batch) if use_kl else None,
+                                     totals=self.dist.all_reduce_counts if self.dist.enabled else None)
 
         # --- backward: one forward per bin, fused log-prob + loss, gradients accumulate
         loss, diag, entropy = self._backward(batch, loss_fn)
 
         # --- step
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+        grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if self.dist.any(not (math.isfinite(loss) and math.isfinite(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)
             what = "non-finite loss" if not math.isfinite(loss) else "non-finite gradient norm"
             raise NonFiniteError(self._stop_message(batch_report(
                 self.step, phase.name, what, terms=terms, rows=batch.rows.numel(), bins=len(batch.bins),
                 loss=loss, grad_norm=grad_norm, **report)))
         sync_s = 0.0
-        if batch.rows.numel() > 0:
+        if self.dist.all_reduce_counts({"rows": batch.rows.numel()})["rows"] > 0:
             self.optimizer.step()
             self.scheduler.step()
             sync_s = self.rollout.sync_weights(self.model)
@@ -226,19 +262,26 @@ class Trainer:
         t_end = time.perf_counter()
 
         # --- metrics
+        weights = {}
         m = step_metrics(group_size=G, rewards=rewards, scores=scores, resp_lens=resp_lens, truncated=roll.truncated,
                          texts=texts, batch=batch, loss=loss, grad_norm=grad_norm, diag=diag, entropy=entropy,
-                         behaviour=behaviour, terms=terms, tis_cap=cfg.algo.tis_cap, view_gap=cfg.logging.view_gap)
+                         behaviour=behaviour, terms=terms, tis_cap=cfg.algo.tis_cap, view_gap=cfg.logging.view_gap,
+                         weights=weights)
         m.update({"perf/rollout_s": t_roll - t0, "perf/reward_s": t_rew - t_roll, "perf/train_s": t_end - t_rew,
                   "perf/step_s": t_end - t0, "perf/weight_sync_s": sync_s})
+        if self.dist.enabled:   # one row of the whole step from every process's row of its samples
+            rows, counts = zip(*self.dist.gather_objects((m, weights)))
+            m = reduce_rows(list(rows), list(counts))
+        m["dist/world_size"] = self.dist.world_size
         if cfg.logging.samples_every and self.step % cfg.logging.samples_every == 0:
-            self.metrics.log_samples(self.step, sample_records(samples, texts, scores, roll, terms))
+            records = sample_records(samples, texts, scores, roll, terms)
+            self.metrics.log_samples(self.step, [r for part in self.dist.gather_objects(records) for r in part])
         return m
 
     def _backward(self, batch, loss_fn: obj.StepLoss):
         """Forward + fused loss + backward, bin by bin; gradients accumulate in the model. Returns the summed
         loss, the step's LossDiagnostics and the per-row entropy (R,) (None without logging.entropy)."""
-        cfg, W = self.cfg, lm_head_weight(self.model)
+        cfg = self.cfg
         entropy = torch.zeros(batch.rows.numel()) if cfg.logging.entropy else None
         total, parts = 0.0, []
 
@@ -249,16 +292,44 @@ class Trainer:
                 return loss
             return fn
 
+        def bin_loss(b):   # fn(model) -> the loss of bin b and its entropy buffer; under FSDP2 run by the root
+            def fn(model):
+                ridx, h, targets = bin_rows(model, batch, b)
+                ent = torch.empty(ridx.numel(), device=h.device) if entropy is not None else None
+                loss = token_loss(h, lm_head_weight(model), targets, on_rows(ridx),
+                                  temperature=cfg.rollout.temperature, impl=cfg.model.logprob_impl, entropy_out=ent)
+                return ridx, loss, ent
+            return fn
+
         self.model.train()
-        for ridx, h, targets in bins(self.model, batch):
-            ent = torch.empty(ridx.numel(), device=h.device) if entropy is not None else None
-            loss = token_loss(h, W, targets, on_rows(ridx), temperature=cfg.rollout.temperature,
-                              impl=cfg.model.logprob_impl, entropy_out=ent)
+        todo = active_bins(batch)
+        for k in range(self.dist.max_int(len(todo))):   # as many passes as the busiest process
+            if k >= len(todo):
+                self._idle_pass()
+                continue
+            ridx, loss, ent = self._on_model(bin_loss(todo[k]))
             loss.backward()
             total += loss.item()
             if entropy is not None:   # from the loss's own vocabulary sweep: no second pass over the LM head
                 entropy[ridx] = ent.cpu()
         return total, obj.LossDiagnostics.merge(parts, loss_fn.names), entropy
+
+    def _on_model(self, fn):
+        """fn(model): inside the FSDP2 root's forward under torchrun (its weights gathered for the call), else
+        called directly."""
+        return fn(self.model) if self.root is None else self.root(fn)
+
+    def _idle_pass(self) -> None:
+        """A forward + backward of one token whose loss is 0 x its log-prob: it adds exactly 0 to every gradient
+        and lets a process with fewer micro-batches than another take part in the same FSDP2 collectives."""
+        e, cfg = self.empty_token, self.cfg
+        batch = pack([[e]], [[e]], cond=[True], empty_token=e, max_tokens=2)
+
+        def fn(model):
+            _, h, targets = bin_rows(model, batch, 0)
+            return token_loss(h, lm_head_weight(model), targets, lambda lp, i: lp * 0.0,
+                              temperature=cfg.rollout.temperature, impl=cfg.model.logprob_impl)
+        self._on_model(fn).backward()
 
     @torch.no_grad()
     def _reference_logp(self, batch) -> torch.Tensor:
@@ -282,10 +353,14 @@ class Trainer:
                  "total_steps": self.schedule.total_steps, "data": self.stream.state_dict(),
                  "schedule": self.schedule.state_dict(),
                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.ckpt_root, self.step, model=self.model, tokenizer=self.tok, optimizer=self.optimizer,
-            scheduler=self.scheduler, ref_model=self.ref_model, state=state, config=self.cfg.to_dict(),
-            config_toml=to_toml(self.cfg), keep=self.cfg.run.keep_checkpoints)
+        common = dict(model=self.model, tokenizer=self.tok, optimizer=self.optimizer, scheduler=self.scheduler,
+                      state=state, config=self.cfg.to_dict(), config_toml=to_toml(self.cfg),
+                      keep=self.cfg.run.keep_checkpoints)
+        if self.root is not None:
+            self.last_checkpoint = ckpt.save_sharded_checkpoint(self.ckpt_root, self.step, dist=self.dist, **common)
+        else:
+            self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, ref_model=self.ref_model,
+                                                        **common)
         log.info("step %d: wrote %s", self.step, self.last_checkpoint)
         return self.last_checkpoint
 
