@@ -6,8 +6,10 @@ the GPU machines have)."""
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,28 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import triton_compile_check as C  # noqa: E402
 
-# Nothing here imports triton in this process: the compiles run in fresh processes, and the interpreter tests
-# of tests/test_triton_kernels.py can run in this one only if nothing imported triton without the flag before.
+# The compiles run in fresh processes: this one has imported triton under the interpreter (tests/conftest.py).
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-# ~2 minutes on a quiet 2-core machine (144 compiles on 2 processes), ~7 under a load average of 7
+# ~2 minutes on a quiet 2-core machine (168 compiles on 2 processes), ~7 under a load average of 7
 pytestmark = pytest.mark.timeout(1200)
 
 KERNELS = {"_logprob_fwd_kernel", "_logprob_bwd_kernel", "_logprob_bwd_dh_kernel", "_logprob_bwd_dw_kernel"}
+
+
+def _run(cmd, timeout):
+    """subprocess.run in its own process group: on a timeout (or pytest-timeout's interrupt) the check's
+    compile workers are killed with it instead of compiling on, orphaned."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _env():
@@ -37,8 +52,7 @@ def _env():
 def compiled(tmp_path_factory):
     """The check's rows, from a fresh process (this one may have imported triton under the interpreter)."""
     out = tmp_path_factory.mktemp("compile") / "rows.json"
-    res = subprocess.run([sys.executable, str(HERE / "triton_compile_check.py"), "--json", str(out)],
-                         capture_output=True, text=True, env=_env(), timeout=1200)
+    res = _run([sys.executable, str(HERE / "triton_compile_check.py"), "--json", str(out)], timeout=1150)
     assert out.exists(), res.stdout[-4000:] + res.stderr[-4000:]
     return json.loads(out.read_text()), res
 
@@ -92,7 +106,7 @@ def test_the_check_fails_on_a_spilling_configuration():
         spec = C._spec(launch, 80)
         print(json.dumps({"spec": spec, **C.compile_one(spec)}))
     """ % str(HERE)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=600)
+    res = _run([sys.executable, "-c", script], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     compiled_row = json.loads(res.stdout.strip().splitlines()[-1])
     spec = compiled_row.pop("spec")
@@ -105,3 +119,18 @@ def test_the_check_fails_on_a_spilling_configuration():
     fp32 = {**row, "sixteen_bit": False, "dtype": "fp32"}
     assert C.problems([{**fp32, "stl": 3, "ldl": 3}]) == []
     assert any("(fp32)" in p for p in C.problems([{**fp32, "stl": C.FP32_SPILL_LIMIT, "ldl": 1}]))
+
+
+def test_a_timed_out_check_takes_its_workers_with_it(tmp_path):
+    """_run kills the whole process group: a worker the check started is gone after the timeout."""
+    pidfile = tmp_path / "worker.pid"
+    script = ("import subprocess, sys, time; "
+              "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+              f"open({str(pidfile)!r}, 'w').write(str(w.pid)); time.sleep(600)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run([sys.executable, "-c", script], timeout=5)
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):   # killed, then reaped by init; a live one answers signal 0
+        for _ in range(50):
+            os.kill(pid, 0)
+            time.sleep(0.1)
