@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,7 +101,9 @@ def finished_arm_mismatch(cfg) -> Optional[str]:
 
 def run_arm(cfg) -> str:
     """Trains (or resumes) one arm; adds this part's seconds to <output_dir>/wall_s.txt (the sum of all
-    parts of a run resumed from a checkpoint). Returns the trainer's status."""
+    parts of a run resumed from a checkpoint). A finished arm's checkpoints are deleted (its final model,
+    metrics and config are what the study reuses; a 135M-parameter checkpoint with AdamW moments is 1.5 GB,
+    and a study has many arms). Returns the trainer's status."""
     from .checkpoint import list_checkpoints
     from .trainer import Trainer
 
@@ -111,6 +114,8 @@ def run_arm(cfg) -> str:
     t0 = time.perf_counter()
     status = Trainer(cfg).train()
     wall_file.write_text(f"{earlier + time.perf_counter() - t0:.1f}\n")
+    if status == "complete":
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return status
 
 

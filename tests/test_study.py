@@ -60,6 +60,7 @@ def test_study_runs_arms_per_seed_and_writes_the_report(tmp_path, one_torch_thre
             assert s["reward"] == [r["reward/mean"] for r in train]
             assert s["eval_steps"] == [0, 2, 4]
             rewards[arm, seed] = s["reward"]
+            assert not (out / arm / f"seed{seed}" / "checkpoints").exists()   # deleted once the arm finished
             cfg = tomllib.loads((out / arm / f"seed{seed}" / "config.toml").read_text())
             assert cfg["run"]["seed"] == seed
             assert cfg["schedule"]["adaptive"]["signal"] == ("logp/free_mean" if arm == "dsrl_adaptive" else "")
@@ -108,6 +109,7 @@ def test_a_stopped_study_resumes_each_arm_where_it_stopped(tmp_path, one_torch_t
     assert main(common + ["--out", str(run), "--doc", str(tmp_path / "run.md")]) == 130
     assert "grpo seed 0 stopped; run the same command again" in capsys.readouterr().err
     assert not (run / "grpo" / "seed0" / "final").exists()
+    assert (run / "grpo" / "seed0" / "checkpoints" / "step_3").is_dir()   # kept while the arm is unfinished
     monkeypatch.undo()
     assert main(common + ["--out", str(run), "--doc", str(tmp_path / "run.md")]) == 0
     strip = lambda d: [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}  # noqa: E731
