@@ -49,6 +49,7 @@ def _run(tmp_path, plant):
     return res, next(r for r in summary if r.get("section") == "summary")["failures"]
 
 
+@pytest.mark.timeout(1800)   # ~5 min on quiet cores, 11 at a load average of 5; the script's own limit is 1800 s
 def test_the_device_script_runs_every_step_in_cpu_smoke_mode(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
