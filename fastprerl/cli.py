@@ -1,7 +1,7 @@
 """Command line: `fastprerl train CONFIG [key=value ...] [--resume]`, `fastprerl plot RUN_DIR`,
 `fastprerl eval MODEL_OR_RUN --data SOURCE [...]` (Avg@k, pass@k, lengths, behaviour counts; see
 fastprerl/evaluate.py), `fastprerl align MODEL_OR_RUN --data SOURCE --n 50` (gradient alignment of log P(y) and
-log P(y|x); see fastprerl/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL -> docs/RESULTS.md;
+log P(y|x); see fastprerl/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL -> docs/results/;
 see fastprerl/study.py). No training logic here.
 
 Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     st.add_argument("--title", default=None, help="the report's heading")
     st.add_argument("--align-n", type=int, default=32, help="rollouts for gradient alignment (0 = skip)")
     st.add_argument("--out", default="runs/study", help="arms' output directories (default runs/study)")
-    st.add_argument("--doc", default="docs/RESULTS.md", help="report path (default docs/RESULTS.md)")
+    st.add_argument("--doc", default=None, help="report path (default docs/results/<config name>.md; "
+                                                "docs/RESULTS.md is the hand-written overview)")
     st.add_argument("--reading", default=None, help="a text file with the written reading of the results")
     st.add_argument("--report-only", action="store_true", help="only rebuild the report from finished arms")
     args, extra = parser.parse_known_args(argv)  # overrides may also follow --resume

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fastprerl.cli import main
-from fastprerl.study import arm_phases, cell, moving_average, paired, steps_to_reach
+from fastprerl.study import arm_phases
+from fastprerl.study_report import cell, moving_average, paired, steps_to_reach
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +112,10 @@ def test_a_stopped_study_resumes_each_arm_where_it_stopped(tmp_path, one_torch_t
     assert not (run / "grpo" / "seed0" / "final").exists()
     assert (run / "grpo" / "seed0" / "checkpoints" / "step_3").is_dir()   # kept while the arm is unfinished
     monkeypatch.undo()
-    assert main(common + ["--out", str(run), "--doc", str(tmp_path / "run.md")]) == 0
+    monkeypatch.chdir(tmp_path)   # no --doc: the report goes to docs/results/<config name>.md, never the overview
+    assert main(common + ["--out", str(run)]) == 0
+    assert "# " in (tmp_path / "docs" / "results" / "tiny.md").read_text()
+    assert not (tmp_path / "docs" / "RESULTS.md").exists()
     strip = lambda d: [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}  # noqa: E731
                        for x in (d / "grpo" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert strip(run) == strip(ref)
