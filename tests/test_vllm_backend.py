@@ -324,7 +324,9 @@ def test_torchrun_training_with_the_vllm_backend(tiny, tmp_path):
     assert all(x["rollout/logprob_gap"] <= ENGINE_VS_TRAINER_TOL for x in r if "rollout/logprob_gap" in x)
     assert all(x["perf/weight_sync_s"] > 0 for x in r if x["train/rows"] > 0)
     assert p.stderr.count("fastprerl: done") == 1
-    assert "Traceback" not in p.stderr          # the engines shut down before the process group, cleanly
+    # the engines shut down before the process group, cleanly (vLLM's own log, its warnings too, is on stdout;
+    # without trainer.rollout.close() in the CLI each rank printed an exit-time traceback here)
+    assert "Traceback" not in p.stderr
     final = AutoModelForCausalLM.from_pretrained(out / "final").eval()
     assert any(not torch.equal(a, b) for a, b in zip(model0.parameters(), final.parameters()))
     greedy = _hf_greedy(model0, PROMPTS, 6)
