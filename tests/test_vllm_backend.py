@@ -5,7 +5,7 @@ transformers): `bash tests/vllm_env.sh` builds that environment and runs this fi
 suite). Elsewhere the module is skipped with that reason.
 
 Under torchrun (2 ranks, FSDP2, gloo; tests/vllm_dist_worker.py and `-m fastprerl train`): one engine per
-rank, fed from the shards; see the last two tests.
+rank, fed from the shards, and a SIGKILL + resume of such a run; see the last three tests.
 
 Tolerance: the engine's behaviour log-probs (vLLM's CPU kernels, fp32) and the trainer's (packed forward +
 fastprerl.kernels.token_logprobs, fp32) of the same tokens agree within ENGINE_VS_TRAINER_TOL; both are also
@@ -306,18 +306,34 @@ def test_torchrun_two_ranks_each_with_its_engine_fed_from_the_fsdp2_shards(tiny,
     assert ranks[0]["samples"] != ranks[1]["samples"]       # the rank is part of the step seed
 
 
-def test_torchrun_training_with_the_vllm_backend(tiny, tmp_path):
+def _torchrun_train_cmd(model_path, out: Path, resume: bool = False) -> list:
+    from test_distributed import torchrun
+
+    return torchrun(2, "-m", "fastprerl", "train", TINY_TOML, f"run.output_dir={out}", f"model.path={model_path}",
+                    *VLLM_RUN, "optim.lr=1e-2", "run.threads=1", "reward.workers=1", "run.checkpoint_every=1",
+                    "run.keep_checkpoints=4", *(["--resume"] if resume else []))
+
+
+@pytest.fixture(scope="module")
+def vllm_two(tiny, tmp_path_factory):
+    """An uninterrupted 2-rank run of the tiny config through the vLLM backend."""
+    from test_distributed import run
+
+    out = tmp_path_factory.mktemp("vllm_two") / "run"
+    p = run(_torchrun_train_cmd(tiny[2], out), timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out, p
+
+
+def test_torchrun_training_with_the_vllm_backend(tiny, vllm_two):
     """`torchrun --nproc_per_node=2 -m fastprerl train configs/tiny.toml` with rollout.backend = 'vllm': both
     phases, metrics.jsonl written once by rank 0 with dist/world_size 2, a final/ that loads, and every step's
     behaviour log-probs (the engines', after the pushes) equal the trainer's within the single-process
     tolerance while the training moved the log-probs far more than that (a stale engine would show it)."""
-    from test_distributed import rows, run, torchrun
+    from test_distributed import rows
 
     model0, _, path = tiny
-    out = tmp_path / "run"
-    p = run(torchrun(2, "-m", "fastprerl", "train", TINY_TOML, f"run.output_dir={out}", f"model.path={path}",
-                     *VLLM_RUN, "optim.lr=1e-2", "run.threads=1", "reward.workers=1"), timeout=1200)
-    assert p.returncode == 0, p.stderr[-4000:]
+    out, p = vllm_two
     r = rows(out)
     assert [x["step"] for x in r] == [0, 1, 2, 3] and all(x["dist/world_size"] == 2 for x in r)
     _check_vllm_rows(r)
@@ -333,3 +349,19 @@ def test_torchrun_training_with_the_vllm_backend(tiny, tmp_path):
     moved = (_reference_logp(final, PROMPTS, greedy, 1.0) - _reference_logp(model0, PROMPTS, greedy, 1.0)).abs()
     print(f"log-prob change from the initial to the final weights: mean {moved.mean():.3g} nats")
     assert moved.mean().item() > 100 * ENGINE_VS_TRAINER_TOL
+
+
+def test_torchrun_vllm_sigkill_then_resume_equals_the_run_that_never_stopped(vllm_two, tiny, tmp_path):
+    """Killed (SIGKILL, every process) after its first checkpoint and resumed with 2 ranks, the vLLM run logs
+    the same metrics (apart from perf/*) and ends with bit-equal final weights: what an engine samples in a
+    step depends on (run.seed, step, rank) only, and a fresh engine receives the resumed weights first."""
+    from test_distributed import _kill_after_first_checkpoint, final_weights, rows, run, same_apart_from_perf
+
+    out = tmp_path / "run"
+    _kill_after_first_checkpoint(_torchrun_train_cmd(tiny[2], out), out)
+    assert len(rows(out)) < 4
+    p = run(_torchrun_train_cmd(tiny[2], out, resume=True), timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    same_apart_from_perf(rows(out), rows(vllm_two[0]))
+    a, b = final_weights(out), final_weights(vllm_two[0])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
