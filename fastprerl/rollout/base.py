@@ -22,6 +22,9 @@ class RolloutBatch:
 
 
 class Rollout(Protocol):
+    holds_weights: bool = False   # True: generate() uses the backend's own copy of the weights (sync_weights
+                                  # keeps it current), so the trainer need not gather sharded weights for it
+
     def generate(self, prompts: List[List[int]], n: int) -> RolloutBatch:
         """n samples of every prompt (token ids), prompt-major."""
         ...

@@ -26,6 +26,32 @@
   wakes its KV cache. vLLM's CPU build has no sleep mode; there the engine stays resident (said once).
 - On CPU, `rollout.vllm_gpu_memory_utilization` is the engine's share of the RAM (KV cache = that share
   minus what this process already uses); the engine always runs eager there.
+
+Under torchrun (several ranks, FSDP2, fastprerl/distributed.py): one engine per rank, tensor parallel 1, each
+sampling its own share of the step's prompts.
+- Process group: vLLM sets up torch.distributed for its workers itself, but it only calls
+  init_process_group when no default group exists; otherwise it builds its groups (world, and one
+  tensor-/pipeline-parallel group per rank) with new_group on top of the existing one. The engine is built
+  with `distributed_executor_backend = "external_launcher"`, vLLM's executor for engines that torchrun (or
+  any launcher that sets RANK / LOCAL_RANK) started, one per process: its worker takes this process's rank
+  and local rank (GPU LOCAL_RANK on CUDA) from the environment and joins the trainer's default group, whose
+  world vLLM splits into independent replicas of one rank each (its "external data parallel" layout, the
+  one verl's SPMD rollout uses). The plain single-process executor ("uni") would join the group as well but
+  tell the worker rank 0 and local rank 0 on every rank. The start-up is collective (new_group, and the KV
+  cache size, which external_launcher reduces to the smallest of all ranks), as is every weight push below;
+  generation itself is not (each engine runs alone). vLLM's shutdown ends with destroy_process_group() of
+  the default group, which belongs to the trainer here: `close()` keeps it (vLLM's own groups are destroyed).
+- Weights: the engine's copy is pushed from the FSDP2 shards after every optimizer step (as in one
+  process): every rank iterates the model's state_dict (DTensor shards) in the same order, gathers ONE
+  full tensor at a time (`distributed.full_tensor`, an all-gather) and hands it to its own engine, which
+  copies it in; so beside the engine's weights a push holds one gathered tensor (vLLM may buffer one fused
+  layer's shards), never a second full copy of the model. generate() does not read the trainer's model
+  (`holds_weights`), so the trainer does not gather the full weights around it as it does for the HF backend.
+- Sampling RNG: vLLM draws its sampling noise from this process's default torch generator (no per-request
+  seed is set). Under torchrun the trainer re-seeds that generator at the start of every step from
+  (run.seed, step, rank) (`distributed.step_seed`), so the ranks' engines sample differently, and what a step
+  samples depends only on (run.seed, step, rank), not on the run's history (a resume is well defined). The
+  engine's own `seed` (run.seed) only seeds vLLM's start-up, inside a fork of the RNG states.
 """
 from __future__ import annotations
 
@@ -42,6 +68,7 @@ from typing import List, Optional
 
 import torch
 
+from .. import distributed
 from ..lora import is_lora, lora_module_names, merged_weights
 from .base import Rollout, RolloutBatch, newline_token_ids
 
@@ -68,6 +95,27 @@ class _DropNotReloaded(logging.Filter):
     def filter(self, record):
         msg = str(record.msg)
         return not ("Failed to load weights" in msg or "weights were not loaded" in msg)
+
+
+@contextlib.contextmanager
+def _keep_default_group(active: bool):
+    """vLLM's engine shutdown ends with torch.distributed.destroy_process_group() (the default group). Under
+    torchrun that group is the trainer's: while active, that call (group None) does nothing; vLLM's own
+    groups, destroyed by name, still are."""
+    import torch.distributed as tdist
+
+    destroy = tdist.destroy_process_group
+
+    def keep_default(group=None):
+        if group is not None:
+            destroy(group)
+
+    if active:
+        tdist.destroy_process_group = keep_default
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group = destroy
 
 
 @contextlib.contextmanager
@@ -99,6 +147,8 @@ def logprobs_mode_for(temperature: float, top_p: float) -> str:
 
 
 class VLLMRollout(Rollout):
+    holds_weights = True   # generate() reads the engine's copy of the weights, not the trainer's model
+
     def __init__(self, cfg, model, tokenizer, *, seed: int = 0):
         """cfg: RolloutConfig; model: the trainer's model (its config, dtype and weights are used)."""
         try:
@@ -159,6 +209,10 @@ class VLLMRollout(Rollout):
             kwargs["max_model_len"] = cfg.vllm_max_model_len
         if self.sleep_enabled:
             kwargs["enable_sleep_mode"] = True
+        # under torchrun: one engine per rank in the trainer's process group (module docstring)
+        self.shares_group = distributed.under_torchrun() and torch.distributed.is_initialized()
+        if self.shares_group:
+            kwargs["distributed_executor_backend"] = "external_launcher"
         # the engine seeds the global RNGs of this process; keep the trainer's streams as they were
         py_state = random.getstate()
         try:
@@ -201,11 +255,12 @@ class VLLMRollout(Rollout):
         return self.last_sync_s
 
     def _weights(self):
-        """What to push: the trainer's state_dict (references, no copies); LoRA: the merged weights, made one
-        at a time as the engine loads them (no second copy of the model), of the whole model until the engine
-        holds the base, then of the blocks that hold a LoRA layer."""
+        """What to push: the trainer's state_dict (references, no copies; FSDP2 shards: gathered one tensor at
+        a time as the engine loads them); LoRA: the merged weights, made one at a time as the engine loads them
+        (no second copy of the model), of the whole model until the engine holds the base, then of the blocks
+        that hold a LoRA layer."""
         if not is_lora(self.model):
-            yield from self.model.state_dict().items()
+            yield from ((name, distributed.full_tensor(t)) for name, t in self.model.state_dict().items())
         elif not self.holds_base:
             yield from merged_weights(self.model)
         else:
@@ -252,7 +307,8 @@ class VLLMRollout(Rollout):
             return
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            with _keep_default_group(self.shares_group):
+                core.shutdown()
         self.llm = None
         del llm
         import gc
