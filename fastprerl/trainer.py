@@ -42,6 +42,7 @@ from typing import Dict, Optional
 import torch
 
 from . import checkpoint as ckpt
+from . import checkpoint_dcp
 from . import distributed
 from . import objectives as obj
 from .config import Config, to_toml
@@ -168,7 +169,7 @@ class Trainer:
                 if status == "complete":
                     self._maybe_evaluate(total, write)
                     if self.root is not None:
-                        ckpt.save_final_sharded(self.model, self.tok, self.out, self.dist)
+                        checkpoint_dcp.save_final_sharded(self.model, self.tok, self.out, self.dist)
                     else:
                         ckpt.save_final(self.model, self.tok, self.out, merge_lora=self.cfg.run.merge_lora)
         except StepAbandoned as e:
@@ -357,7 +358,7 @@ class Trainer:
                       state=state, config=self.cfg.to_dict(), config_toml=to_toml(self.cfg),
                       keep=self.cfg.run.keep_checkpoints)
         if self.root is not None:
-            self.last_checkpoint = ckpt.save_sharded_checkpoint(self.ckpt_root, self.step, dist=self.dist, **common)
+            self.last_checkpoint = checkpoint_dcp.save_sharded_checkpoint(self.ckpt_root, self.step, dist=self.dist, **common)
         else:
             self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, ref_model=self.ref_model,
                                                         **common)
