@@ -289,18 +289,18 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) 
     path = Path(path)
     dev = next(model.parameters()).device
     if (path / DCP_METADATA).is_file():
-        checkpoint_dcp.load_sharded(path, model, optimizer)
+        checkpoint_dcp.load_sharded(path, model, optimizer, ref_model)
     elif checkpoint_dcp.is_fsdp(model):
-        checkpoint_dcp.load_full_into_sharded(path, model, optimizer)
+        checkpoint_dcp.load_full_into_sharded(path, model, optimizer, ref_model)
     else:
         _load_hf_weights(model, path)
         # read to host memory: load_state_dict moves each state to its parameter's device (CPU when offloaded)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if ref_model is not None:
+            if not (path / REF_MODEL).is_file():
+                raise ResumeError(f"{path} has no {REF_MODEL} but this run uses a KL reference model")
+            load_model(ref_model, str(path / REF_MODEL), device=str(dev))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if ref_model is not None:
-        if not (path / REF_MODEL).is_file():
-            raise ResumeError(f"{path} has no {REF_MODEL} but this run uses a KL reference model")
-        load_model(ref_model, str(path / REF_MODEL), device=str(dev))
     state = json.loads((path / STATE).read_text())
     state["rng"] = torch.load(path / "rng.pt", weights_only=True)
     return state

@@ -78,8 +78,8 @@ def check_startup(cfg, device: torch.device, dist=None) -> None:
 
 def check_distributed(cfg, world_size: int) -> None:
     """What a run under torchrun needs and what it does not do (yet): a batch that splits over the processes;
-    no LoRA, KL reference model, vLLM engine, periodic evaluation or optim.offload_optimizer_state (FSDP2's
-    own CPU offload, dist.cpu_offload, replaces it there)."""
+    no vLLM engine and no optim.offload_optimizer_state (FSDP2's own CPU offload, dist.cpu_offload, replaces
+    it there)."""
     P, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
     if P % world_size:
         raise ValueError(f"rollout.prompts_per_step = {P} does not split over the {world_size} processes of "
@@ -87,14 +87,9 @@ def check_distributed(cfg, world_size: int) -> None:
                          f"prompts_per_step / world_size prompts (and their rollout.samples_per_prompt = {G} "
                          f"samples); choose a multiple of {world_size}")
     refused = [
-        (cfg.model.lora.r > 0, "model.lora.r > 0: LoRA with FSDP2 is not built; train LoRA in one process"),
-        (cfg.algo.kl_coef > 0, "algo.kl_coef > 0: the KL reference model is not sharded yet; set algo.kl_coef "
-                               "= 0 or train in one process"),
         (cfg.rollout.backend == "vllm", "rollout.backend = 'vllm': one colocated vLLM engine per rank (with the "
                                         "updated weights gathered from the shards and pushed after every step) "
                                         "is not built; use rollout.backend = 'hf' under torchrun"),
-        (cfg.eval.every > 0, "eval.every > 0: periodic evaluation of sharded weights is not built; set "
-                             "eval.every = 0 and run `fastprerl eval` on the run's final/ model"),
         (cfg.optim.offload_optimizer_state, "optim.offload_optimizer_state = true: under torchrun use "
                                             "dist.cpu_offload = true (FSDP2's CPUOffloadPolicy) instead"),
     ]
