@@ -9,7 +9,13 @@ rank (torchrun sets OMP_NUM_THREADS=1; run.threads=1).
   stopped) and with 1 plain process; a complete checkpoint read at the other world size gives the same final/;
 - two "nodes" on one machine (two torchrun commands, c10d rendezvous on 127.0.0.1) train together;
 - SIGTERM on one rank stops both after the same step with a checkpoint; a batch that does not split is a
-  config error; a rank that hangs makes the other fail with the dist.timeout_s error.
+  config error; a rank that hangs makes the other fail with the dist.timeout_s error;
+- the same one-step parity for LoRA (only the adapter gets gradients and AdamW state; the fused op gets a
+  frozen head), GRPO with a KL reference model and dist.cpu_offload (1 and 2 ranks); a LoRA run and a KL run
+  resumed from a mid-run DCP checkpoint equal the runs that never stopped, and a plain process reads their
+  checkpoints (2 -> 1); LoRA's final/ and final_merged/ are what a plain LoRA run writes; a plain LoRA
+  checkpoint is refused under torchrun; periodic evaluation under torchrun equals one process's on the same
+  weights; `fastprerl eval` reads a run without final/ from its DCP checkpoint.
 """
 from __future__ import annotations
 
@@ -406,6 +412,14 @@ def test_lora_run_writes_final_as_a_plain_lora_run_and_resumes_exactly(lora_two,
     same_apart_from_perf(rows(out), rows(lora_two))
     again = load_file(str(out / "final" / "adapter_model.safetensors"))
     assert set(again) == set(adapter) and all(torch.equal(again[k], adapter[k]) for k in adapter)
+    # 2 -> 1: one plain process reads the complete run's last DCP checkpoint and writes the same final/
+    plain = tmp_path / "plain"
+    shutil.copytree(lora_two, plain)
+    shutil.rmtree(plain / "final")
+    p = run(train_cmd(plain, *LORA, ranks=0, resume=True))
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = load_file(str(plain / "final" / "adapter_model.safetensors"))
+    assert set(again) == set(adapter) and all(torch.equal(again[k], adapter[k]) for k in adapter)
 
 
 def test_plain_lora_checkpoint_is_refused_under_torchrun(tmp_path):
@@ -423,8 +437,12 @@ def kl_two(tmp_path_factory):
     return train_two(tmp_path_factory, "kl2", *KL)
 
 
-def test_kl_reference_is_checkpointed_and_a_resume_after_the_switch_is_exact(kl_two, tmp_path):
+def test_kl_reference_is_checkpointed_and_a_resume_after_the_switch_is_exact(kl_two, tmp_path, one_torch_thread):
     import torch.distributed.checkpoint as dcp
+
+    import fastprerl.eval_data as ed
+    from fastprerl.config import load_config
+    from fastprerl.trainer import Trainer
 
     saved = dcp.FileSystemReader(str(kl_two / "checkpoints" / "step_3" / "dcp")).read_metadata()
     assert any(k.startswith("ref.") for k in saved.state_dict_metadata)
@@ -434,6 +452,19 @@ def test_kl_reference_is_checkpointed_and_a_resume_after_the_switch_is_exact(kl_
     same_apart_from_perf(rows(out), rows(kl_two))
     a, b = final_weights(out), final_weights(kl_two)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+    # 2 -> 1: a plain process reads the last DCP checkpoint, reference included: the policy after step 2
+    plain = tmp_path / "plain"
+    shutil.copytree(kl_two, plain)
+    tr = Trainer(load_config(TINY, [*RUN, *KL, f"run.output_dir={plain}", "run.resume=true"]))
+    try:
+        assert tr.step == 4 and tr.root is None
+        at_switch = ed.load_model_on(ed.resolve_model(str(kl_two / "checkpoints" / "step_2")), device="cpu")
+        want, got = at_switch.state_dict(), tr.ref_model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        from fastprerl.models import load_model
+        assert not torch.equal(got["lm_head.weight"], load_model("builtin:tiny-llama", seed=0).lm_head.weight)
+    finally:
+        tr.metrics.close()
 
 
 @pytest.fixture(scope="module")
