@@ -13,17 +13,9 @@ run starts at). It holds:
   run_config.toml, run_config.json                          the resolved run config
   manifest.json                                             size + sha256 of every file above, written last
 
-A run under torchrun (fastprerl/distributed.py) writes the same folder with the weights and the AdamW state
-sharded by torch.distributed.checkpoint instead of model.safetensors and optimizer.pt:
-
-  dcp/                                                      {"model", "optim"} as DCP writes them, one file
-                                                            per rank (+ .metadata), keyed by parameter name
-  config.json, tokenizer files, scheduler.pt, rng.pt (rank 0's), trainer_state.json, run configs, manifest
-
-Every rank writes its shard into the same folder (several nodes need a shared file system); rank 0 writes the
-rest, the manifest, and renames the folder. `load_checkpoint` reads both kinds into either kind of model:
-DCP reshards a sharded checkpoint to any world size (also to a plain process: 2 -> 1), and a plain
-checkpoint's full weights and optimizer state are scattered to the shards of an FSDP2 model (1 -> N).
+A run under torchrun writes the same folder with the weights and the AdamW state sharded by
+torch.distributed.checkpoint (dcp/ instead of model.safetensors and optimizer.pt; fastprerl/checkpoint_dcp.py
+holds that kind). `load_checkpoint` reads both kinds into either kind of model.
 
 Writing is atomic: everything goes to a hidden temporary folder, each file is fsynced, the manifest is written
 last, then the folder is renamed to `step_<N>` (os.replace). A folder named `step_<N>` is therefore either a
@@ -258,56 +250,6 @@ def _seal(tmp: Path, final: Path, root: Path, step: int, keep: int) -> Path:
     return final
 
 
-def _sharded_state(model, optimizer, with_optim: bool) -> Dict:
-    """{"model", "optim"} state dicts keyed by parameter name (DTensor shards under FSDP2). An optimizer that
-    has not stepped yet has no state and is left out: get_optimizer_state_dict would create it by a step with
-    lr 0, which counts as a step in AdamW's bias correction."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    sd = {"model": get_model_state_dict(model)}
-    if with_optim:
-        sd["optim"] = get_optimizer_state_dict(model, optimizer)
-    return sd
-
-
-def save_sharded_checkpoint(root: Path, step: int, *, dist, model, optimizer, scheduler, state: Dict,
-                            config: Dict, config_toml: str, tokenizer=None, keep: int = 2) -> Path:
-    """The torchrun kind of checkpoint (module docstring); called on every rank (dist: distributed.Dist)."""
-    import torch.distributed.checkpoint as dcp
-
-    root = Path(root)
-    final = step_dir(root, step)
-    tmp = root / f".{final.name}.tmp-dist"
-    if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale(root)
-        tmp.mkdir()
-    dist.barrier()
-    dcp.save(_sharded_state(model, optimizer, with_optim=bool(optimizer.state)), checkpoint_id=str(tmp / DCP_DIR))
-    if dist.is_main:   # dcp.save returns after every rank's shard is written
-        model.config.save_pretrained(tmp)
-        _write_run_state(tmp, tokenizer=tokenizer, scheduler=scheduler, state=state, config=config,
-                         config_toml=config_toml)
-        _seal(tmp, final, root, step, keep)
-    dist.barrier()
-    return final
-
-
-def save_final_sharded(model, tokenizer, out: Path, dist) -> None:
-    """<out>/final from an FSDP2 model: the full weights gathered to rank 0 (on the CPU), one Hugging Face
-    folder written by rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    first = {}
-    for name, p in model.named_parameters(remove_duplicate=False):   # a tied weight is saved once, as HF does
-        if first.setdefault(id(p), name) != name:
-            full.pop(name, None)
-    if dist.is_main:
-        save_model(model, tokenizer, Path(out) / "final", state_dict=full)
-    dist.barrier()
-
-
 # ---------------------------------------------------------------------------------------------- loading
 def _load_hf_weights(model, path: Path) -> None:
     """Loads the Hugging Face weights saved in `path` into `model` in place (tied weights included); a
@@ -342,70 +284,26 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) 
     states under "rng" (restore them with `restore_rng` once everything else is built)."""
     from safetensors.torch import load_model
 
+    from . import checkpoint_dcp
+
     path = Path(path)
     dev = next(model.parameters()).device
     if (path / DCP_METADATA).is_file():
-        _load_sharded(path, model, optimizer)
-    elif _is_fsdp(model):
-        _load_full_into_sharded(path, model, optimizer)
+        checkpoint_dcp.load_sharded(path, model, optimizer, ref_model)
+    elif checkpoint_dcp.is_fsdp(model):
+        checkpoint_dcp.load_full_into_sharded(path, model, optimizer, ref_model)
     else:
         _load_hf_weights(model, path)
         # read to host memory: load_state_dict moves each state to its parameter's device (CPU when offloaded)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if ref_model is not None:
+            if not (path / REF_MODEL).is_file():
+                raise ResumeError(f"{path} has no {REF_MODEL} but this run uses a KL reference model")
+            load_model(ref_model, str(path / REF_MODEL), device=str(dev))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if ref_model is not None:
-        if not (path / REF_MODEL).is_file():
-            raise ResumeError(f"{path} has no {REF_MODEL} but this run uses a KL reference model")
-        load_model(ref_model, str(path / REF_MODEL), device=str(dev))
     state = json.loads((path / STATE).read_text())
     state["rng"] = torch.load(path / "rng.pt", weights_only=True)
     return state
-
-
-def _is_fsdp(model) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _load_sharded(path: Path, model, optimizer) -> None:
-    """A DCP checkpoint into a model of any world size (a plain process too), resharded by DCP."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    saved = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
-    sd = _sharded_state(model, optimizer, with_optim=any(k.startswith("optim.") for k in saved))
-    dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
-    set_model_state_dict(model, sd["model"])
-    if "optim" in sd:
-        set_optimizer_state_dict(model, optimizer, sd["optim"])
-
-
-def _load_full_into_sharded(path: Path, model, optimizer) -> None:
-    """A plain checkpoint (model.safetensors, optimizer.pt keyed by parameter index) into an FSDP2 model: every
-    rank reads the full tensors and keeps its shards."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    sd = {}
-    for f in sorted(path.glob("*.safetensors")):
-        if f.name != REF_MODEL:
-            sd.update(load_file(str(f)))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]   # the optimizer's parameter order
-    missing = [n for n, _ in model.named_parameters() if n not in sd]
-    if missing:
-        raise ResumeError(f"{path}: the saved weights lack {missing[:3]} (a model of another kind?)")
-    own = set(model.state_dict())
-    set_model_state_dict(model, {k: v for k, v in sd.items() if k in own},   # tied weights are saved once
-                         options=StateDictOptions(full_state_dict=True, strict=False))
-    full = StateDictOptions(full_state_dict=True)
-    raw = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    if not raw["state"]:   # saved before the first optimizer step: nothing to load (see _sharded_state)
-        return
-    osd = {"state": {names[i]: st for i, st in raw["state"].items()},
-           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in raw["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, osd, options=full)
 
 
 def saved_config(path: Path) -> Dict:

@@ -40,6 +40,23 @@ environment) is not: it trains exactly as it always has, without a process group
   call (every FSDP module unsharded, reshard-after-forward off) and resharded after it, not once per token.
   The vLLM backend's engine (one per rank) holds its own copy: nothing is gathered around its generate();
   after every step the shards are gathered one tensor at a time (`full_tensor`) into it (rollout/vllm.py).
+- LoRA (model.lora.r > 0): fully_shard over the PEFT model's decoder layers and the root as above, so the
+  frozen base weights and the trainable adapters of a layer share one FSDP module. FSDP2 all-gathers both
+  and reduce-scatters only the parameters that got a gradient (the adapters); the optimizer holds only the
+  adapters, so only they have AdamW state. The LM head is frozen: its gathered parameter keeps
+  requires_grad False, so the fused op takes its frozen-head path (no dW). DCP checkpoints hold the adapter
+  only (checkpoint_dcp.py); final/ is written from a plain copy exactly as a plain LoRA run writes it.
+- KL reference model (algo.kl_coef > 0): copied from the policy before sharding (as a plain process copies
+  it) and sharded like it under its own FSDP2 root, never given a gradient. Its log-probs are computed inside
+  that root's forward with as many forwards as the busiest process (one-token forwards fill in), like the
+  training passes. It is saved in the DCP checkpoint ("ref"), so a resume after a re-sync at a phase switch
+  is exact; the re-sync itself is load_state_dict of the policy's shards (same mesh and placements: a local
+  copy on every rank).
+- Periodic evaluation (eval.every > 0): every rank gathers the full weights (full_weights) and rank 0
+  evaluates them alone, with the code and the sampling RNG of one process, so its numbers are exactly those
+  one process gets for these weights; splitting the problems over ranks would change which random numbers
+  each sample draws. The other ranks wait for rank 0's result (within dist.timeout_s: an evaluation that
+  takes longer needs a larger timeout). Rank 0 writes eval.jsonl.
 """
 from __future__ import annotations
 

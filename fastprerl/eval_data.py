@@ -20,6 +20,7 @@ from typing import Dict, FrozenSet, List, Optional, Sequence
 
 from .config import ConfigError, DataConfig, EvalConfig, RewardConfig, RolloutConfig
 from .config_parse import build
+from .checkpoint import DCP_METADATA
 from .lora import ADAPTER_CONFIG
 
 log = logging.getLogger("fastprerl")
@@ -219,9 +220,13 @@ class ResolvedModel:
     run_config: object = None       # that run's Config (from its config.toml), when readable
     adapter: Optional[str] = None   # a LoRA adapter folder (PEFT's format) loaded onto `spec`
     base_seed: Optional[int] = None  # the seed that built the base (a builtin random-init model): its run's
+    sharded: Optional[str] = None   # a torchrun run's DCP checkpoint folder whose weights load onto `spec`
+    lora: object = None             # that run's config.LoraConfig when it trained LoRA (the DCP holds the adapter)
 
     def report(self) -> Dict:
         """What a report says about the model it ran."""
+        if self.sharded is not None:
+            return {"resolved_model": self.sharded, "base_model": self.spec}
         if self.adapter is None:
             return {"resolved_model": self.spec}
         return {"resolved_model": self.adapter, "lora_base_model": self.spec}
@@ -239,6 +244,8 @@ def resolve_model(value: str) -> ResolvedModel:
         return ResolvedModel(value)  # a builtin or a hub id
     if not path.is_dir():
         raise EvalError(f"model {value!r}: expected a model folder or a run directory, got a file")
+    if (path / DCP_METADATA).is_file():
+        return _sharded(ResolvedModel(str(path)))
     if (path / "config.json").is_file():
         return ResolvedModel(str(path))
     if (path / ADAPTER_CONFIG).is_file():
@@ -254,7 +261,22 @@ def resolve_model(value: str) -> ResolvedModel:
             log.warning("no complete checkpoint under %s; using %s", path / "checkpoints", latest)
     if latest is None:
         raise EvalError(f"model {value!r}: a directory without config.json, final/ or checkpoints/step_<N>/")
+    if (latest / DCP_METADATA).is_file():
+        return _sharded(ResolvedModel(str(latest), path, cfg))
     return _with_adapter(ResolvedModel(str(latest), path, cfg))
+
+
+def _sharded(r: ResolvedModel) -> ResolvedModel:
+    """A DCP checkpoint folder (a run under torchrun): its run's model.path built with its run.seed (and its
+    LoRA settings), the checkpoint's weights loaded onto it; the config is the checkpoint's own."""
+    from .checkpoint import CONFIG_TOML
+
+    folder = Path(r.spec)
+    cfg = _run_config(folder, CONFIG_TOML)
+    if cfg is None:
+        raise EvalError(f"model {str(folder)!r}: a sharded (DCP) checkpoint without a readable {CONFIG_TOML}")
+    return dataclasses.replace(r, spec=cfg.model.path, sharded=str(folder), base_seed=cfg.run.seed,
+                               lora=cfg.model.lora if cfg.model.lora.r > 0 else None)
 
 
 def _with_adapter(r: ResolvedModel) -> ResolvedModel:
@@ -307,17 +329,23 @@ def load_tokenizer_for(spec: str):
 def load_model_on(resolved: ResolvedModel, *, dtype: str = "float32", seed: int = 0, device: str = "auto"):
     """The resolved model on the device, in eval mode (HFRollout switches it to eval while sampling anyway).
     A LoRA adapter: its base (built with base_seed when known, else `seed`) with the adapter loaded by PEFT,
-    the adapter trainable and the base frozen, as in its run (`fastprerl align` differentiates the adapter)."""
+    the adapter trainable and the base frozen, as in its run (`fastprerl align` differentiates the adapter).
+    A DCP checkpoint: its run's model (LoRA: wrapped as in the run) with the checkpoint's weights, read by DCP
+    without a process group."""
     from .models import choose_device, load_model
 
     try:
         dev = choose_device(device, "--device")
-        model = load_model(resolved.spec, dtype=dtype, seed=seed if resolved.base_seed is None else resolved.base_seed)
+        model = load_model(resolved.spec, dtype=dtype, seed=seed if resolved.base_seed is None else resolved.base_seed,
+                           lora=resolved.lora)
         if resolved.adapter is not None:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, resolved.adapter, is_trainable=True)
+        if resolved.sharded is not None:
+            from .checkpoint_dcp import load_weights
+            load_weights(model, Path(resolved.sharded))
     except (OSError, ValueError, RuntimeError) as e:
-        raise EvalError(f"model {resolved.adapter or resolved.spec!r}: {e}") from None
+        raise EvalError(f"model {resolved.sharded or resolved.adapter or resolved.spec!r}: {e}") from None
     return model.to(dev).eval()
 
 

@@ -10,6 +10,11 @@ from .eval_data import EvalError, EvalSettings, make_reward, parse_data_spec, pr
 from .evaluate import SUMMARY_KEYS, _with_ratios, summarise
 
 
+def due(every: int, step: int, total: int) -> bool:
+    """eval.every > 0: before step 0, every `every` completed steps, and after the last step."""
+    return every > 0 and (step == 0 or step == total or step % every == 0)
+
+
 class PeriodicEval:
     """`eval.every`: the numbers of `fastprerl eval` on fixed problems while a run trains.
 
@@ -22,7 +27,6 @@ class PeriodicEval:
 
     def __init__(self, cfg, tokenizer, out_dir, run_reward_fn=None, start_step: int = 0):
         e = cfg.eval
-        self.every = e.every
         values = tuple(e.data) or (cfg.data.source,)
         try:
             specs = [parse_data_spec(v) for v in values]
@@ -52,10 +56,6 @@ class PeriodicEval:
                 first = f.readline().strip()
             if first:
                 self.base = json.loads(first)["datasets"]
-
-    def due(self, step: int, total: int) -> bool:
-        """Before step 0, every `every` completed steps, and after the last step."""
-        return self.every > 0 and (step == 0 or step == total or step % self.every == 0)
 
     def run(self, model, step: int) -> Dict[str, float]:
         """Evaluates `model` (its train/eval mode is restored); returns flat metrics eval/<set>/<name>."""

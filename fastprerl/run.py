@@ -78,7 +78,7 @@ def check_startup(cfg, device: torch.device, dist=None) -> None:
 
 def check_distributed(cfg, world_size: int) -> None:
     """What a run under torchrun needs and what it does not do (yet): a batch that splits over the processes;
-    no LoRA (nor LoRA through the vLLM backend), KL reference model, periodic evaluation or
+    no vLLM engine with LoRA (the merged-adapter push from FSDP2 shards is not built) and no
     optim.offload_optimizer_state (FSDP2's own CPU offload, dist.cpu_offload, replaces it there)."""
     P, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
     if P % world_size:
@@ -90,11 +90,6 @@ def check_distributed(cfg, world_size: int) -> None:
         (cfg.rollout.backend == "vllm" and cfg.model.lora.r > 0,
          "rollout.backend = 'vllm' with model.lora.r > 0: pushing the merged adapter from FSDP2 shards into the "
          "engines is not built; use rollout.backend = 'hf' or train LoRA in one process"),
-        (cfg.model.lora.r > 0, "model.lora.r > 0: LoRA with FSDP2 is not built; train LoRA in one process"),
-        (cfg.algo.kl_coef > 0, "algo.kl_coef > 0: the KL reference model is not sharded yet; set algo.kl_coef "
-                               "= 0 or train in one process"),
-        (cfg.eval.every > 0, "eval.every > 0: periodic evaluation of sharded weights is not built; set "
-                             "eval.every = 0 and run `fastprerl eval` on the run's final/ model"),
         (cfg.optim.offload_optimizer_state, "optim.offload_optimizer_state = true: under torchrun use "
                                             "dist.cpu_offload = true (FSDP2's CPUOffloadPolicy) instead"),
     ]

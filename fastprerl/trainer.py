@@ -25,8 +25,9 @@ step's prompts, the normalisers N_o and N count the tokens of all processes, the
 and each micro-batch's forward + fused loss runs inside the FSDP2 root (`self.root`), every process runs as
 many micro-batch passes as the busiest one (idle passes add exactly 0 to the gradients), the metrics row is
 reduced over processes and written by rank 0, checkpoints are DCP, and a signal on any process stops all of
-them after the same step. A plain process (no torchrun environment) runs none of this: self.root is None
-and every collective helper is the identity.
+them after the same step. The KL reference model has its own FSDP2 root (`self.ref_root`); periodic
+evaluation runs on rank 0 on the gathered full weights. A plain process (no torchrun environment) runs none
+of this: self.root and self.ref_root are None and every collective helper is the identity.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from typing import Dict, Optional
 import torch
 
 from . import checkpoint as ckpt
+from . import checkpoint_dcp
 from . import distributed
 from . import objectives as obj
 from .config import Config, to_toml
@@ -81,18 +83,17 @@ class Trainer:
 
         with naming("model.path", cfg.model.path):
             self.tok = load_tokenizer(cfg.model.path)
-            self.model = load_model(cfg.model.path, dtype=cfg.model.dtype,
-                                    attn_implementation=cfg.model.attn_implementation, seed=cfg.run.seed,
-                                    gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                    lora=cfg.model.lora).to(self.device)
-        self.root = None      # the FSDP2 root around self.model under torchrun (distributed.LossRoot)
-        if self.dist.enabled:
-            self.root = distributed.shard_model(self.model, self.dist, DTYPES[cfg.model.dtype],
-                                                cpu_offload=cfg.dist.cpu_offload)
+            self.model = self._load_policy().to(self.device)
         self.empty_token = empty_context_token(self.tok, cfg.model.empty_token)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.root = self.ref_root = None   # under torchrun: the FSDP2 roots (distributed.LossRoot) of both
+        if self.dist.enabled:
+            shard = dict(d=self.dist, dtype=DTYPES[cfg.model.dtype], cpu_offload=cfg.dist.cpu_offload)
+            self.root = distributed.shard_model(self.model, **shard)
+            if self.ref_model is not None:   # its own root, sharded like the policy, never given a gradient
+                self.ref_root = distributed.shard_model(self.ref_model, **shard)
         self.schedule = Schedule(cfg.schedule)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.cfg.optim)
         with naming("data.source", cfg.data.source):
@@ -104,17 +105,27 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         if resume_from is not None:
             self._load_checkpoint(resume_from)   # restores the RNG states last
-        self.evaluator = None
+        self.evaluator = None   # rank 0's (the other ranks take part in gathering the weights only)
         if cfg.eval.every > 0:
-            from .periodic_eval import PeriodicEval
-            self.evaluator = PeriodicEval(cfg, self.tok, self.out, run_reward_fn=self.reward_fn,
-                                          start_step=self.step)
+            self.dist.on_main(self._make_evaluator)
         self.metrics = NoMetrics()
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard,
                                          console=cfg.logging.console, start_step=self.step,
                                          run_config=cfg.to_dict(),
                                          wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
+
+    def _load_policy(self):
+        """The policy as cfg.model builds it (on the CPU; LoRA: wrapped by PEFT)."""
+        cfg = self.cfg
+        return load_model(cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                          seed=cfg.run.seed, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                          lora=cfg.model.lora)
+
+    def _make_evaluator(self) -> None:
+        from .periodic_eval import PeriodicEval
+        self.evaluator = PeriodicEval(self.cfg, self.tok, self.out, run_reward_fn=self.reward_fn,
+                                      start_step=self.step)
 
     def _prepare_output_dir(self) -> Optional[Path]:
         """The checkpoint to resume from (None: step 0); a fresh run sets earlier outputs aside. Rank 0 only."""
@@ -168,7 +179,9 @@ class Trainer:
                 if status == "complete":
                     self._maybe_evaluate(total, write)
                     if self.root is not None:
-                        ckpt.save_final_sharded(self.model, self.tok, self.out, self.dist)
+                        checkpoint_dcp.save_final_sharded(self.model, self.tok, self.out, self.dist,
+                                                          merge_lora=self.cfg.run.merge_lora,
+                                                          plain_model=self._load_policy)
                     else:
                         ckpt.save_final(self.model, self.tok, self.out, merge_lora=self.cfg.run.merge_lora)
         except StepAbandoned as e:
@@ -182,11 +195,18 @@ class Trainer:
         return status
 
     def _maybe_evaluate(self, total: int, write=None):
-        """eval.every: evaluate the current weights (self.step completed steps) and log a row of phase "eval"."""
-        if self.evaluator is None or not self.evaluator.due(self.step, total):
+        """eval.every: evaluate the current weights (self.step completed steps) and log a row of phase "eval".
+        Under torchrun every rank gathers the full weights (full_weights) and rank 0 alone evaluates them, with
+        the code and sampling RNG of one process, so the numbers are those one process gets for these weights;
+        the other ranks wait for its result (within dist.timeout_s)."""
+        from .periodic_eval import due
+
+        if not due(self.cfg.eval.every, self.step, total):
             return
         t0 = time.perf_counter()
-        row = {"step": self.step, "phase": "eval", **self.evaluator.run(self.model, self.step),
+        with distributed.full_weights(self.root):
+            result = self.dist.on_main(lambda: self.evaluator.run(self.model, self.step))
+        row = {"step": self.step, "phase": "eval", **result,
                "perf/eval_s": time.perf_counter() - t0, "dist/world_size": self.dist.world_size}
         self.metrics.log(row, write=write)
 
@@ -323,8 +343,8 @@ class Trainer:
     def _idle_pass(self) -> None:
         """A forward + backward of one token whose loss is 0 x its log-prob: it adds exactly 0 to every gradient
         and lets a process with fewer micro-batches than another take part in the same FSDP2 collectives."""
-        e, cfg = self.empty_token, self.cfg
-        batch = pack([[e]], [[e]], cond=[True], empty_token=e, max_tokens=2)
+        cfg = self.cfg
+        batch = self._one_token_batch()
 
         def fn(model):
             _, h, targets = bin_rows(model, batch, 0)
@@ -332,13 +352,35 @@ class Trainer:
                               temperature=cfg.rollout.temperature, impl=cfg.model.logprob_impl)
         self._on_model(fn).backward()
 
+    def _one_token_batch(self):
+        e = self.empty_token
+        return pack([[e]], [[e]], cond=[True], empty_token=e, max_tokens=2)
+
     @torch.no_grad()
     def _reference_logp(self, batch) -> torch.Tensor:
-        """(R,) the reference model's log-probs of the packed rows."""
-        W, out = lm_head_weight(self.ref_model), torch.zeros(batch.rows.numel())
-        for ridx, h, targets in bins(self.ref_model, batch):
-            out[ridx] = token_logprobs_no_grad(h, W, targets, temperature=self.cfg.rollout.temperature,
-                                               impl=self.cfg.model.logprob_impl).logp.cpu()
+        """(R,) the reference model's log-probs of the packed rows. Under torchrun inside the reference's FSDP2
+        root, with as many forwards as the busiest process (one-token forwards where a process has fewer bins)."""
+        out = torch.zeros(batch.rows.numel())
+        if self.ref_root is None:
+            W = lm_head_weight(self.ref_model)
+            for ridx, h, targets in bins(self.ref_model, batch):
+                out[ridx] = token_logprobs_no_grad(h, W, targets, temperature=self.cfg.rollout.temperature,
+                                                   impl=self.cfg.model.logprob_impl).logp.cpu()
+            return out
+        todo, idle = active_bins(batch), self._one_token_batch()
+        passes = self.dist.max_int(len(todo))
+
+        def all_bins(model):
+            W = lm_head_weight(model)
+            for k in range(passes):
+                if k >= len(todo):
+                    bin_rows(model, idle, 0)
+                    continue
+                ridx, h, targets = bin_rows(model, batch, todo[k])
+                out[ridx] = token_logprobs_no_grad(h, W, targets, temperature=self.cfg.rollout.temperature,
+                                                   impl=self.cfg.model.logprob_impl).logp.cpu()
+        self.ref_root(all_bins)
+        self.ref_root.reshard()   # the root keeps its weights gathered after a forward
         return out
 
     def _stop_message(self, report: str) -> str:
@@ -358,7 +400,8 @@ class Trainer:
                       state=state, config=self.cfg.to_dict(), config_toml=to_toml(self.cfg),
                       keep=self.cfg.run.keep_checkpoints)
         if self.root is not None:
-            self.last_checkpoint = ckpt.save_sharded_checkpoint(self.ckpt_root, self.step, dist=self.dist, **common)
+            self.last_checkpoint = checkpoint_dcp.save_sharded_checkpoint(self.ckpt_root, self.step, dist=self.dist,
+                                                                          ref_model=self.ref_model, **common)
         else:
             self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, ref_model=self.ref_model,
                                                         **common)

@@ -9,7 +9,13 @@ rank (torchrun sets OMP_NUM_THREADS=1; run.threads=1).
   stopped) and with 1 plain process; a complete checkpoint read at the other world size gives the same final/;
 - two "nodes" on one machine (two torchrun commands, c10d rendezvous on 127.0.0.1) train together;
 - SIGTERM on one rank stops both after the same step with a checkpoint; a batch that does not split is a
-  config error; a rank that hangs makes the other fail with the dist.timeout_s error.
+  config error; a rank that hangs makes the other fail with the dist.timeout_s error;
+- the same one-step parity for LoRA (only the adapter gets gradients and AdamW state; the fused op gets a
+  frozen head), GRPO with a KL reference model and dist.cpu_offload (1 and 2 ranks); a LoRA run and a KL run
+  resumed from a mid-run DCP checkpoint equal the runs that never stopped, and a plain process reads their
+  checkpoints (2 -> 1); LoRA's final/ and final_merged/ are what a plain LoRA run writes; a plain LoRA
+  checkpoint is refused under torchrun; periodic evaluation under torchrun equals one process's on the same
+  weights; `fastprerl eval` reads a run without final/ from its DCP checkpoint.
 """
 from __future__ import annotations
 
@@ -106,24 +112,81 @@ def parity(tmp_path_factory):
     return base
 
 
-@pytest.mark.parametrize("case", ["grpo", "nsr_prerl", "mixed"])
-def test_one_step_on_two_ranks_equals_one_process(parity, case):
-    one, two = torch.load(parity / "one" / f"{case}.pt"), torch.load(parity / "two" / f"{case}.pt")
+def assert_same_step(one: dict, two: dict, ranks: int = 2) -> None:
+    """The same loss, gradient norm, metrics and updated weights (fp32, max relative difference <= 1e-5)."""
     r1, r2 = one["row"], two["row"]
-    assert r1["dist/world_size"] == 1 and r2["dist/world_size"] == 2
+    assert r1["dist/world_size"] == 1 and r2["dist/world_size"] == ranks
     assert r1["train/rows"] == r2["train/rows"] > 0
     for key in ("loss/policy", "train/grad_norm", "reward/mean", "train/entropy"):
         assert abs(r2[key] - r1[key]) <= 1e-5 * abs(r1[key]), (key, r1[key], r2[key])
     assert set(one["weights"]) == set(two["weights"])
-    init = None
     for k, w1 in one["weights"].items():
         assert w1.dtype == torch.float32
         assert rel_diff(two["weights"][k], w1) <= 1e-5, k
+
+
+@pytest.mark.parametrize("case", ["grpo", "nsr_prerl", "mixed"])
+def test_one_step_on_two_ranks_equals_one_process(parity, case):
+    one, two = torch.load(parity / "one" / f"{case}.pt"), torch.load(parity / "two" / f"{case}.pt")
+    assert_same_step(one, two)
     # the step changed the weights (lr 1e-4 with Adam's first step: about 1e-4 per weight)
     from fastprerl.models import load_model
     init = load_model("builtin:tiny-llama", seed=0).state_dict()
     moved = max((one["weights"][k] - init[k]).abs().max().item() for k in one["weights"])
     assert moved > 5e-5
+
+
+# ------------------------------------------------------------------------------------------ parity: LoRA, KL, offload
+@pytest.fixture(scope="module")
+def parity_more(tmp_path_factory):
+    """One step (tests/dist_worker.py) of LoRA, of GRPO with a KL reference model and of the mixed phase with
+    dist.cpu_offload, in one plain process (which has no FSDP2 and so no offload) and on 2 ranks, the offload
+    case also on 1 rank."""
+    base = tmp_path_factory.mktemp("parity_more")
+    worker = TESTS / "dist_worker.py"
+    for cmd in ([sys.executable, str(worker), str(base / "one"), "grpo", "mixed", "lora", "kl"],
+                torchrun(2, worker, base / "two", "lora", "kl", "offload"),
+                torchrun(1, worker, base / "rank1", "offload")):
+        p = run(cmd)
+        assert p.returncode == 0, p.stderr[-3000:]
+    return base
+
+
+def case(base: Path, where: str, name: str) -> dict:
+    return torch.load(base / where / f"{name}.pt")
+
+
+def test_lora_step_on_two_ranks_equals_one_process_and_only_the_adapter_trains(parity_more):
+    from fastprerl.config import load_config
+    from fastprerl.models import load_model
+
+    one, two = case(parity_more, "one", "lora"), case(parity_more, "two", "lora")
+    assert_same_step(one, two)
+    fresh = load_model("builtin:tiny-llama", seed=0,
+                       lora=load_config(TINY, ["model.lora.r=4", "model.lora.alpha=8"]).model.lora)
+    adapter = sorted(n for n, p in fresh.named_parameters() if p.requires_grad)
+    assert adapter and all("lora_A" in n or "lora_B" in n for n in adapter)
+    for res in (one, two):
+        assert sorted(res["with_grad"]) == adapter        # gradients of the adapter only ...
+        assert res["optim_states"] == len(adapter)        # ... and AdamW state of the adapter only
+        assert res["head_requires_grad"] == [False]       # the fused op got a frozen head (no dW, no grad sweep)
+    init = fresh.state_dict()
+    base_keys = [k for k in two["weights"] if "lora_" not in k]
+    assert base_keys and all(torch.equal(two["weights"][k], init[k]) for k in base_keys)   # the base is frozen
+    assert all(two["weights"][k].abs().max() > 0 for k in adapter if "lora_B" in k)   # every B left 0
+
+
+def test_kl_reference_step_on_two_ranks_equals_one_process(parity_more):
+    one, two = case(parity_more, "one", "kl"), case(parity_more, "two", "kl")
+    assert_same_step(one, two)
+    no_kl = case(parity_more, "one", "grpo")   # the same step without the KL term: the reference counted
+    assert abs(one["row"]["loss/policy"] - no_kl["row"]["loss/policy"]) > 1e-4 * abs(no_kl["row"]["loss/policy"])
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_cpu_offload_step_equals_the_step_without_offload(parity_more, ranks):
+    off = case(parity_more, "rank1" if ranks == 1 else "two", "offload")
+    assert_same_step(case(parity_more, "one", "mixed"), off, ranks=ranks)
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -300,3 +363,172 @@ def test_a_rank_that_hangs_stops_the_other_with_the_timeout_error(tmp_path):
     p = run(torchrun(2, script), timeout=120)
     assert "TIMEOUT: a collective did not finish within dist.timeout_s = 3 s" in p.stdout, p.stderr[-2000:]
     assert p.returncode != 0 and time.time() - t0 < 60
+
+
+# ------------------------------------------------------------------------------------------ LoRA, KL and eval runs
+LORA = ["model.lora.r=4", "model.lora.alpha=8", "run.merge_lora=true"]
+KL = ["algo.kl_coef=0.5"]
+EVAL = ["eval.every=2", "eval.n_problems=4", "eval.k=2"]
+
+
+def train_two(tmp_path_factory, name: str, *extra) -> Path:
+    out = tmp_path_factory.mktemp(name) / "run"
+    p = run(train_cmd(out, *extra))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def resume_from(done: Path, step: int, tmp: Path, *extra) -> Path:
+    """A copy of the complete run `done` cut back to its checkpoint step_<step>, resumed with 2 ranks."""
+    from fastprerl import checkpoint as ckpt
+
+    out = tmp / "resumed"
+    shutil.copytree(done, out)
+    for name in ("final", "final_merged"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for s, path in ckpt.list_checkpoints(out / "checkpoints"):
+        if s > step:
+            shutil.rmtree(path)
+    p = run(train_cmd(out, *extra, resume=True))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / f'step_{step}'}" in p.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_two(tmp_path_factory):
+    return train_two(tmp_path_factory, "lora2", *LORA)
+
+
+def test_lora_run_writes_final_as_a_plain_lora_run_and_resumes_exactly(lora_two, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    import fastprerl.eval_data as ed
+    from fastprerl.models import load_model
+
+    final = lora_two / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    # final_merged/ is PEFT's own merge of that adapter onto the base
+    ref = PeftModel.from_pretrained(load_model("builtin:tiny-llama", seed=0), final).merge_and_unload().state_dict()
+    merged = load_file(str(lora_two / "final_merged" / "model.safetensors"))
+    assert merged and all(torch.equal(merged[k], ref[k]) for k in merged)
+    # the last DCP checkpoint holds the same adapter (read as `fastprerl eval` reads it, without a process group)
+    m = ed.load_model_on(ed.resolve_model(str(lora_two / "checkpoints" / "step_4")), device="cpu")
+    got = get_peft_model_state_dict(m)
+    assert set(got) == set(adapter) and all(torch.equal(got[k], adapter[k]) for k in adapter)
+    # resumed from step 2 with 2 ranks: the same metrics and adapter as the run that never stopped
+    out = resume_from(lora_two, 2, tmp_path, *LORA)
+    same_apart_from_perf(rows(out), rows(lora_two))
+    again = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert set(again) == set(adapter) and all(torch.equal(again[k], adapter[k]) for k in adapter)
+    # 2 -> 1: one plain process reads the complete run's last DCP checkpoint and writes the same final/
+    plain = tmp_path / "plain"
+    shutil.copytree(lora_two, plain)
+    shutil.rmtree(plain / "final")
+    p = run(train_cmd(plain, *LORA, ranks=0, resume=True))
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = load_file(str(plain / "final" / "adapter_model.safetensors"))
+    assert set(again) == set(adapter) and all(torch.equal(again[k], adapter[k]) for k in adapter)
+
+
+def test_plain_lora_checkpoint_is_refused_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    one = run(train_cmd(out, *LORA, ranks=0))
+    assert one.returncode == 0, one.stderr[-3000:]
+    shutil.rmtree(out / "final")
+    p = run(train_cmd(out, *LORA, resume=True))
+    assert p.returncode != 0
+    assert "written by a plain process of a LoRA run" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def kl_two(tmp_path_factory):
+    return train_two(tmp_path_factory, "kl2", *KL)
+
+
+def test_kl_reference_is_checkpointed_and_a_resume_after_the_switch_is_exact(kl_two, tmp_path, one_torch_thread):
+    import torch.distributed.checkpoint as dcp
+
+    import fastprerl.eval_data as ed
+    from fastprerl.config import load_config
+    from fastprerl.trainer import Trainer
+
+    saved = dcp.FileSystemReader(str(kl_two / "checkpoints" / "step_3" / "dcp")).read_metadata()
+    assert any(k.startswith("ref.") for k in saved.state_dict_metadata)
+    # step_3 comes after the phase switch at step 2, where the reference was re-synced to the policy
+    # (schedule.resync_reference_at_switch): a resume that rebuilt the step-0 reference would differ
+    out = resume_from(kl_two, 3, tmp_path, *KL)
+    same_apart_from_perf(rows(out), rows(kl_two))
+    a, b = final_weights(out), final_weights(kl_two)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+    # 2 -> 1: a plain process reads the last DCP checkpoint, reference included: the policy after step 2
+    plain = tmp_path / "plain"
+    shutil.copytree(kl_two, plain)
+    tr = Trainer(load_config(TINY, [*RUN, *KL, f"run.output_dir={plain}", "run.resume=true"]))
+    try:
+        assert tr.step == 4 and tr.root is None
+        at_switch = ed.load_model_on(ed.resolve_model(str(kl_two / "checkpoints" / "step_2")), device="cpu")
+        want, got = at_switch.state_dict(), tr.ref_model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        from fastprerl.models import load_model
+        assert not torch.equal(got["lm_head.weight"], load_model("builtin:tiny-llama", seed=0).lm_head.weight)
+    finally:
+        tr.metrics.close()
+
+
+@pytest.fixture(scope="module")
+def eval_two(tmp_path_factory):
+    return train_two(tmp_path_factory, "eval2", *EVAL)
+
+
+def test_periodic_eval_under_torchrun_equals_one_process_on_the_same_weights(eval_two, tmp_path, one_torch_thread):
+    """The independent reference: PeriodicEval in this plain process on the step-0 weights and on final/."""
+    import fastprerl.eval_data as ed
+    from fastprerl.config import load_config
+    from fastprerl.models import load_model, load_tokenizer
+    from fastprerl.periodic_eval import PeriodicEval
+    from fastprerl.rewards import from_config
+
+    lines = [json.loads(x) for x in (eval_two / "eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 2, 4]                      # written once, by rank 0
+    logged = [x for x in rows(eval_two) if x["phase"] == "eval"]
+    assert [x["step"] for x in logged] == [0, 2, 4] and all(x["dist/world_size"] == 2 for x in logged)
+    cfg = load_config(eval_two / "config.toml")
+    ev = PeriodicEval(cfg, load_tokenizer(cfg.model.path), tmp_path, run_reward_fn=from_config(cfg.reward))
+    flat0 = ev.run(load_model(cfg.model.path, seed=cfg.run.seed), 0)
+    final = ed.load_model_on(ed.resolve_model(str(eval_two / "final")), device="cpu")
+    flat4 = ev.run(final, 4)
+    mine = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert mine == [lines[0], lines[2]]
+    for flat, row in ((flat0, logged[0]), (flat4, logged[2])):
+        assert flat == {k: v for k, v in row.items() if k.startswith("eval/")}
+
+
+def test_eval_reads_a_torchrun_run_without_final_from_its_dcp_checkpoint(eval_two, tmp_path):
+    import fastprerl.eval_data as ed
+
+    out = tmp_path / "run"
+    shutil.copytree(eval_two, out)
+    shutil.rmtree(out / "final")
+    r = ed.resolve_model(str(out))
+    assert r.sharded == str(out / "checkpoints" / "step_4") and r.spec == "builtin:tiny-llama"
+    sd = ed.load_model_on(r, device="cpu").state_dict()
+    w = final_weights(eval_two)
+    assert all(torch.equal(sd[k], w[k]) for k in w)
+    report = tmp_path / "eval.json"
+    p = run([sys.executable, "-m", "fastprerl", "eval", str(out), "--data", "builtin:addition", "--k", "1",
+             "--n-problems", "2", "--max-new-tokens", "4", "--threads", "1", "--out", str(report)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(report.read_text())["resolved_model"] == str(out / "checkpoints" / "step_4")
+
+
+def test_check_distributed_refuses_only_what_is_not_built():
+    from fastprerl.config import load_config
+    from fastprerl.run import check_distributed
+
+    check_distributed(load_config(TINY, [*LORA, *KL, *EVAL, "dist.cpu_offload=true"]), 2)   # built: no error
+    with pytest.raises(ValueError, match="optim.offload_optimizer_state"):   # vLLM + LoRA: the test above
+        check_distributed(load_config(TINY, ["optim.offload_optimizer_state=true"]), 2)

@@ -101,11 +101,16 @@ class HFRollout(Rollout):
                 if n > 1 and L > 1:
                     extra[self.cache_kwarg] = self._shared_prefix_cache(ids, att, n)
                 recorder = _BehaviourLogprobs(cfg.temperature, L)
+                # synced_gpus off: under torchrun the weights are gathered for the whole call
+                # (distributed.full_weights), so no forward needs another rank and each rank (rank 0 alone in a
+                # periodic evaluation) stops when its own sequences are done; transformers would otherwise turn
+                # it on for an FSDP model and all-reduce a "finished" flag after every token
                 out = model.generate(
                     input_ids=ids.repeat_interleave(n, 0), attention_mask=att.repeat_interleave(n, 0),
                     do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                     max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
-                    logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True, **extra)
+                    logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True,
+                    synced_gpus=False, **extra)
                 gen = out.sequences[:, L:].cpu()
                 # behaviour log-probs of the sampled tokens under logits / T (the quantity the trainer scores;
                 # with top_p < 1 the sampler drew from the truncated distribution, this is the full one)
