@@ -151,7 +151,7 @@ def test_step_time_plain_vs_torchrun_ranks():
         for r in results:
             f.write(json.dumps({**r, **meta, "when": when}) + "\n")
     m, v = meta["machine"], meta["versions"]
-    doc = [f"# Step time: one process vs torchrun ranks (FSDP2, gloo), CPU", "",
+    doc = ["# Step time: one process vs torchrun ranks (FSDP2, gloo), CPU", "",
            f"- machine: {m['platform']}; {m['cpu']}; {m['cores']} cores",
            "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
            f"- git: {meta['git_sha']}; written {when}; command `pytest bench/test_distributed_bench.py -q -s"
