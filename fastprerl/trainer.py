@@ -52,7 +52,7 @@ from .kernels import token_logprobs_no_grad, token_loss
 from .metrics import MetricsLogger, NoMetrics, reduce_rows, sample_records, step_metrics
 from .models import DTYPES, choose_device, empty_context_token, lm_head_weight, load_model, load_tokenizer
 from .optim import make_optimizer
-from .packing import active_bins, bin_rows, bins, pack, select_rows
+from .packing import active_bins, bin_rows, pack, select_rows
 from .rollout import make_backend
 from .run import (NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming,
                   set_aside_earlier_outputs)
@@ -199,6 +199,8 @@ class Trainer:
         Under torchrun every rank gathers the full weights (full_weights) and rank 0 alone evaluates them, with
         the code and sampling RNG of one process, so the numbers are those one process gets for these weights;
         the other ranks wait for its result (within dist.timeout_s)."""
+        if self.cfg.eval.every <= 0:   # no evaluation: nothing of it is imported
+            return
         from .periodic_eval import due
 
         if not due(self.cfg.eval.every, self.step, total):
@@ -358,29 +360,26 @@ class Trainer:
 
     @torch.no_grad()
     def _reference_logp(self, batch) -> torch.Tensor:
-        """(R,) the reference model's log-probs of the packed rows. Under torchrun inside the reference's FSDP2
-        root, with as many forwards as the busiest process (one-token forwards where a process has fewer bins)."""
-        out = torch.zeros(batch.rows.numel())
-        if self.ref_root is None:
-            W = lm_head_weight(self.ref_model)
-            for ridx, h, targets in bins(self.ref_model, batch):
-                out[ridx] = token_logprobs_no_grad(h, W, targets, temperature=self.cfg.rollout.temperature,
-                                                   impl=self.cfg.model.logprob_impl).logp.cpu()
-            return out
-        todo, idle = active_bins(batch), self._one_token_batch()
-        passes = self.dist.max_int(len(todo))
+        """(R,) the reference model's log-probs of the packed rows, bin by bin (packing.active_bins). Under
+        torchrun inside the reference's FSDP2 root, with as many forwards as the busiest process (one-token
+        forwards where a process has fewer bins)."""
+        out, todo = torch.zeros(batch.rows.numel()), active_bins(batch)
+        passes = self.dist.max_int(len(todo))   # len(todo) in a plain process
 
         def all_bins(model):
             W = lm_head_weight(model)
             for k in range(passes):
                 if k >= len(todo):
-                    bin_rows(model, idle, 0)
+                    bin_rows(model, self._one_token_batch(), 0)
                     continue
                 ridx, h, targets = bin_rows(model, batch, todo[k])
                 out[ridx] = token_logprobs_no_grad(h, W, targets, temperature=self.cfg.rollout.temperature,
                                                    impl=self.cfg.model.logprob_impl).logp.cpu()
-        self.ref_root(all_bins)
-        self.ref_root.reshard()   # the root keeps its weights gathered after a forward
+        if self.ref_root is None:
+            all_bins(self.ref_model)
+        else:
+            self.ref_root(all_bins)
+            self.ref_root.reshard()   # the root keeps its weights gathered after a forward
         return out
 
     def _stop_message(self, report: str) -> str:
