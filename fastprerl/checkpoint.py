@@ -15,7 +15,8 @@ run starts at). It holds:
 
 A run under torchrun writes the same folder with the weights and the AdamW state sharded by
 torch.distributed.checkpoint (dcp/ instead of model.safetensors and optimizer.pt; fastprerl/checkpoint_dcp.py
-holds that kind). `load_checkpoint` reads both kinds into either kind of model.
+holds that kind). `load_checkpoint` reads both kinds into either kind of model. Which checkpoint a run resumes
+from, and the check that its config may resume it, are in fastprerl/trainer_state.py.
 
 Writing is atomic: everything goes to a hidden temporary folder, each file is fsynced, the manifest is written
 last, then the folder is renamed to `step_<N>` (os.replace). A folder named `step_<N>` is therefore either a
@@ -52,20 +53,6 @@ DCP_DIR = "dcp"
 DCP_METADATA = f"{DCP_DIR}/.metadata"
 REQUIRED_SHARDED = (DCP_METADATA, "scheduler.pt", "rng.pt", STATE, CONFIG_JSON)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-# Keys that may change when a run is resumed: where and how fast it runs, what it logs and evaluates.
-# Everything else (model, data, rollout sampling, rewards, objectives, schedule, optimizer hyperparameters,
-# seed) defines the run and must match the checkpoint. rollout.vllm_max_model_len is not listed: the engine
-# stops a response at that many prompt + response tokens, so it can change what is sampled. A trailing "."
-# is a whole section.
-RESUME_MAY_CHANGE = (
-    "run.output_dir", "run.resume", "run.device", "run.threads", "run.checkpoint_every", "run.keep_checkpoints",
-    "logging.", "eval.", "reward.workers", "rollout.generation_batch_size", "rollout.vllm_gpu_memory_utilization",
-    "rollout.vllm_enforce_eager", "rollout.vllm_sleep", "optim.max_tokens_per_microbatch",
-    "optim.offload_optimizer_state", "model.logprob_impl", "model.attn_implementation",
-    "model.gradient_checkpointing", "run.merge_lora", "dist.",
-)
-
 
 class ResumeError(ValueError):
     """A run cannot start or resume in this output directory with this config."""
@@ -308,75 +295,6 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) 
 
 def saved_config(path: Path) -> Dict:
     return json.loads((Path(path) / CONFIG_JSON).read_text())
-
-
-# ---------------------------------------------------------------------------------------------- config check
-def _flatten(d: Dict, prefix: str = "") -> Dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def config_changes(saved: Dict, current: Dict, defaults: Optional[Dict] = None) -> List[Tuple[str, object, object]]:
-    """(key, saved value, current value) of every key that differs and may not change on resume. A key the
-    saved config lacks (one added to the schema after it was written) counts as its value in `defaults`."""
-    a = _flatten(json.loads(json.dumps(defaults or {})))
-    a.update(_flatten(json.loads(json.dumps(saved))))
-    b = _flatten(json.loads(json.dumps(current)))
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if a.get(k, "<unset>") == b.get(k, "<unset>"):
-            continue
-        if any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_MAY_CHANGE):
-            continue
-        out.append((k, a.get(k, "<unset>"), b.get(k, "<unset>")))
-    return out
-
-
-def check_resume_config(path: Path, current: Dict) -> None:
-    """Refuses (ResumeError) to resume checkpoint `path` with a config that changes what the run is."""
-    from .config import Config
-
-    changes = config_changes(saved_config(path), current, defaults=Config().to_dict())
-    if changes:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
-        raise ResumeError(f"cannot resume from {path}: the config changes {listed}. A resumed run must keep the "
-                          f"model, data, rollout, reward, algorithm, optimizer and schedule settings; only "
-                          f"{', '.join(s + '*' if s.endswith('.') else s for s in RESUME_MAY_CHANGE)} may "
-                          f"change. Start a new run.output_dir to train with a different config.")
-
-
-# ---------------------------------------------------------------------------------------------- a run's start
-def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Optional[Path]:
-    """The checkpoint a run continues from (run.resume), checked against its config (a dict); None: step 0.
-    A fresh run (resume False) into a folder that holds checkpoints is refused; damaged checkpoints newer
-    than the one resumed are moved aside to <name>.corrupt."""
-    existing = list_checkpoints(root)
-    if not resume:
-        if existing:
-            raise ResumeError(
-                f"run.output_dir {str(output_dir)!r} already holds checkpoints (newest: {existing[0][1].name}); "
-                f"pass --resume (run.resume = true) to continue that run, or choose another run.output_dir")
-        return None
-    path, skipped = find_latest_valid(root)
-    if path is None:
-        if skipped:
-            raise ResumeError(f"no complete checkpoint in {root}: "
-                              + "; ".join(f"{p.name}: {why}" for p, why in skipped))
-        log.info("no checkpoint in %s yet; starting at step 0", root)
-        return None
-    check_resume_config(path, config)
-    for p, _ in skipped:  # set aside, so that they are neither verified again nor counted as the newest
-        aside = p.with_name(p.name + ".corrupt")
-        while aside.exists():
-            aside = aside.with_name(aside.name + "_")
-        os.replace(p, aside)
-        log.warning("moved the damaged checkpoint %s to %s", p, aside)
-    return path
 
 
 def save_model(model, tokenizer, path: Path, state_dict: Optional[Dict] = None) -> None:

@@ -44,10 +44,11 @@ from typing import Dict, List, Optional, Sequence
 
 from .eval_data import (DEFAULT_GENERATED, MATH_INSTRUCTION, MATH_TEMPLATE, REWARDS, DataSpec, EvalDataset,
                         EvalError, EvalSettings, Samples, champ_problems, default_reward, load_eval_problems,
-                        load_model_on, load_tokenizer_for, make_reward, parse_data_spec, prepare_datasets,
-                        resolve_model, sample, score)
+                        make_reward, parse_data_spec, prepare_datasets, sample, score)
+from .eval_model import load_model_on, load_tokenizer_for, resolve_model
 
-# the evaluation's data side lives in eval_data.py; these names are its public face here as well
+# the evaluation's data and model sides live in eval_data.py and eval_model.py; these names are their public
+# face here as well
 __all__ = ["DEFAULT_GENERATED", "MATH_INSTRUCTION", "MATH_TEMPLATE", "REWARDS", "DataSpec", "EvalDataset", "EvalError",
            "EvalSettings", "Samples", "champ_problems", "default_reward", "load_eval_problems", "load_model_on",
            "load_tokenizer_for", "make_reward", "parse_data_spec", "prepare_datasets", "resolve_model", "sample",

@@ -88,7 +88,7 @@ def arm_config(base_path: str, overrides: Sequence[str], arm: str, out: Path, st
 def finished_arm_mismatch(cfg) -> Optional[str]:
     """None when the arm's run directory holds a finished run of exactly this config (the keys a resume may
     change aside), else what differs; a finished arm is reused only when it is the run asked for."""
-    from .checkpoint import config_changes
+    from .trainer_state import config_changes
     from .config import load_config
     saved = Path(cfg.run.output_dir) / "config.toml"
     if not saved.is_file():

@@ -15,19 +15,19 @@ w_t the truncated importance weight of cond tokens (algo.tis_cap; else 1). Only 
 packed (packing.select_rows), cut into bins of optim.max_tokens_per_microbatch tokens; the bins change the
 arithmetic's grouping, not the loss. Then gradient clipping and one AdamW step; the schedule picks the phase.
 
-Durability (checkpoint.py, run.py): a checkpoint holds everything the loop carries from one step to the
-next, so a resumed run is bit-identical on CPU to one that never stopped. SIGINT/SIGTERM finish the step and
-write a checkpoint; a second one abandons it. A non-finite reward, loss or gradient norm stops the run
+Durability (trainer_state.py, checkpoint.py, run.py): a checkpoint holds everything the loop carries from one
+step to the next, so a resumed run is bit-identical on CPU to one that never stopped. SIGINT/SIGTERM finish the
+step and write a checkpoint; a second one abandons it. A non-finite reward, loss or gradient norm stops the run
 (NonFiniteError) before the optimizer step, with the batch statistics.
 
-Under torchrun (distributed.py states the decisions): every process samples and scores its slice of the
-step's prompts, the normalisers N_o and N count the tokens of all processes, the model is sharded by FSDP2
-and each micro-batch's forward + fused loss runs inside the FSDP2 root (`self.root`), every process runs as
-many micro-batch passes as the busiest one (idle passes add exactly 0 to the gradients), the metrics row is
-reduced over processes and written by rank 0, checkpoints are DCP, and a signal on any process stops all of
-them after the same step. The KL reference model has its own FSDP2 root (`self.ref_root`); periodic
-evaluation runs on rank 0 on the gathered full weights. A plain process (no torchrun environment) runs none
-of this: self.root and self.ref_root are None and every collective helper is the identity.
+Under torchrun (distributed.py states the decisions): every process samples and scores its slice of the step's
+prompts, the normalisers N_o and N count the tokens of all processes, the model is sharded by FSDP2 and each
+micro-batch's forward + fused loss runs inside the FSDP2 root (`self.root`), every process runs as many
+micro-batch passes as the busiest one (passes.py: idle passes add exactly 0 to the gradients), the metrics row
+is reduced over processes and written by rank 0, checkpoints are DCP, and a signal on any process stops all of
+them after the same step. The KL reference model has its own FSDP2 root (`self.ref_root`); periodic evaluation
+runs on rank 0 on the gathered full weights. A plain process (no torchrun environment) runs none of this:
+self.root and self.ref_root are None and every collective helper is the identity.
 """
 from __future__ import annotations
 
@@ -42,20 +42,18 @@ from typing import Dict, Optional
 
 import torch
 
-from . import checkpoint as ckpt
-from . import checkpoint_dcp
 from . import distributed
 from . import objectives as obj
-from .config import Config, to_toml
+from . import trainer_state
+from .config import Config
 from .data import PromptStream, format_prompt, load_problems
-from .kernels import token_logprobs_no_grad, token_loss
 from .metrics import MetricsLogger, NoMetrics, reduce_rows, sample_records, step_metrics
-from .models import DTYPES, choose_device, empty_context_token, lm_head_weight, load_model, load_tokenizer
+from .models import DTYPES, choose_device, empty_context_token, load_model, load_tokenizer
 from .optim import make_optimizer
-from .packing import active_bins, bin_rows, pack, select_rows
+from .packing import pack, select_rows
+from .passes import BinPasses
 from .rollout import make_backend
-from .run import (NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming,
-                  set_aside_earlier_outputs)
+from .run import NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming
 from .schedule import Schedule
 from .rewards import from_config as reward_fn_from_config
 from .scoring import score
@@ -75,7 +73,7 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         check_startup(cfg, self.device, self.dist)
-        resume_from = self.dist.on_main(self._prepare_output_dir)
+        resume_from = self.dist.on_main(lambda: trainer_state.prepare_output_dir(self))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         random.seed(cfg.run.seed)
@@ -94,6 +92,10 @@ class Trainer:
             self.root = distributed.shard_model(self.model, **shard)
             if self.ref_model is not None:   # its own root, sharded like the policy, never given a gradient
                 self.ref_root = distributed.shard_model(self.ref_model, **shard)
+        passes = dict(dist=self.dist, empty_token=self.empty_token, temperature=cfg.rollout.temperature,
+                      impl=cfg.model.logprob_impl)
+        self.passes = BinPasses(self.model, self.root, **passes)
+        self.ref_passes = BinPasses(self.ref_model, self.ref_root, **passes) if self.ref_model is not None else None
         self.schedule = Schedule(cfg.schedule)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.cfg.optim)
         with naming("data.source", cfg.data.source):
@@ -104,7 +106,7 @@ class Trainer:
         self.step = 0                       # completed steps = the index of the next step
         self.last_checkpoint: Optional[Path] = None
         if resume_from is not None:
-            self._load_checkpoint(resume_from)   # restores the RNG states last
+            trainer_state.load(self, resume_from)   # restores the RNG states last
         self.evaluator = None   # rank 0's (the other ranks take part in gathering the weights only)
         if cfg.eval.every > 0:
             self.dist.on_main(self._make_evaluator)
@@ -126,16 +128,6 @@ class Trainer:
         from .periodic_eval import PeriodicEval
         self.evaluator = PeriodicEval(self.cfg, self.tok, self.out, run_reward_fn=self.reward_fn,
                                       start_step=self.step)
-
-    def _prepare_output_dir(self) -> Optional[Path]:
-        """The checkpoint to resume from (None: step 0); a fresh run sets earlier outputs aside. Rank 0 only."""
-        cfg = self.cfg
-        resume_from = ckpt.resume_point(self.ckpt_root, self.out, cfg.to_dict(), cfg.run.resume)
-        if resume_from is None:
-            set_aside_earlier_outputs(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(to_toml(cfg))
-        return resume_from
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:
@@ -178,12 +170,7 @@ class Trainer:
                         break
                 if status == "complete":
                     self._maybe_evaluate(total, write)
-                    if self.root is not None:
-                        checkpoint_dcp.save_final_sharded(self.model, self.tok, self.out, self.dist,
-                                                          merge_lora=self.cfg.run.merge_lora,
-                                                          plain_model=self._load_policy)
-                    else:
-                        ckpt.save_final(self.model, self.tok, self.out, merge_lora=self.cfg.run.merge_lora)
+                    trainer_state.save_final(self)
         except StepAbandoned as e:
             status = "abandoned"
             log.warning("%s again: abandoned step %d; newest checkpoint: %s", e, self.step,
@@ -261,11 +248,11 @@ class Trainer:
         loss_fn = obj.StepLoss.build(terms, {o.name: o.weight for o in phase.objectives}, resp_lens,
                                      row_sample=batch.row_sample, cond=batch.view_mask("cond"),
                                      behaviour=behaviour, algo=cfg.algo,
-                                     ref=self._reference_logp(batch) if use_kl else None,
+                                     ref=self.ref_passes.logp(batch) if use_kl else None,
                                      totals=self.dist.all_reduce_counts if self.dist.enabled else None)
 
         # --- backward: one forward per bin, fused log-prob + loss, gradients accumulate
-        loss, diag, entropy = self._backward(batch, loss_fn)
+        loss, diag, entropy = self.passes.backward(batch, loss_fn, entropy=cfg.logging.entropy)
 
         # --- step
         grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(
@@ -301,118 +288,10 @@ class Trainer:
             self.metrics.log_samples(self.step, [r for part in self.dist.gather_objects(records) for r in part])
         return m
 
-    def _backward(self, batch, loss_fn: obj.StepLoss):
-        """Forward + fused loss + backward, bin by bin; gradients accumulate in the model. Returns the summed
-        loss, the step's LossDiagnostics and the per-row entropy (R,) (None without logging.entropy)."""
-        cfg = self.cfg
-        entropy = torch.zeros(batch.rows.numel()) if cfg.logging.entropy else None
-        total, parts = 0.0, []
-
-        def on_rows(ridx):   # token_loss calls this per chunk of the bin's rows; i indexes into ridx
-            def fn(lp, i):
-                loss, diag = loss_fn(lp, ridx[i.cpu()])
-                parts.append(diag)
-                return loss
-            return fn
-
-        def bin_loss(b):   # fn(model) -> the loss of bin b and its entropy buffer; under FSDP2 run by the root
-            def fn(model):
-                ridx, h, targets = bin_rows(model, batch, b)
-                ent = torch.empty(ridx.numel(), device=h.device) if entropy is not None else None
-                loss = token_loss(h, lm_head_weight(model), targets, on_rows(ridx),
-                                  temperature=cfg.rollout.temperature, impl=cfg.model.logprob_impl, entropy_out=ent)
-                return ridx, loss, ent
-            return fn
-
-        self.model.train()
-        todo = active_bins(batch)
-        for k in range(self.dist.max_int(len(todo))):   # as many passes as the busiest process
-            if k >= len(todo):
-                self._idle_pass()
-                continue
-            ridx, loss, ent = self._on_model(bin_loss(todo[k]))
-            loss.backward()
-            total += loss.item()
-            if entropy is not None:   # from the loss's own vocabulary sweep: no second pass over the LM head
-                entropy[ridx] = ent.cpu()
-        return total, obj.LossDiagnostics.merge(parts, loss_fn.names), entropy
-
-    def _on_model(self, fn):
-        """fn(model): inside the FSDP2 root's forward under torchrun (its weights gathered for the call), else
-        called directly."""
-        return fn(self.model) if self.root is None else self.root(fn)
-
-    def _idle_pass(self) -> None:
-        """A forward + backward of one token whose loss is 0 x its log-prob: it adds exactly 0 to every gradient
-        and lets a process with fewer micro-batches than another take part in the same FSDP2 collectives."""
-        cfg = self.cfg
-        batch = self._one_token_batch()
-
-        def fn(model):
-            _, h, targets = bin_rows(model, batch, 0)
-            return token_loss(h, lm_head_weight(model), targets, lambda lp, i: lp * 0.0,
-                              temperature=cfg.rollout.temperature, impl=cfg.model.logprob_impl)
-        self._on_model(fn).backward()
-
-    def _one_token_batch(self):
-        e = self.empty_token
-        return pack([[e]], [[e]], cond=[True], empty_token=e, max_tokens=2)
-
-    @torch.no_grad()
-    def _reference_logp(self, batch) -> torch.Tensor:
-        """(R,) the reference model's log-probs of the packed rows, bin by bin (packing.active_bins). Under
-        torchrun inside the reference's FSDP2 root, with as many forwards as the busiest process (one-token
-        forwards where a process has fewer bins)."""
-        out, todo = torch.zeros(batch.rows.numel()), active_bins(batch)
-        passes = self.dist.max_int(len(todo))   # len(todo) in a plain process
-
-        def all_bins(model):
-            W = lm_head_weight(model)
-            for k in range(passes):
-                if k >= len(todo):
-                    bin_rows(model, self._one_token_batch(), 0)
-                    continue
-                ridx, h, targets = bin_rows(model, batch, todo[k])
-                out[ridx] = token_logprobs_no_grad(h, W, targets, temperature=self.cfg.rollout.temperature,
-                                                   impl=self.cfg.model.logprob_impl).logp.cpu()
-        if self.ref_root is None:
-            all_bins(self.ref_model)
-        else:
-            self.ref_root(all_bins)
-            self.ref_root.reshard()   # the root keeps its weights gathered after a forward
-        return out
-
     def _stop_message(self, report: str) -> str:
         return (f"{report}\n  newest checkpoint: {self.last_checkpoint or 'none'}; metrics of the earlier steps "
                 f"are in {self.out / 'metrics.jsonl'}")
 
-    # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Checkpoint of the state after `self.step` completed steps (see checkpoint.py for the contents)."""
-        import transformers
-
-        state = {"step": self.step, "phase": self.schedule.phase_at(self.step - 1)[1].name,
-                 "total_steps": self.schedule.total_steps, "data": self.stream.state_dict(),
-                 "schedule": self.schedule.state_dict(),
-                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
-        common = dict(model=self.model, tokenizer=self.tok, optimizer=self.optimizer, scheduler=self.scheduler,
-                      state=state, config=self.cfg.to_dict(), config_toml=to_toml(self.cfg),
-                      keep=self.cfg.run.keep_checkpoints)
-        if self.root is not None:
-            self.last_checkpoint = checkpoint_dcp.save_sharded_checkpoint(self.ckpt_root, self.step, dist=self.dist,
-                                                                          ref_model=self.ref_model, **common)
-        else:
-            self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, ref_model=self.ref_model,
-                                                        **common)
-        log.info("step %d: wrote %s", self.step, self.last_checkpoint)
-        return self.last_checkpoint
-
-    def _load_checkpoint(self, path: Path):
-        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     ref_model=self.ref_model)
-        self.step = int(state["step"])
-        self.stream.load_state_dict(state["data"])
-        self.schedule.load_state_dict(state.get("schedule"))   # absent in checkpoints of fixed schedules
-        ckpt.restore_rng(state["rng"])
-        self.last_checkpoint = path
-        log.info("resuming from %s: step %d of %d", path, self.step, self.schedule.total_steps)
+        """Checkpoint of the state after `self.step` completed steps (trainer_state.py, checkpoint.py)."""
+        return trainer_state.save(self)

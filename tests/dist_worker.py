@@ -65,15 +65,15 @@ class FixedRollout:
 
 
 def spy_on_head(seen: list) -> None:
-    """Records weight.requires_grad of every fused-op call of the trainer (the real token_loss runs)."""
-    import fastprerl.trainer as trainer_module
+    """Records weight.requires_grad of every fused-op call of the training passes (the real token_loss runs)."""
+    import fastprerl.passes as passes_module
 
-    real = trainer_module.token_loss
+    real = passes_module.token_loss
 
     def token_loss(hidden, weight, *args, **kwargs):
         seen.append(bool(weight.requires_grad))
         return real(hidden, weight, *args, **kwargs)
-    trainer_module.token_loss = token_loss
+    passes_module.token_loss = token_loss
 
 
 def spy_on_step(tr, with_grad: list) -> None:

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 import fastprerl.objectives as objectives
 import fastprerl.trainer as trainer_mod
 from fastprerl import checkpoint as ckpt
+from fastprerl import trainer_state
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.models import tiny_config
@@ -178,15 +179,15 @@ def test_config_changes_allow_logging_and_refuse_model_or_schedule():
                                   "optim.offload_optimizer_state=true", "eval.every=5", "eval.k=2",
                                   "rollout.vllm_gpu_memory_utilization=0.5", "rollout.vllm_enforce_eager=true",
                                   "rollout.vllm_sleep=false"]).to_dict()
-    assert ckpt.config_changes(base, harmless) == []
+    assert trainer_state.config_changes(base, harmless) == []
     # vllm_max_model_len can cut responses short, so it is part of what the run samples
     changed = load_config(TINY, ["model.path=builtin:tiny-qwen2", "optim.lr=0.5", "run.seed=1",
                                  "rollout.vllm_max_model_len=64"]).to_dict()
-    assert [k for k, _, _ in ckpt.config_changes(base, changed)] == ["model.path", "optim.lr",
+    assert [k for k, _, _ in trainer_state.config_changes(base, changed)] == ["model.path", "optim.lr",
                                                                        "rollout.vllm_max_model_len", "run.seed"]
     schedule = json.loads(json.dumps(base))
     schedule["schedule"]["phases"][0]["steps"] = 7
-    assert [k for k, _, _ in ckpt.config_changes(base, schedule)] == ["schedule.phases"]
+    assert [k for k, _, _ in trainer_state.config_changes(base, schedule)] == ["schedule.phases"]
 
 
 def test_a_key_added_to_the_schema_after_a_checkpoint_counts_as_its_default():
@@ -198,9 +199,9 @@ def test_a_key_added_to_the_schema_after_a_checkpoint_counts_as_its_default():
     old = json.loads(json.dumps(current))
     del old["model"]["lora"]
     defaults = Config().to_dict()
-    assert ckpt.config_changes(old, current, defaults=defaults) == []
+    assert trainer_state.config_changes(old, current, defaults=defaults) == []
     lora_on = load_config(TINY, ["model.lora.r=8"]).to_dict()
-    assert ckpt.config_changes(old, lora_on, defaults=defaults) == [("model.lora.r", 0, 8)]
+    assert trainer_state.config_changes(old, lora_on, defaults=defaults) == [("model.lora.r", 0, 8)]
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -404,7 +404,7 @@ def test_lora_run_writes_final_as_a_plain_lora_run_and_resumes_exactly(lora_two,
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    import fastprerl.eval_data as ed
+    import fastprerl.eval_model as ed
     from fastprerl.models import load_model
 
     final = lora_two / "final"
@@ -452,7 +452,7 @@ def kl_two(tmp_path_factory):
 def test_kl_reference_is_checkpointed_and_a_resume_after_the_switch_is_exact(kl_two, tmp_path, one_torch_thread):
     import torch.distributed.checkpoint as dcp
 
-    import fastprerl.eval_data as ed
+    import fastprerl.eval_model as ed
     from fastprerl.config import load_config
     from fastprerl.trainer import Trainer
 
@@ -486,7 +486,7 @@ def eval_two(tmp_path_factory):
 
 def test_periodic_eval_under_torchrun_equals_one_process_on_the_same_weights(eval_two, tmp_path, one_torch_thread):
     """The independent reference: PeriodicEval in this plain process on the step-0 weights and on final/."""
-    import fastprerl.eval_data as ed
+    import fastprerl.eval_model as ed
     from fastprerl.config import load_config
     from fastprerl.models import load_model, load_tokenizer
     from fastprerl.periodic_eval import PeriodicEval
@@ -508,7 +508,7 @@ def test_periodic_eval_under_torchrun_equals_one_process_on_the_same_weights(eva
 
 
 def test_eval_reads_a_torchrun_run_without_final_from_its_dcp_checkpoint(eval_two, tmp_path):
-    import fastprerl.eval_data as ed
+    import fastprerl.eval_model as ed
 
     out = tmp_path / "run"
     shutil.copytree(eval_two, out)

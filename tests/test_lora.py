@@ -17,7 +17,6 @@ from fastprerl.config import ConfigError, load_config
 from fastprerl.kernels import token_logprobs_no_grad
 from fastprerl.models import load_model
 from fastprerl.packing import bins, pack
-from fastprerl.trainer import Trainer
 from test_checkpoint import metric_rows as rows, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +182,7 @@ def test_eval_resolves_a_lora_run_directory_to_its_base_and_adapter(lora_run, tm
     import json
     import shutil
 
-    from fastprerl import eval_data as ed
+    from fastprerl import eval_model as ed
     t, run = lora_run
     r = ed.resolve_model(str(run))
     assert (r.spec, r.adapter, r.base_seed, r.run_dir) == ("builtin:tiny-llama", str(run / "final"), 0, run)

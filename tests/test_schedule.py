@@ -1,6 +1,5 @@
 """The schedule: fixed phases, and the adaptive switch rule (fastprerl/schedule.py) on hand-made signal
 sequences, in a real tiny run, and across a resume."""
-import dataclasses
 import json
 import signal
 
@@ -10,7 +9,7 @@ from fastprerl import checkpoint as ckpt
 from fastprerl.config import AdaptiveSwitchConfig, ConfigError, ObjectiveConfig, PhaseConfig, ScheduleConfig, \
     load_config
 from fastprerl.schedule import Schedule
-from test_checkpoint import FAST, _signal_at_step, metric_rows, phases_config, run_in_process
+from test_checkpoint import _signal_at_step, metric_rows, phases_config, run_in_process
 
 SIG = "logp/free_mean"
 

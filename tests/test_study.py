@@ -73,7 +73,7 @@ def test_study_runs_arms_per_seed_and_writes_the_report(tmp_path, one_torch_thre
     g0, g1 = (study["arms"]["grpo"][s]["eval_avg"][-1] for s in ("0", "1"))
     d0 = study["arms"]["dsrl"]["0"]["eval_avg"][-1]
     mean = (g0 + g1) / 2
-    for needle in (f"| grpo | 2 | ", f"{mean:.3f} [{min(g0, g1):.3f}, {max(g0, g1):.3f}]",
+    for needle in ("| grpo | 2 | ", f"{mean:.3f} [{min(g0, g1):.3f}, {max(g0, g1):.3f}]",
                    f"| 0 | {g0:.3f} | {d0:.3f} | {d0 - g0:+.3f} |", "## Where the adaptive switch fell",
                    "## Gradient alignment", "study/RESULTS/compare.png", "study/RESULTS/dsrl_seed0.png"):
         assert needle in text, needle

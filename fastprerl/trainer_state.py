@@ -1,0 +1,156 @@
+"""A Trainer's state on disk: the output folder at start, the checkpoints, the resume and the final model.
+
+A checkpoint holds everything the loop carries from one step to the next (checkpoint.py lists the contents),
+so a resumed run is bit-identical on CPU to one that never stopped. Under torchrun (the trainer's FSDP2 root
+is set) checkpoints and the final model are DCP / gathered by checkpoint_dcp.py; a plain process writes
+checkpoint.py's format. Every function takes the Trainer and reads or sets its fields.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import checkpoint as ckpt
+from . import checkpoint_dcp
+from .config import Config, to_toml
+from .run import set_aside_earlier_outputs
+
+log = logging.getLogger("fastprerl")
+
+
+# Keys that may change when a run is resumed: where and how fast it runs, what it logs and evaluates.
+# Everything else (model, data, rollout sampling, rewards, objectives, schedule, optimizer hyperparameters,
+# seed) defines the run and must match the checkpoint. rollout.vllm_max_model_len is not listed: the engine
+# stops a response at that many prompt + response tokens, so it can change what is sampled. A trailing "."
+# is a whole section.
+RESUME_MAY_CHANGE = (
+    "run.output_dir", "run.resume", "run.device", "run.threads", "run.checkpoint_every", "run.keep_checkpoints",
+    "logging.", "eval.", "reward.workers", "rollout.generation_batch_size", "rollout.vllm_gpu_memory_utilization",
+    "rollout.vllm_enforce_eager", "rollout.vllm_sleep", "optim.max_tokens_per_microbatch",
+    "optim.offload_optimizer_state", "model.logprob_impl", "model.attn_implementation",
+    "model.gradient_checkpointing", "run.merge_lora", "dist.",
+)
+
+# ---------------------------------------------------------------------------------------------- config check
+def _flatten(d: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(saved: Dict, current: Dict, defaults: Optional[Dict] = None) -> List[Tuple[str, object, object]]:
+    """(key, saved value, current value) of every key that differs and may not change on resume. A key the
+    saved config lacks (one added to the schema after it was written) counts as its value in `defaults`."""
+    a = _flatten(json.loads(json.dumps(defaults or {})))
+    a.update(_flatten(json.loads(json.dumps(saved))))
+    b = _flatten(json.loads(json.dumps(current)))
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, "<unset>") == b.get(k, "<unset>"):
+            continue
+        if any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_MAY_CHANGE):
+            continue
+        out.append((k, a.get(k, "<unset>"), b.get(k, "<unset>")))
+    return out
+
+
+def check_resume_config(path: Path, current: Dict) -> None:
+    """Refuses (checkpoint.ResumeError) to resume checkpoint `path` with a config that changes what the run is."""
+    changes = config_changes(ckpt.saved_config(path), current, defaults=Config().to_dict())
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+        raise ckpt.ResumeError(
+            f"cannot resume from {path}: the config changes {listed}. A resumed run must keep the model, data, "
+            f"rollout, reward, algorithm, optimizer and schedule settings; only "
+            f"{', '.join(s + '*' if s.endswith('.') else s for s in RESUME_MAY_CHANGE)} may change. Start a new "
+            f"run.output_dir to train with a different config.")
+
+
+# ---------------------------------------------------------------------------------------------- a run's start
+def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Optional[Path]:
+    """The checkpoint a run continues from (run.resume), checked against its config (a dict); None: step 0.
+    A fresh run (resume False) into a folder that holds checkpoints is refused; damaged checkpoints newer
+    than the one resumed are moved aside to <name>.corrupt."""
+    existing = ckpt.list_checkpoints(root)
+    if not resume:
+        if existing:
+            raise ckpt.ResumeError(
+                f"run.output_dir {str(output_dir)!r} already holds checkpoints (newest: {existing[0][1].name}); "
+                f"pass --resume (run.resume = true) to continue that run, or choose another run.output_dir")
+        return None
+    path, skipped = ckpt.find_latest_valid(root)
+    if path is None:
+        if skipped:
+            raise ckpt.ResumeError(f"no complete checkpoint in {root}: "
+                              + "; ".join(f"{p.name}: {why}" for p, why in skipped))
+        log.info("no checkpoint in %s yet; starting at step 0", root)
+        return None
+    check_resume_config(path, config)
+    for p, _ in skipped:  # set aside, so that they are neither verified again nor counted as the newest
+        aside = p.with_name(p.name + ".corrupt")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "_")
+        os.replace(p, aside)
+        log.warning("moved the damaged checkpoint %s to %s", p, aside)
+    return path
+
+
+def prepare_output_dir(tr) -> Optional[Path]:
+    """The checkpoint to resume from (None: step 0); a fresh run sets earlier outputs aside. Rank 0 only."""
+    cfg = tr.cfg
+    resume_from = resume_point(tr.ckpt_root, tr.out, cfg.to_dict(), cfg.run.resume)
+    if resume_from is None:
+        set_aside_earlier_outputs(tr.out)
+    tr.out.mkdir(parents=True, exist_ok=True)
+    (tr.out / "config.toml").write_text(to_toml(cfg))
+    return resume_from
+
+
+def save(tr) -> Path:
+    """Checkpoint of the state after `tr.step` completed steps; sets and returns tr.last_checkpoint."""
+    import transformers
+
+    state = {"step": tr.step, "phase": tr.schedule.phase_at(tr.step - 1)[1].name,
+             "total_steps": tr.schedule.total_steps, "data": tr.stream.state_dict(),
+             "schedule": tr.schedule.state_dict(),
+             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    common = dict(model=tr.model, tokenizer=tr.tok, optimizer=tr.optimizer, scheduler=tr.scheduler,
+                  state=state, config=tr.cfg.to_dict(), config_toml=to_toml(tr.cfg),
+                  keep=tr.cfg.run.keep_checkpoints)
+    if tr.root is not None:
+        tr.last_checkpoint = checkpoint_dcp.save_sharded_checkpoint(tr.ckpt_root, tr.step, dist=tr.dist,
+                                                                    ref_model=tr.ref_model, **common)
+    else:
+        tr.last_checkpoint = ckpt.save_checkpoint(tr.ckpt_root, tr.step, ref_model=tr.ref_model, **common)
+    log.info("step %d: wrote %s", tr.step, tr.last_checkpoint)
+    return tr.last_checkpoint
+
+
+def load(tr, path: Path) -> None:
+    """Restores the trainer from the checkpoint at `path` (the RNG states last)."""
+    state = ckpt.load_checkpoint(path, model=tr.model, optimizer=tr.optimizer, scheduler=tr.scheduler,
+                                 ref_model=tr.ref_model)
+    tr.step = int(state["step"])
+    tr.stream.load_state_dict(state["data"])
+    tr.schedule.load_state_dict(state.get("schedule"))   # absent in checkpoints of fixed schedules
+    ckpt.restore_rng(state["rng"])
+    tr.last_checkpoint = path
+    log.info("resuming from %s: step %d of %d", path, tr.step, tr.schedule.total_steps)
+
+
+def save_final(tr) -> None:
+    """<output_dir>/final (and final_merged/ for LoRA with run.merge_lora)."""
+    if tr.root is not None:
+        checkpoint_dcp.save_final_sharded(tr.model, tr.tok, tr.out, tr.dist, merge_lora=tr.cfg.run.merge_lora,
+                                          plain_model=tr._load_policy)
+    else:
+        ckpt.save_final(tr.model, tr.tok, tr.out, merge_lora=tr.cfg.run.merge_lora)
