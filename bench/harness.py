@@ -91,24 +91,12 @@ class Case:
 # kernels import (works installed, and from a bare checkout with PYTHONPATH=.)
 # ----------------------------------------------------------------------------------------------
 def import_kernels():
-    """`fastprerl.kernels`, also from a checkout that is not pip-installed (kernels/ is mapped to
-    fastprerl.kernels by the package metadata; without installation it is loaded from its folder)."""
-    try:
-        import fastprerl.kernels as k
-        return k
-    except ImportError:
-        pass
+    """`fastprerl.kernels`, installed or from a bare checkout (PYTHONPATH=. or not): the package finds the
+    top-level kernels/ folder itself, so only the checkout has to be importable."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    import fastprerl
-    spec = importlib.util.spec_from_file_location(
-        "fastprerl.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fastprerl.kernels"] = mod
-    spec.loader.exec_module(mod)
-    fastprerl.kernels = mod
-    return mod
+    import fastprerl.kernels as k
+    return k
 
 
 # ----------------------------------------------------------------------------------------------

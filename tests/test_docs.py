@@ -30,7 +30,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_ci_runs_the_triton36_compile_check_then_the_vllm_tests_after_the_main_suite():
-    lines = _ci_lines()
+    lines = [ln for ln in _ci_lines() if ln.startswith("bash ") or "python -m pytest" in ln]
     main = next(i for i, ln in enumerate(lines) if "python -m pytest" in ln)
     assert lines[main + 1:] == ["bash tests/triton36_env.sh", "bash tests/vllm_env.sh"]
     assert (ROOT / "tests" / "vllm_env.sh").is_file() and (ROOT / "tests" / "triton36_env.sh").is_file()
@@ -48,7 +48,8 @@ def _exe(path: Path, body: str) -> None:
 
 
 def _run_ci(tmp_path: Path, failing: str = "", failing_script: str = ""):
-    """The real .ci/run, in a copy of its folder layout, with `pip` and `python` on PATH and the two CI scripts
+    """The real .ci/run, in a copy of its folder layout, with `python3` (which builds a stand-in venv whose
+    `activate` changes nothing), `pip` and `python` on PATH and the two CI scripts
     (tests/triton36_env.sh, tests/vllm_env.sh) replaced by stand-ins that record their call; the pip / python
     call whose arguments contain `failing`, and the script named `failing_script`, exit 1 after recording.
     Returns (the finished process, the recorded calls)."""
@@ -64,6 +65,8 @@ def _run_ci(tmp_path: Path, failing: str = "", failing_script: str = ""):
     fail = f'case "$*" in *{failing}*) exit 1;; esac\n' if failing else ""
     _exe(bin_dir / "pip", f'echo "pip $*" >> "{log}"\n{fail}')
     _exe(bin_dir / "python", f'echo "python $*" >> "{log}"\n{fail}')
+    _exe(bin_dir / "python3", f'echo "python3 $*" >> "{log}"\n'
+         'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && : > "$3/bin/activate"; fi\n')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True, text=True,
                           timeout=60)
@@ -85,7 +88,10 @@ def test_ci_reaches_the_vllm_tests_when_every_step_succeeds(tmp_path):
     """The control for the test above: the same stand-ins, none failing, run every step in order."""
     proc, calls = _run_ci(tmp_path)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
-    assert [c.split()[0] for c in calls] == ["pip", "pip", "pip", "python", "triton36_env", "vllm_env"]
+    assert [c.split()[0] for c in calls] == ["python3", "python", "pip", "pip", "pip", "python", "python",
+                                             "triton36_env", "vllm_env", "python", "pip"]
+    assert calls[0].startswith("python3 -m venv ") and calls[-1].startswith("pip freeze")
+    assert (tmp_path / "requirements" / "tested.txt").is_file()
 
 
 def test_ci_exits_nonzero_when_the_triton36_compile_check_fails(tmp_path):
