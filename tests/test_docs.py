@@ -1,5 +1,6 @@
 """The README's quick-start commands stay true to what CI runs, and CI fails when any of their steps fails."""
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -40,6 +41,45 @@ def test_readme_main_command_runs_the_shipped_dsrl_config():
     readme = (ROOT / "README.md").read_text()
     assert "fastprerl train configs/dsrl.toml" in readme
     assert (ROOT / "configs" / "dsrl.toml").exists()
+
+
+_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(md: Path) -> set:
+    """GitHub's heading ids of a markdown file: lower case, punctuation but - and _ dropped, spaces -> -,
+    a repeated id gets -1, -2, ..."""
+    seen, out = {}, set()
+    for ln in _FENCE.sub("", md.read_text()).splitlines():
+        m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", ln)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).replace("`", "").lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    """Every relative link (and image) in README.md and docs/*.md names a file that exists, and its #anchor,
+    if any, a heading of that file."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    bad, n = [], 0
+    for page in pages:
+        text = re.sub(r"`[^`\n]*`", "", _FENCE.sub("", page.read_text()))
+        for target in _LINK.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+                continue
+            n += 1
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                bad.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                bad.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert n > 20 and not bad, bad
 
 
 def _exe(path: Path, body: str) -> None:
