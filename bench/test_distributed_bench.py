@@ -17,7 +17,7 @@ process tree (torchrun's agent and every rank), sampled every 0.2 s.
 
 Results: printed, appended to bench/results/distributed.jsonl, written to bench/results/distributed_cpu.md.
 Nothing is asserted about speed (2 ranks on 2 cores are not expected to be faster: the point of the
-distributed path is that its step is exact, tests/test_distributed.py); every case must finish and write one
+distributed path is that its step is exact, tests/integration/test_distributed.py); every case must finish and write one
 metrics row per step with the expected dist/world_size.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ and accumulate d_h = dz @ W and d_W = dz^T @ h.
 Inputs per row (fp32, contiguous): lse, E_p[z] (entropy only), g_lp, c = g_lse - g_lp, g_ent (entropy
 only). d_h (M, H) and d_W (V, H) are fp32, contiguous and zero-initialised.
 
-What the SASS of the fast backward shows (bf16, 128 x 128 tiles, Qwen3-4B head; tests/triton_compile_check.py):
+What the SASS of the fast backward shows (bf16, 128 x 128 tiles, Qwen3-4B head; tools/triton_compile_check.py):
 sm_90: 20 wgmma (HGMMA.64) for the logits tile and the two gradient products, the bf16 dz tile passed to the
 gradient wgmma through shared memory (STSM / LDSM), operands by 16-byte cp.async, 112 KB of shared memory,
 no spills. sm_80: HMMA.16816.F32.BF16 with ldmatrix, no spills at block_k = 32 (at 64, with entropy, 4 spill

@@ -1,6 +1,6 @@
 """Launch configuration of the Triton kernels: block sizes, warps and pipeline stages per kernel, dtype and
 GPU architecture (no autotuning: `@triton.autotune` does not run under the interpreter, and a fixed choice
-can be compiled and checked for every target in CI, see tests/test_triton_compile.py).
+can be compiled and checked for every target in CI, see tests/integration/test_triton_compile.py).
 
 Kinds: "fwd" (kernels/triton_forward.py), "fwd_expect" (the same kernel with HAS_EXPECT: the frozen-head
 forward, which also accumulates E_p[W]), "bwd" (the atomic backward), "bwd_dh" / "bwd_dw" (the
@@ -50,7 +50,7 @@ class KernelConfig:
 # (block_m, block_n, block_k, num_stages) per (architecture family, 16-bit operands?, kind); 8 warps.
 # Few rows (M <= 16) take 16-row tiles with 4 warps and block_k <= 32 instead (16-row tiles use mma.sync on
 # both targets; at block_k = 64 the sm_80 fast backward spilled 204 instructions, the sm_90 d_W kernel 2).
-# Chosen by compiling every kernel for sm_90 and sm_80 with Triton 3.6 and 3.9 (tests/test_triton_compile.py
+# Chosen by compiling every kernel for sm_90 and sm_80 with Triton 3.6 and 3.9 (tests/integration/test_triton_compile.py
 # prints registers / shared memory / spills per configuration): no 16-bit kernel spills on either target.
 # fp32 operands take the exact IEEE dot (FFMA, no tensor cores); block_k = 16 keeps its operand tiles small
 # enough that the fp32 kernels spill at most a few registers (at block_k = 32 the sm_80 fast backward

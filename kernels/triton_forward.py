@@ -21,7 +21,7 @@ that the program owns (read-modify-write per K slice, as the deterministic d_h k
 what to measure first on a GPU). E_p[W] = sum_s exp(m_s - lse) A_s, after the launch.
 
 What the SASS shows (compiled without a GPU for sm_90 and sm_80, Triton 3.9 and 3.6, bf16 at the Qwen3-4B
-head, M = 16384; tests/triton_compile_check.py): on sm_90 the 128-row tile runs on wgmma (HGMMA.64, async
+head, M = 16384; tools/triton_compile_check.py): on sm_90 the 128-row tile runs on wgmma (HGMMA.64, async
 behind WARPGROUP.ARRIVE / DEPBAR) with both operands staged by 16-byte cp.async (LDGSTS.E.BYPASS.128) in a
 3-stage pipeline, 96 KB of shared memory, no spills (183 registers, 255 with entropy). 16-row tiles (M <= 16)
 use mma.sync (wgmma needs 64 rows per warpgroup). On sm_80: HMMA.16816.F32.BF16 fed by ldmatrix from shared

@@ -62,7 +62,7 @@ def compute_operands(h: torch.Tensor, weight: torch.Tensor):
 
 @dataclass
 class Launch:
-    """One kernel launch, fully described: the compile check (tests/triton_compile_check.py) builds the
+    """One kernel launch, fully described: the compile check (tools/triton_compile_check.py) builds the
     same objects on meta tensors and compiles `kernel` with the specialisations a launch of `args` gets."""
     kernel: Any
     grid: Tuple[int, ...]

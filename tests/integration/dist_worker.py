@@ -1,7 +1,7 @@
-"""One training step from fixed rollouts, as a plain process or under torchrun, for tests/test_distributed.py.
+"""One training step from fixed rollouts, as a plain process or under torchrun, for tests/integration/test_distributed.py.
 
-`python tests/dist_worker.py OUT [CASE ...]` (one plain process) or `torchrun --nproc_per_node=2
-tests/dist_worker.py OUT [CASE ...]`: for each case (default: GRPO, NSR-PreRL, a phase mixing both; also
+`python tests/integration/dist_worker.py OUT [CASE ...]` (one plain process) or `torchrun --nproc_per_node=2
+tests/integration/dist_worker.py OUT [CASE ...]`: for each case (default: GRPO, NSR-PreRL, a phase mixing both; also
 "lora", "kl", "offload": the mixed phase with LoRA, GRPO with a KL reference model, the mixed phase with
 dist.cpu_offload) a fresh Trainer from the same seed takes one step on the same rollouts and rank 0 writes
 OUT/<case>.pt with the metrics row, the full updated weights, the names of the parameters that had a gradient
@@ -33,7 +33,7 @@ from fastprerl.config import load_config
 from fastprerl.rollout.base import RolloutBatch
 from fastprerl.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MIXED = (("grpo", 0.5), ("nsr_prerl", 1.0))
 CASES = {"grpo": ((("grpo", 1.0),), []), "nsr_prerl": ((("nsr_prerl", 1.0),), []), "mixed": (MIXED, []),
          "lora": (MIXED, ["model.lora.r=4", "model.lora.alpha=8", "optim.eps=1e-2"]),

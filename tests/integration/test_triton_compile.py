@@ -1,7 +1,7 @@
 """Every Triton kernel of kernels/ compiles for sm_90 (H100/H200) and sm_80 (A100) in every configuration the
 launchers choose at real model shapes, within the target's shared memory, and without register spills in the
-16-bit kernels (and few in the fp32 ones) (tests/triton_compile_check.py does the work; no GPU is needed: Triton's ptxas builds the
-cubin). CI runs this file with the system Triton and, through tests/triton36_env.sh, with Triton 3.6 (what
+16-bit kernels (and few in the fp32 ones) (tools/triton_compile_check.py does the work; no GPU is needed: Triton's ptxas builds the
+cubin). CI runs this file with the system Triton and, through tools/triton36_env.sh, with Triton 3.6 (what
 the GPU machines have)."""
 import importlib.util
 import json
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "tools"
+sys.path.insert(0, str(TOOLS))
 import triton_compile_check as C  # noqa: E402
 
 # The compiles run in fresh processes: this one has imported triton under the interpreter (tests/conftest.py).
@@ -44,7 +45,7 @@ def _run(cmd, timeout):
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
@@ -52,7 +53,7 @@ def _env():
 def compiled(tmp_path_factory):
     """The check's rows, from a fresh process (this one may have imported triton under the interpreter)."""
     out = tmp_path_factory.mktemp("compile") / "rows.json"
-    res = _run([sys.executable, str(HERE / "triton_compile_check.py"), "--json", str(out)], timeout=1150)
+    res = _run([sys.executable, str(TOOLS / "triton_compile_check.py"), "--json", str(out)], timeout=1150)
     assert out.exists(), res.stdout[-4000:] + res.stderr[-4000:]
     return json.loads(out.read_text()), res
 
@@ -105,7 +106,7 @@ def test_the_check_fails_on_a_spilling_configuration():
                                 KernelConfig(256, 128, 64, num_warps=4, num_stages=3))
         spec = C._spec(launch, 80)
         print(json.dumps({"spec": spec, **C.compile_one(spec)}))
-    """ % str(HERE)
+    """ % str(TOOLS)
     res = _run([sys.executable, "-c", script], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     compiled_row = json.loads(res.stdout.strip().splitlines()[-1])

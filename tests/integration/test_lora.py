@@ -17,10 +17,10 @@ from fastprerl.config import ConfigError, load_config
 from fastprerl.kernels import token_logprobs_no_grad
 from fastprerl.models import load_model
 from fastprerl.packing import bins, pack
-from test_checkpoint import metric_rows as rows, run_in_process
+from runs import metric_rows as rows, run_in_process
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]   # the support modules (fake_rewards, ...)
 TINY = ROOT / "configs" / "tiny.toml"
 # parity rewards (non-zero advantages), a KL reference model and the view gap: every part of the loss is live
 FAST = ["model.lora.r=8", "reward.fn=fake_rewards:parity_reward", "run.threads=1", "run.checkpoint_every=1",

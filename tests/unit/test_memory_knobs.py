@@ -1,20 +1,18 @@
 """Memory knobs of the single-GPU mode: optimizer-state offload and gradient checkpointing give the same
 training as without them (CPU, fp32)."""
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastprerl.config import load_config
 from fastprerl.models import load_model
 from fastprerl.optim import CPUOffloadAdamW
 from fastprerl.kernels import token_loss
 from fastprerl.models import lm_head_weight
 from fastprerl.packing import bins, pack
-from fastprerl.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
@@ -48,25 +46,6 @@ def test_offloaded_adamw_equals_adamw_step_for_step():
     again.load_state_dict(off.state_dict())
     assert torch.equal(again.state[again.param_groups[0]["params"][0]]["exp_avg"],
                        off.state[off.param_groups[0]["params"][0]]["exp_avg"])
-
-
-@pytest.mark.usefixtures("one_torch_thread")
-def test_trainer_with_offloaded_optimizer_state_trains_identically(tmp_path):
-    def run(name, *extra):
-        cfg = load_config(TINY, [f"run.output_dir={tmp_path / name}", "reward.fn=fake_rewards:parity_reward",
-                                 "logging.console=false", *extra])
-        t = Trainer(cfg)
-        t.train()
-        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return t, rows
-
-    t1, rows1 = run("resident")
-    t2, rows2 = run("offload", "optim.offload_optimizer_state=true")
-    assert isinstance(t2.optimizer, CPUOffloadAdamW)
-    assert sum(r["train/rows"] > 0 for r in rows1) >= 2, "at least two optimizer steps must have been taken"
-    assert [r["loss/policy"] for r in rows1] == [r["loss/policy"] for r in rows2]
-    for p, q in zip(t1.model.parameters(), t2.model.parameters()):
-        assert torch.equal(p, q)
 
 
 def _layer_calls(model):

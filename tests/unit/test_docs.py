@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ci_lines():
@@ -33,8 +33,8 @@ def test_ci_runs_the_readme_test_command():
 def test_ci_runs_the_triton36_compile_check_then_the_vllm_tests_after_the_main_suite():
     lines = [ln for ln in _ci_lines() if ln.startswith("bash ") or "python -m pytest" in ln]
     main = next(i for i, ln in enumerate(lines) if "python -m pytest" in ln)
-    assert lines[main + 1:] == ["bash tests/triton36_env.sh", "bash tests/vllm_env.sh"]
-    assert (ROOT / "tests" / "vllm_env.sh").is_file() and (ROOT / "tests" / "triton36_env.sh").is_file()
+    assert lines[main + 1:] == ["bash tools/triton36_env.sh", "bash tools/vllm_env.sh"]
+    assert (ROOT / "tools" / "vllm_env.sh").is_file() and (ROOT / "tools" / "triton36_env.sh").is_file()
 
 
 def test_readme_main_command_runs_the_shipped_dsrl_config():
@@ -90,15 +90,15 @@ def _exe(path: Path, body: str) -> None:
 def _run_ci(tmp_path: Path, failing: str = "", failing_script: str = ""):
     """The real .ci/run, in a copy of its folder layout, with `python3` (which builds a stand-in venv whose
     `activate` changes nothing), `pip` and `python` on PATH and the two CI scripts
-    (tests/triton36_env.sh, tests/vllm_env.sh) replaced by stand-ins that record their call; the pip / python
+    (tools/triton36_env.sh, tools/vllm_env.sh) replaced by stand-ins that record their call; the pip / python
     call whose arguments contain `failing`, and the script named `failing_script`, exit 1 after recording.
     Returns (the finished process, the recorded calls)."""
     (tmp_path / ".ci").mkdir()
-    (tmp_path / "tests").mkdir()
+    (tmp_path / "tools").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     log = tmp_path / "calls.log"
     for name in ("triton36_env", "vllm_env"):
-        _exe(tmp_path / "tests" / f"{name}.sh",
+        _exe(tmp_path / "tools" / f"{name}.sh",
              f'echo {name} >> "{log}"\n' + ("exit 1\n" if name == failing_script else ""))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -135,7 +135,7 @@ def test_ci_reaches_the_vllm_tests_when_every_step_succeeds(tmp_path):
 
 
 def test_ci_exits_nonzero_when_the_triton36_compile_check_fails(tmp_path):
-    """A failing tests/triton36_env.sh (a kernel that does not compile, or spills, under Triton 3.6) stops CI."""
+    """A failing tools/triton36_env.sh (a kernel that does not compile, or spills, under Triton 3.6) stops CI."""
     proc, calls = _run_ci(tmp_path, failing_script="triton36_env")
     assert proc.returncode != 0, (proc.stdout, proc.stderr, calls)
     assert calls[-1] == "triton36_env" and "vllm_env" not in calls

@@ -11,7 +11,7 @@ from fastprerl.cli import main
 from fastprerl.study import arm_phases
 from fastprerl.study_report import cell, moving_average, paired, steps_to_reach
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_steps_to_reach_uses_full_trailing_windows():

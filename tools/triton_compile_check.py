@@ -14,8 +14,8 @@ kernel's metadata, what a launch requests), local-memory spill instructions (STL
 cuobjdump -sass), and which matrix and load instructions the SASS uses (HGMMA = wgmma, HMMA = mma.sync,
 LDGSTS = cp.async, LDG.E.128 = 16-byte loads, UTMALDG = TMA).
 
-    python tests/triton_compile_check.py [--arch 90,80] [--json out.json] [--jobs 2]
-tests/test_triton_compile.py runs it (with the system Triton, and in tests/triton36_env.sh with 3.6).
+    python tools/triton_compile_check.py [--arch 90,80] [--json out.json] [--jobs 2]
+tests/integration/test_triton_compile.py runs it (with the system Triton, and in tools/triton36_env.sh with 3.6).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Two vLLM engines under torchrun, one per rank, fed from FSDP2 shards: the worker of the torchrun tests in
-tests/test_vllm_backend.py (run in the vLLM environment of tests/vllm_env.sh).
+tests/integration/test_vllm_backend.py (run in the vLLM environment of tools/vllm_env.sh).
 
-`torchrun --standalone --nproc_per_node=2 tests/vllm_dist_worker.py MODEL_DIR OUT`: every rank loads the
+`torchrun --standalone --nproc_per_node=2 tests/integration/vllm_dist_worker.py MODEL_DIR OUT`: every rank loads the
 model, shards it with FSDP2 (distributed.shard_model, as the trainer does) and builds its own engine
 (VLLMRollout); then, with the same prompts on both ranks,
 - samples twice after re-seeding from the same step seed (distributed.Dist.seed_step),

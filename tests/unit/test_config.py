@@ -6,7 +6,7 @@ import pytest
 from fastprerl.cli import main
 from fastprerl.config import ConfigError, config_from_dict, load_config, to_toml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "configs").glob("*.toml"))
 
 

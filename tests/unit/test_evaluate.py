@@ -11,7 +11,7 @@ from fastprerl import evaluate as ev
 from fastprerl.cli import main
 from fastprerl.metrics import behaviour_counts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")

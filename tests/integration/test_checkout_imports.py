@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -54,7 +54,7 @@ def test_python_m_fastprerl_help():
 
 
 def test_python_m_pytest_on_a_small_test_file():
-    p = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_torch_kernels.py"],
+    p = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/test_torch_kernels.py"],
             timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert " passed" in p.stdout.strip().splitlines()[-1]
