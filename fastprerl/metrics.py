@@ -123,6 +123,10 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+            # wandb >= 0.31 can return from finish() before its service has written the run's rows (an offline
+            # .wandb file then holds only its header); teardown waits for the service
+            import wandb
+            wandb.teardown()
 
 
 def _wandb_run(out_dir: Path, project: str, run_config: Optional[Dict], resume: bool):
