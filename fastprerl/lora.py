@@ -55,17 +55,6 @@ def load_adapter(model, folder: Path) -> None:
                          f"model.lora settings?")
 
 
-def save_merged(model, tokenizer, folder: Path) -> None:
-    """The base with the adapters folded in (W + B A * alpha / r), as a plain Hugging Face model; `model`
-    itself is left unchanged (the merge runs on a copy)."""
-    import copy
-
-    from .checkpoint import save_model
-
-    merged = copy.deepcopy(model).merge_and_unload()
-    save_model(merged, tokenizer, folder)
-
-
 def lora_module_names(model) -> list:
     """Names (the base model's own, e.g. `model.layers.0.self_attn.q_proj`) of the modules holding a LoRA layer."""
     from peft.tuners.lora import LoraLayer

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.metrics import MetricsLogger, read_metrics
-from fastprerl.plot import phase_spans, plot_run
+from fastprerl.evaluation.plot import phase_spans, plot_run
 from fastprerl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,14 +1,14 @@
-"""The schedule: fixed phases, and the adaptive switch rule (fastprerl/schedule.py) on hand-made signal
+"""The schedule: fixed phases, and the adaptive switch rule (fastprerl/phases.py) on hand-made signal
 sequences, in a real tiny run, and across a resume."""
 import json
 import signal
 
 import pytest
 
-from fastprerl import checkpoint as ckpt
+from fastprerl.state import checkpoint as ckpt
 from fastprerl.config import AdaptiveSwitchConfig, ConfigError, ObjectiveConfig, PhaseConfig, ScheduleConfig, \
     load_config
-from fastprerl.schedule import Schedule
+from fastprerl.phases import Schedule
 from test_checkpoint import _signal_at_step, metric_rows, phases_config, run_in_process
 
 SIG = "logp/free_mean"

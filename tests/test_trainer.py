@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fastprerl.models as models
-import fastprerl.run as run_mod
+from fastprerl.state import resume
 import fastprerl.trainer as trainer_mod
-from fastprerl import checkpoint as ckpt
+from fastprerl.state import checkpoint as ckpt
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.metrics import behaviour_counts
@@ -328,8 +328,8 @@ def test_a_run_at_step_0_moves_an_earlier_runs_outputs_aside(tmp_path, caplog, m
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 0, 1, 2, 3, 4]
     assert (run / "config.toml").read_bytes() != first["config.toml"]
     second_metrics = (run / "metrics.jsonl").read_bytes()
-    monkeypatch.setattr(run_mod.time, "strftime", lambda *a: previous.name)   # a second start in the same second
-    again = run_mod.set_aside_earlier_outputs(run)
+    monkeypatch.setattr(resume.time, "strftime", lambda *a: previous.name)   # a second start in the same second
+    again = resume.set_aside_earlier_outputs(run)
     monkeypatch.undo()
     assert again == previous.with_name(previous.name + "-1")
     assert (again / "metrics.jsonl").read_bytes() == second_metrics
