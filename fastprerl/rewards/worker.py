@@ -28,7 +28,7 @@ from collections import deque
 from multiprocessing import connection
 from typing import Any, Callable, Sequence
 
-from . import tasks as _verify_tasks
+from . import tasks
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class WorkerGroup:
 def serve(upstream: connection.Connection, workers: int, max_memory_mb: int | None, preload: Sequence[str]) -> None:
     for module in preload:
         importlib.import_module(module)
-    _verify_tasks.warm_up()
+    tasks.warm_up()
     group = WorkerGroup(workers, max_memory_mb, keep_fds=[upstream.fileno()])
     upstream.send(("ready", os.getpid()))
     try:
