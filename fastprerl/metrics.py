@@ -10,6 +10,10 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
+from .objectives import tis_weight
+
 # Behaviour keyword rule (SEAL, arXiv 2504.07986), applied per paragraph (split at blank lines).
 TRANSITION_WORDS = ("alternatively", "think differently", "another way", "another approach", "another method",
                     "another solution", "another strategy", "another technique")
@@ -161,12 +165,7 @@ def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List
     scores: fastprerl.rewards.Scores; batch: the step's PackedBatch (R rows); diag: its LossDiagnostics;
     entropy (R,) or None; behaviour (R,) the sampler's log-probs of the rows; terms: name -> SampleTerms.
     weights: when given, filled with the number of items each mean is taken over (`reduce_rows`)."""
-    import torch
-
     weights = {} if weights is None else weights
-
-    from .objectives import tis_weight
-
     B = len(texts)
     groups = rewards.view(-1, group_size)
     gmin, gmax = groups.min(1).values, groups.max(1).values

@@ -162,7 +162,6 @@ def bin_hidden(model, batch: PackedBatch, b: int, per_sequence_attention: bool =
     it on first use), otherwise (eager, sliding windows) a block-diagonal mask over this bin only,
     derived by transformers from the restarting position ids. per_sequence_attention=False keeps an
     SDPA model on that dense-mask path (for comparisons)."""
-
     s, e = batch.bins[b]
     dev = next(model.parameters()).device
     ids = batch.input_ids[s:e].to(dev).unsqueeze(0)

@@ -72,7 +72,6 @@ def rollout_alignment(model, prompt: Sequence[int], response: Sequence[int], *, 
                       params: Optional[Sequence[torch.nn.Parameter]] = None, temperature: float = 1.0,
                       impl: str = "auto") -> Alignment:
     """Both views of one rollout in one packed forward, then one autograd.grad per view."""
-
     if not response:
         raise ValueError("rollout_alignment: empty response")
     if params is None:
@@ -145,7 +144,6 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
               dtype: str = "float32", keep_tokens: bool = True, progress=None) -> Dict:
     """Samples n rollouts per dataset (ceil(n / G) prompts, G samples each), then aligns each. `settings`:
     fastprerl.evaluation.EvalSettings (its k and n_problems are replaced by G and ceil(n / G))."""
-
     if n < 1:
         raise EvalError(f"--n: expected >= 1, got {n}")
     if samples_per_prompt < 1:
@@ -232,7 +230,6 @@ def format_align_table(report: Dict) -> str:
 
 def run_align_cli(args) -> int:
     """`fastprerl align`: prints the summary table, writes the JSON report, returns the exit code."""
-
     try:
         settings = settings_from_args(args)
         report = run_align(args.model, args.data, settings, n=args.n, samples_per_prompt=args.samples_per_prompt,

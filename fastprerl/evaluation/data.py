@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, FrozenSet, List, Optional, Sequence
 
+import torch
+
 from ..config import ConfigError, DataConfig, EvalConfig, RewardConfig, RolloutConfig
 from ..config_parse import build
 from ..data import LOCAL_FORMATS, format_prompt, problems_from_source
@@ -115,7 +117,6 @@ class DataSpec:
 
 def parse_data_spec(value: str) -> DataSpec:
     """Checks one --data value without loading anything heavy; raises EvalError with the accepted forms."""
-
     forms = ("builtin:addition, builtin:word_problems, reasoning_gym:<task>, champ, or a local .jsonl/.json/.parquet/.csv file "
              "with problem/answer fields")
     if value == "builtin:addition":
@@ -166,7 +167,6 @@ def load_eval_problems(spec: DataSpec, n_problems: Optional[int], seed: int, *, 
                        prompt_field: str = "problem", answer_field: str = "answer") -> List[Dict]:
     """Generated sources (builtin:addition, builtin:word_problems, reasoning_gym:*): n_problems (default DEFAULT_GENERATED) problems; fixed sets: all, or a seeded
     subset (in file order) of n_problems."""
-
     try:
         if spec.kind == "champ":
             out = _subset(champ_problems(), n_problems, seed)
@@ -201,7 +201,6 @@ def reward_config(name: str, base: RewardConfig) -> RewardConfig:
 
 def make_reward(name: str, base: RewardConfig):
     """The reward function of an eval reward name (`reward_config`)."""
-
     try:
         return from_config(reward_config(name, base))
     except ValueError as e:
@@ -233,7 +232,6 @@ def prepare_datasets(specs: Sequence[DataSpec], settings: EvalSettings, tokenize
     Defaults of what was not given: the run's format, else completion; for the dataset the run trained on,
     its template, system prompt, digits and newline stop; files, champ and builtin:word_problems append
     MATH_INSTRUCTION; newline stop for builtin:addition; the reward of `default_reward`."""
-
     given, d = settings.given, settings.data
     run_data = getattr(run_config, "data", None)
     fmt = d.format if "data.format" in given else (run_data.format if run_data is not None else "completion")
@@ -283,8 +281,6 @@ class Samples:
 
 def sample(model, tokenizer, ds: EvalDataset, settings: EvalSettings, k: Optional[int] = None) -> Samples:
     """k responses per prompt of `ds` with HFRollout, seeded per dataset (torch's global RNG is restored)."""
-    import torch
-
     k = k or settings.eval.k
     e = settings.eval
     rcfg = dataclasses.replace(settings.rollout, backend="hf", samples_per_prompt=k, temperature=e.temperature,

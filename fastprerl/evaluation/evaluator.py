@@ -42,6 +42,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import torch
+
 from ..metrics import behaviour_counts, text_table
 from .data import (REWARDS, EvalDataset, EvalError, EvalSettings, Samples, parse_data_spec, prepare_datasets, sample,
                    score_samples)
@@ -96,7 +98,6 @@ def pass_ks(k: int) -> List[int]:
 
 def summarise(samples: Samples, settings: EvalSettings) -> Dict:
     """The per-dataset numbers of the report (see the module doc)."""
-
     k, B = samples.k, len(samples.texts)
     table = [samples.verdicts[i:i + k] for i in range(0, B, k)]
     trans, refl = settings.keywords()
@@ -228,7 +229,6 @@ def _fmt(v, spec=".3f") -> str:
 
 def format_table(report: Dict) -> str:
     """The console table: one row per dataset and the overall row."""
-
     k = report["settings"]["k"]
     has_base = "baseline" in report
     cols = ["dataset", "n", f"avg@{k}", f"pass@{k}", "len", "trunc", "trans", "refl", "exec"]
@@ -264,7 +264,6 @@ def settings_from_args(args) -> EvalSettings:
     if getattr(args, "threads", 0):
         if args.threads < 0:
             raise EvalError(f"--threads: expected >= 0, got {args.threads}")
-        import torch
         torch.set_num_threads(args.threads)
     return EvalSettings.from_options(**{
         "eval.k": args.k, "eval.n_problems": args.n_problems, "eval.temperature": args.temperature,

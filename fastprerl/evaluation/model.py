@@ -43,7 +43,6 @@ class ResolvedModel:
 def resolve_model(value: str) -> ResolvedModel:
     """A model spec as is; a run directory -> <run>/final, else its newest complete checkpoint. A folder
     holding a LoRA adapter (a LoRA run's final/ or checkpoint) resolves to its base plus that adapter."""
-
     path = Path(value)
     if value.startswith("builtin:") or not path.exists():
         if not value.startswith("builtin:") and (value.startswith((".", "/", "~")) or value.count("/") > 1):
@@ -76,7 +75,6 @@ def resolve_model(value: str) -> ResolvedModel:
 def _sharded(r: ResolvedModel) -> ResolvedModel:
     """A DCP checkpoint folder (a run under torchrun): its run's model.path built with its run.seed (and its
     LoRA settings), the checkpoint's weights loaded onto it; the config is the checkpoint's own."""
-
     folder = Path(r.spec)
     cfg = _run_config(folder, CONFIG_TOML)
     if cfg is None:
@@ -132,7 +130,6 @@ def load_model_on(resolved: ResolvedModel, *, dtype: str = "float32", seed: int 
     the adapter trainable and the base frozen, as in its run (`fastprerl align` differentiates the adapter).
     A DCP checkpoint: its run's model (LoRA: wrapped as in the run) with the checkpoint's weights, read by DCP
     without a process group."""
-
     try:
         dev = choose_device(device, "--device")
         model = load_model(resolved.spec, dtype=dtype, seed=seed if resolved.base_seed is None else resolved.base_seed,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import transformers
 
 from ..config import Config, to_toml
 from . import checkpoint as ckpt
@@ -147,8 +148,6 @@ def prepare_output_dir(tr) -> Optional[Path]:
 
 def save_trainer(tr) -> Path:
     """Checkpoint of the state after `tr.step` completed steps; sets and returns tr.last_checkpoint."""
-    import transformers
-
     state = {"step": tr.step, "phase": tr.schedule.phase_at(tr.step - 1)[1].name,
              "total_steps": tr.schedule.total_steps, "data": tr.stream.state_dict(),
              "schedule": tr.schedule.state_dict(),

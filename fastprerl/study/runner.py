@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import torch
+import transformers
+
 from ..config import ConfigError, config_from_dict, load_config
 from ..evaluation.align import run_align
 from ..evaluation.data import EvalSettings
@@ -49,7 +52,6 @@ from .report import write_report
 
 def arm_config(base_path: str, overrides: Sequence[str], arm: str, out: Path, steps: int, warmup: int,
                eval_every: int, seed: int = 0, adaptive_max: int = 0, checkpoint_every: int = 5):
-
     base = load_config(base_path, list(overrides))
     data = base.to_dict()
     data["schedule"]["phases"] = arm_phases(arm, steps, warmup, adaptive_max)
@@ -80,7 +82,6 @@ def run_arm(cfg) -> str:
     parts of a run resumed from a checkpoint). A finished arm's checkpoints are deleted (its final model,
     metrics and config are what the study reuses; a 135M-parameter checkpoint with AdamW moments is 1.5 GB,
     and a study has many arms). Returns the trainer's status."""
-
     out = Path(cfg.run.output_dir)
     wall_file = out / "wall_s.txt"
     resumed = bool(list_checkpoints(out / "checkpoints"))
@@ -114,9 +115,6 @@ def parse_seeds(text: Optional[str], default: int) -> List[int]:
 
 
 def run_study(args) -> int:
-    import torch
-    import transformers
-
     out = Path(args.out)
     doc = Path(args.doc) if args.doc else Path("docs/results") / f"{Path(args.config).stem}.md"
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(ARMS)
