@@ -7,9 +7,10 @@ parameters, so `optim.make_optimizer` holds only them. The wrapped model is used
 `models.lm_head_weight` the frozen LM head, so the fused log-prob op gets a head without a gradient.
 
 Saved forms: a checkpoint and `final/` hold the adapter as PEFT writes it (adapter_config.json +
-adapter_model.safetensors; `PeftModel.from_pretrained(base, folder)` loads it); `save_merged` writes the
-base with the adapters folded in as a plain Hugging Face model (`run.merge_lora`). `merged_weights` gives the
-same merged tensors under the base model's names without copying the model (what the vLLM backend pushes).
+adapter_model.safetensors; `PeftModel.from_pretrained(base, folder)` loads it); `state.checkpoint.save_merged`
+writes the base with the adapters folded in as a plain Hugging Face model (`run.merge_lora`). `merged_weights`
+gives the same merged tensors under the base model's names without copying the model (what the vLLM backend
+pushes).
 """
 from __future__ import annotations
 
