@@ -1,3 +1,18 @@
-"""fastprerl: reinforcement learning of LLM reasoning in pre-train space (PreRL, NSR-PreRL, DSRL)."""
+"""fastprerl: reinforcement learning of LLM reasoning in pre-train space (PreRL, NSR-PreRL, DSRL).
+
+The house, drivers first (an arrow of imports points down this list, never up):
+  cli.py, __main__.py   the command line; study/ (`fastprerl study`): the arms, their runs, the report
+  trainer.py            the training loop, one step top to bottom
+  evaluation/           `fastprerl eval`, `align`, `plot`, and the periodic evaluation of a run
+  state/                checkpoints in both formats (plain, DCP), the run folder at start, exact resume
+  rollout/              sampling backends (HF generate, vLLM) behind one interface
+  passes.py, packing.py, attention.py   the micro-batch passes over the packed varlen stream
+  config.py, config_parse.py   TOML -> frozen dataclasses, every default, overrides, config-key errors
+  distributed.py        torchrun: process group, FSDP2, collectives
+  models.py, lora.py, data.py, metrics.py, optim.py, phases.py, stops.py   one job each (their docstrings)
+  objectives.py         every loss on (rows,) tensors, no model code
+  rewards/              reward functions and the verification worker pool (no torch, no model code)
+  kernels/              the fused log-prob kernels, a library of their own (fastprerl/kernels/__init__.py)
+"""
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """Command line: `fastprerl train CONFIG [key=value ...] [--resume]`, `fastprerl plot RUN_DIR`,
 `fastprerl eval MODEL_OR_RUN --data SOURCE [...]` (Avg@k, pass@k, lengths, behaviour counts; see
-fastprerl/evaluate.py), `fastprerl align MODEL_OR_RUN --data SOURCE --n 50` (gradient alignment of log P(y) and
-log P(y|x); see fastprerl/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL -> docs/results/;
-see fastprerl/study.py). No training logic here.
+fastprerl/evaluation/evaluator.py), `fastprerl align MODEL_OR_RUN --data SOURCE --n 50` (gradient alignment of
+log P(y) and log P(y|x); see fastprerl/evaluation/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs
+DSRL -> docs/results/; see fastprerl/study/runner.py). No training logic here.
 
 Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an
 error during training; 2 bad config or a run that cannot start/resume as asked; 3 a non-finite
@@ -80,13 +80,13 @@ def main(argv=None) -> int:
     if args.command == "plot":
         return _plot(args)
     if args.command == "eval":
-        from .evaluate import run_eval_cli
+        from .evaluation.evaluator import run_eval_cli
         return run_eval_cli(args)
     if args.command == "align":
-        from .align import run_align_cli
+        from .evaluation.align import run_align_cli
         return run_align_cli(args)
     if args.command == "study":
-        from .study import run_study
+        from .study.runner import run_study
         return run_study(args)
     return _train(args)
 
@@ -132,7 +132,7 @@ def _sampling_args(p, k_default: int):
 
 
 def _plot(args) -> int:
-    from .plot import plot_run
+    from .evaluation.plot import plot_run
 
     try:
         out = plot_run(args.run_dir, args.out)
@@ -162,7 +162,8 @@ def _train(args) -> int:
 def _run_training(cfg) -> int:
     from . import distributed
     from .distributed import CollectiveTimeout
-    from .trainer import NonFiniteError, Trainer
+    from .stops import NonFiniteError
+    from .trainer import Trainer
     try:
         trainer = Trainer(cfg)
     except CollectiveTimeout as e:

@@ -146,7 +146,7 @@ SWITCH_SIGNALS = ("logp/free_mean",)
 
 @dataclass(frozen=True)
 class AdaptiveSwitchConfig:
-    """[schedule.adaptive]: the first phase ends when its signal stops falling (the rule: fastprerl/schedule.py);
+    """[schedule.adaptive]: the first phase ends when its signal stops falling (the rule: fastprerl/phases.py);
     schedule.phases[0].steps is then its maximum length. signal "" = off (every phase runs its steps)."""
     signal: str = ""                # "" (off) | logp/free_mean (prompt-free log-prob of the scored rows)
     min_steps: int = 5              # the phase runs at least this many steps
@@ -202,7 +202,7 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Periodic evaluation during training (fastprerl.evaluate.PeriodicEval): before the first step, every
+    """Periodic evaluation during training (fastprerl.evaluation.PeriodicEval): before the first step, every
     `every` steps and after the last one, on fixed problems and a fixed sampling seed."""
     every: int = 0                  # evaluate every N steps (0 = off)
     data: Tuple[str, ...] = ()      # eval sets as `fastprerl eval --data` takes them; () = the run's data source

@@ -3,6 +3,7 @@ ranges per key, unknown keys with the closest valid one, and dotted `key=value` 
 `ConfigError` naming the key and what was expected."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -165,3 +166,17 @@ def apply_override(root, data: Dict[str, Any], dotted: str, value):
             raise ConfigError(f"override {dotted!r}: {path[:-1]!r} is not a table")
         node = node.setdefault(part, {})
         cls = tp
+
+
+@contextlib.contextmanager
+def naming(key: str, value: str):
+    """An OSError (a missing folder or file, no network) or a ValueError (a folder that holds no model or
+    tokenizer) is re-raised, as the same kind, naming the config key that gave the path; fastprerl's own
+    errors, which already start with the key, pass unchanged."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if str(e).startswith(key):
+            raise
+        kind = OSError if isinstance(e, OSError) else ValueError
+        raise kind(f"{key} = {value!r}: {e}") from e

@@ -45,7 +45,7 @@ environment) is not: it trains exactly as it always has, without a process group
   and reduce-scatters only the parameters that got a gradient (the adapters); the optimizer holds only the
   adapters, so only they have AdamW state. The LM head is frozen: its gathered parameter keeps
   requires_grad False, so the fused op takes its frozen-head path (no dW). DCP checkpoints hold the adapter
-  only (checkpoint_dcp.py); final/ is written from a plain copy exactly as a plain LoRA run writes it.
+  only (state/dcp.py); final/ is written from a plain copy exactly as a plain LoRA run writes it.
 - KL reference model (algo.kl_coef > 0): copied from the policy before sharding (as a plain process copies
   it) and sharded like it under its own FSDP2 root, never given a gradient. Its log-probs are computed inside
   that root's forward with as many forwards as the busiest process (one-token forwards fill in), like the
@@ -69,6 +69,8 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as tdist
+
+from .models import decoder_of
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -277,8 +279,6 @@ class LossRoot(torch.nn.Module):
 
 
 def decoder_layers(model) -> List[torch.nn.Module]:
-    from .models import decoder_of
-
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no decoder .layers to shard with FSDP2")
@@ -335,3 +335,25 @@ def full_weights(root: Optional[torch.nn.Module]):
             m.reshard()
         for m in layers:
             m.set_reshard_after_forward(True, recurse=False)
+
+
+def check_distributed(cfg, world_size: int) -> None:
+    """What a run under torchrun needs and what it does not do (yet): a batch that splits over the processes;
+    no vLLM engine with LoRA (the merged-adapter push from FSDP2 shards is not built) and no
+    optim.offload_optimizer_state (FSDP2's own CPU offload, dist.cpu_offload, replaces it there)."""
+    P, G = cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt
+    if P % world_size:
+        raise ValueError(f"rollout.prompts_per_step = {P} does not split over the {world_size} processes of "
+                         f"this torchrun (WORLD_SIZE, --nproc_per_node x --nnodes): each process takes "
+                         f"prompts_per_step / world_size prompts (and their rollout.samples_per_prompt = {G} "
+                         f"samples); choose a multiple of {world_size}")
+    refused = [
+        (cfg.rollout.backend == "vllm" and cfg.model.lora.r > 0,
+         "rollout.backend = 'vllm' with model.lora.r > 0: pushing the merged adapter from FSDP2 shards into the "
+         "engines is not built; use rollout.backend = 'hf' or train LoRA in one process"),
+        (cfg.optim.offload_optimizer_state, "optim.offload_optimizer_state = true: under torchrun use "
+                                            "dist.cpu_offload = true (FSDP2's CPUOffloadPolicy) instead"),
+    ]
+    for bad, why in refused:
+        if bad:
+            raise ValueError(f"{why} (this run is under torchrun with {world_size} process(es))")

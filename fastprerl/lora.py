@@ -7,9 +7,10 @@ parameters, so `optim.make_optimizer` holds only them. The wrapped model is used
 `models.lm_head_weight` the frozen LM head, so the fused log-prob op gets a head without a gradient.
 
 Saved forms: a checkpoint and `final/` hold the adapter as PEFT writes it (adapter_config.json +
-adapter_model.safetensors; `PeftModel.from_pretrained(base, folder)` loads it); `save_merged` writes the
-base with the adapters folded in as a plain Hugging Face model (`run.merge_lora`). `merged_weights` gives the
-same merged tensors under the base model's names without copying the model (what the vLLM backend pushes).
+adapter_model.safetensors; `PeftModel.from_pretrained(base, folder)` loads it); `state.checkpoint.save_merged`
+writes the base with the adapters folded in as a plain Hugging Face model (`run.merge_lora`). `merged_weights`
+gives the same merged tensors under the base model's names without copying the model (what the vLLM backend
+pushes).
 """
 from __future__ import annotations
 
@@ -53,17 +54,6 @@ def load_adapter(model, folder: Path) -> None:
         raise ValueError(f"{folder}: the saved adapter does not fit this model (missing {missing[:3]}, "
                          f"unexpected {list(result.unexpected_keys)[:3]}); was it saved with other "
                          f"model.lora settings?")
-
-
-def save_merged(model, tokenizer, folder: Path) -> None:
-    """The base with the adapters folded in (W + B A * alpha / r), as a plain Hugging Face model; `model`
-    itself is left unchanged (the merge runs on a copy)."""
-    import copy
-
-    from .checkpoint import save_model
-
-    merged = copy.deepcopy(model).merge_and_unload()
-    save_model(merged, tokenizer, folder)
 
 
 def lora_module_names(model) -> list:

@@ -10,6 +10,10 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
+from .objectives import tis_weight
+
 # Behaviour keyword rule (SEAL, arXiv 2504.07986), applied per paragraph (split at blank lines).
 TRANSITION_WORDS = ("alternatively", "think differently", "another way", "another approach", "another method",
                     "another solution", "another strategy", "another technique")
@@ -37,7 +41,7 @@ def _clean(v):
     return v
 
 
-def _keep_rows_before(path: Path, step: int) -> None:
+def keep_rows_before(path: Path, step: int) -> None:
     """Drops the rows of a jsonl file with "step" >= step (and a line cut short by a crash), atomically."""
     if not path.exists():
         return
@@ -73,7 +77,7 @@ class MetricsLogger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if start_step > 0:
             for name in ("metrics.jsonl", "samples.jsonl"):
-                _keep_rows_before(self.out_dir / name, start_step)
+                keep_rows_before(self.out_dir / name, start_step)
         mode = "a" if start_step > 0 else "w"
         self._jsonl = open(self.out_dir / "metrics.jsonl", mode)
         self._samples = None
@@ -162,15 +166,10 @@ def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List
                  loss: float, grad_norm: float, diag, entropy, behaviour, terms, tis_cap: float,
                  view_gap: bool, weights: Optional[Dict[str, int]] = None) -> Dict:
     """The metrics row of one training step (without step, phase and perf/*). rewards (B,), resp_lens (B,);
-    scores: fastprerl.scoring.Scores; batch: the step's PackedBatch (R rows); diag: its LossDiagnostics;
+    scores: fastprerl.rewards.Scores; batch: the step's PackedBatch (R rows); diag: its LossDiagnostics;
     entropy (R,) or None; behaviour (R,) the sampler's log-probs of the rows; terms: name -> SampleTerms.
     weights: when given, filled with the number of items each mean is taken over (`reduce_rows`)."""
-    import torch
-
     weights = {} if weights is None else weights
-
-    from .objectives import tis_weight
-
     B = len(texts)
     groups = rewards.view(-1, group_size)
     gmin, gmax = groups.min(1).values, groups.max(1).values

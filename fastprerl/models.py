@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .lora import wrap
+
 log = logging.getLogger("fastprerl")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -125,7 +127,6 @@ def load_model(spec: str, *, dtype: str = "float32", attn_implementation: str = 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if lora is not None and lora.r > 0:
-        from .lora import wrap
         model = wrap(model, lora)
     model.train()
     return model

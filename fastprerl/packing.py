@@ -20,6 +20,9 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from .attention import packed_attention_kwargs, use_varlen_attention
+from .models import decoder_of
+
 VIEWS = ("cond", "free")  # log P(y|x) and log P(y)
 
 
@@ -159,9 +162,6 @@ def bin_hidden(model, batch: PackedBatch, b: int, per_sequence_attention: bool =
     it on first use), otherwise (eager, sliding windows) a block-diagonal mask over this bin only,
     derived by transformers from the restarting position ids. per_sequence_attention=False keeps an
     SDPA model on that dense-mask path (for comparisons)."""
-    from .attention import packed_attention_kwargs, use_varlen_attention
-    from .models import decoder_of
-
     s, e = batch.bins[b]
     dev = next(model.parameters()).device
     ids = batch.input_ids[s:e].to(dev).unsqueeze(0)

@@ -15,7 +15,7 @@ w_t the truncated importance weight of cond tokens (algo.tis_cap; else 1). Only 
 packed (packing.select_rows), cut into bins of optim.max_tokens_per_microbatch tokens; the bins change the
 arithmetic's grouping, not the loss. Then gradient clipping and one AdamW step; the schedule picks the phase.
 
-Durability (trainer_state.py, checkpoint.py, run.py): a checkpoint holds everything the loop carries from one
+Durability (state/resume.py, state/checkpoint.py, stops.py): a checkpoint holds everything the loop carries from one
 step to the next, so a resumed run is bit-identical on CPU to one that never stopped. SIGINT/SIGTERM finish the
 step and write a checkpoint; a second one abandons it. A non-finite reward, loss or gradient norm stops the run
 (NonFiniteError) before the optimizer step, with the batch statistics.
@@ -35,6 +35,7 @@ import copy
 import logging
 import math
 import random
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -44,21 +45,39 @@ import torch
 
 from . import distributed
 from . import objectives as obj
-from . import trainer_state
 from .config import Config
+from .config_parse import naming
 from .data import PromptStream, format_prompt, load_problems
+from .kernels import resolve_impl
 from .metrics import MetricsLogger, NoMetrics, reduce_rows, sample_records, step_metrics
 from .models import DTYPES, choose_device, empty_context_token, load_model, load_tokenizer
 from .optim import make_optimizer
 from .packing import pack, select_rows
 from .passes import BinPasses
-from .rollout import make_backend
-from .run import NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming
-from .schedule import Schedule
+from .phases import Schedule
 from .rewards import from_config as reward_fn_from_config
-from .scoring import score
+from .rewards import score_responses
+from .rollout import make_backend
+from .state import resume
+from .stops import NonFiniteError, StepAbandoned, StopSignals, batch_report
 
 log = logging.getLogger("fastprerl")
+
+
+def check_startup(cfg, device: torch.device, dist=None) -> None:
+    """What must hold before anything loads: the wandb package when logging.wandb, a usable logprob_impl;
+    under torchrun (dist: distributed.Dist) `distributed.check_distributed`."""
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise RuntimeError("logging.wandb = true but the `wandb` package is not installed: pip install wandb "
+                           "(or set logging.wandb = false)")
+    if dist is not None and dist.enabled:
+        distributed.check_distributed(cfg, dist.world_size)
+    try:
+        resolve_impl(cfg.model.logprob_impl, device)
+    except RuntimeError:
+        raise RuntimeError(f"model.logprob_impl = {cfg.model.logprob_impl!r} needs a CUDA device and the triton "
+                           f"package (or TRITON_INTERPRET=1, for tests); this run is on {device.type}. "
+                           f"Choose 'auto' (Triton on CUDA, torch elsewhere), 'torch' or 'naive'") from None
 
 
 class Trainer:
@@ -73,7 +92,7 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         check_startup(cfg, self.device, self.dist)
-        resume_from = self.dist.on_main(lambda: trainer_state.prepare_output_dir(self))
+        resume_from = self.dist.on_main(lambda: resume.prepare_output_dir(self))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         random.seed(cfg.run.seed)
@@ -106,7 +125,7 @@ class Trainer:
         self.step = 0                       # completed steps = the index of the next step
         self.last_checkpoint: Optional[Path] = None
         if resume_from is not None:
-            trainer_state.load(self, resume_from)   # restores the RNG states last
+            resume.load_trainer(self, resume_from)   # restores the RNG states last
         self.evaluator = None   # rank 0's (the other ranks take part in gathering the weights only)
         if cfg.eval.every > 0:
             self.dist.on_main(self._make_evaluator)
@@ -125,7 +144,7 @@ class Trainer:
                           lora=cfg.model.lora)
 
     def _make_evaluator(self) -> None:
-        from .periodic_eval import PeriodicEval
+        from .evaluation.periodic import PeriodicEval
         self.evaluator = PeriodicEval(self.cfg, self.tok, self.out, run_reward_fn=self.reward_fn,
                                       start_step=self.step)
 
@@ -170,7 +189,7 @@ class Trainer:
                         break
                 if status == "complete":
                     self._maybe_evaluate(total, write)
-                    trainer_state.save_final(self)
+                    resume.save_trainer_final(self)
         except StepAbandoned as e:
             status = "abandoned"
             log.warning("%s again: abandoned step %d; newest checkpoint: %s", e, self.step,
@@ -188,7 +207,7 @@ class Trainer:
         the other ranks wait for its result (within dist.timeout_s)."""
         if self.cfg.eval.every <= 0:   # no evaluation: nothing of it is imported
             return
-        from .periodic_eval import due
+        from .evaluation.periodic import due
 
         if not due(self.cfg.eval.every, self.step, total):
             return
@@ -223,7 +242,7 @@ class Trainer:
         t_roll = time.perf_counter()
 
         # --- score
-        scores = score(self.reward_fn, texts, samples)
+        scores = score_responses(self.reward_fn, texts, samples)
         rewards = torch.tensor(scores.score, dtype=torch.float32)                           # (B,)
         resp_lens = torch.tensor([len(r) for r in roll.response_ids], dtype=torch.long)     # (B,)
         report = dict(rewards=rewards, resp_lens=resp_lens, truncated=roll.truncated)
@@ -293,5 +312,5 @@ class Trainer:
                 f"are in {self.out / 'metrics.jsonl'}")
 
     def save_checkpoint(self) -> Path:
-        """Checkpoint of the state after `self.step` completed steps (trainer_state.py, checkpoint.py)."""
-        return trainer_state.save(self)
+        """Checkpoint of the state after `self.step` completed steps (state/resume.py, state/checkpoint.py)."""
+        return resume.save_trainer(self)

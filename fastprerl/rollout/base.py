@@ -46,14 +46,3 @@ class Rollout(Protocol):
 def newline_token_ids(tokenizer) -> Set[int]:
     """Every token whose text contains a newline (the stop set of rollout.stop_at_newline)."""
     return {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}
-
-
-def make_backend(cfg, model, tokenizer, *, seed: int = 0) -> Rollout:
-    """cfg: RolloutConfig."""
-    if cfg.backend == "hf":
-        from .hf import HFRollout
-        return HFRollout(cfg, model, tokenizer)
-    if cfg.backend == "vllm":
-        from .vllm import VLLMRollout
-        return VLLMRollout(cfg, model, tokenizer, seed=seed)
-    raise ValueError(f"rollout.backend: {cfg.backend!r} is not available; choose 'hf' or 'vllm'")

@@ -87,7 +87,10 @@ def spy_on_step(tr, with_grad: list) -> None:
 
 
 def main(out: Path, cases) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     heads: list = []

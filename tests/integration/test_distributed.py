@@ -306,7 +306,7 @@ def test_two_nodes_on_one_machine_train_together(tmp_path):
 def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     import psutil
 
-    from fastprerl import checkpoint as ckpt
+    from fastprerl.state import checkpoint as ckpt
 
     out = tmp_path / "run"
     p = subprocess.Popen(train_cmd(out), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -338,7 +338,7 @@ def test_the_vllm_backend_is_accepted_under_torchrun_but_not_with_lora():
     """run.check_distributed: one vLLM engine per rank is built (tests/integration/test_vllm_backend.py runs it); pushing a
     merged LoRA adapter from the shards is not, and says so naming both keys."""
     from fastprerl.config import load_config
-    from fastprerl.run import check_distributed
+    from fastprerl.distributed import check_distributed
 
     check_distributed(load_config(TINY, ["rollout.backend=vllm"]), 2)
     with pytest.raises(ValueError, match=r"rollout.backend = 'vllm' with model.lora.r > 0: .* \(this run is "
@@ -381,7 +381,7 @@ def train_two(tmp_path_factory, name: str, *extra) -> Path:
 
 def resume_from(done: Path, step: int, tmp: Path, *extra) -> Path:
     """A copy of the complete run `done` cut back to its checkpoint step_<step>, resumed with 2 ranks."""
-    from fastprerl import checkpoint as ckpt
+    from fastprerl.state import checkpoint as ckpt
 
     out = tmp / "resumed"
     shutil.copytree(done, out)
@@ -405,7 +405,7 @@ def test_lora_run_writes_final_as_a_plain_lora_run_and_resumes_exactly(lora_two,
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    import fastprerl.eval_model as ed
+    import fastprerl.evaluation.model as ed
     from fastprerl.models import load_model
 
     final = lora_two / "final"
@@ -453,7 +453,7 @@ def kl_two(tmp_path_factory):
 def test_kl_reference_is_checkpointed_and_a_resume_after_the_switch_is_exact(kl_two, tmp_path, one_torch_thread):
     import torch.distributed.checkpoint as dcp
 
-    import fastprerl.eval_model as ed
+    import fastprerl.evaluation.model as ed
     from fastprerl.config import load_config
     from fastprerl.trainer import Trainer
 
@@ -487,10 +487,10 @@ def eval_two(tmp_path_factory):
 
 def test_periodic_eval_under_torchrun_equals_one_process_on_the_same_weights(eval_two, tmp_path, one_torch_thread):
     """The independent reference: PeriodicEval in this plain process on the step-0 weights and on final/."""
-    import fastprerl.eval_model as ed
+    import fastprerl.evaluation.model as ed
     from fastprerl.config import load_config
+    from fastprerl.evaluation.periodic import PeriodicEval
     from fastprerl.models import load_model, load_tokenizer
-    from fastprerl.periodic_eval import PeriodicEval
     from fastprerl.rewards import from_config
 
     lines = [json.loads(x) for x in (eval_two / "eval.jsonl").read_text().splitlines()]
@@ -509,7 +509,7 @@ def test_periodic_eval_under_torchrun_equals_one_process_on_the_same_weights(eva
 
 
 def test_eval_reads_a_torchrun_run_without_final_from_its_dcp_checkpoint(eval_two, tmp_path):
-    import fastprerl.eval_model as ed
+    import fastprerl.evaluation.model as ed
 
     out = tmp_path / "run"
     shutil.copytree(eval_two, out)
@@ -528,7 +528,7 @@ def test_eval_reads_a_torchrun_run_without_final_from_its_dcp_checkpoint(eval_tw
 
 def test_check_distributed_refuses_only_what_is_not_built():
     from fastprerl.config import load_config
-    from fastprerl.run import check_distributed
+    from fastprerl.distributed import check_distributed
 
     check_distributed(load_config(TINY, [*LORA, *KL, *EVAL, "dist.cpu_offload=true"]), 2)   # built: no error
     with pytest.raises(ValueError, match="optim.offload_optimizer_state"):   # vLLM + LoRA: the test above

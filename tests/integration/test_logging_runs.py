@@ -13,7 +13,6 @@ from fastprerl.config import load_config
 from fastprerl.metrics import MetricsLogger, read_metrics
 from fastprerl.trainer import Trainer
 
-
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
 FAST = ["reward.fn=fake_rewards:parity_reward", "run.threads=1", "rollout.prompts_per_step=2",

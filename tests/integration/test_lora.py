@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from runs import metric_rows as rows
+from runs import run_in_process
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +19,6 @@ from fastprerl.config import ConfigError, load_config
 from fastprerl.kernels import token_logprobs_no_grad
 from fastprerl.models import load_model
 from fastprerl.packing import bins, pack
-from runs import metric_rows as rows, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parents[1]   # the support modules (fake_rewards, ...)
@@ -167,7 +168,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_exact(lora_run, tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    from fastprerl.checkpoint import list_checkpoints
+    from fastprerl.state.checkpoint import list_checkpoints
     done = [s for s, _ in list_checkpoints(run / "checkpoints")]
     assert done and 2 <= max(done) < 4 and not (run / "final").exists()   # killed mid-run, after step_2
     t = train(run, "run.merge_lora=true", "run.resume=true")
@@ -182,7 +183,7 @@ def test_eval_resolves_a_lora_run_directory_to_its_base_and_adapter(lora_run, tm
     import json
     import shutil
 
-    from fastprerl import eval_model as ed
+    from fastprerl.evaluation import model as ed
     t, run = lora_run
     r = ed.resolve_model(str(run))
     assert (r.spec, r.adapter, r.base_seed, r.run_dir) == ("builtin:tiny-llama", str(run / "final"), 0, run)
@@ -234,7 +235,7 @@ def test_qwen3_4b_24gb_config_passes_the_start_checks():
     """configs/dsrl_qwen3_4b_24gb.toml (LoRA with the vLLM backend, which the start checks used to refuse)
     passes every check the trainer makes before it loads anything (the model itself cannot be downloaded
     here)."""
-    from fastprerl.run import check_startup
+    from fastprerl.trainer import check_startup
 
     cfg = load_config(ROOT / "configs" / "dsrl_qwen3_4b_24gb.toml")
     assert cfg.model.lora.r == 16 and cfg.rollout.backend == "vllm" and cfg.rollout.vllm_sleep

@@ -9,7 +9,6 @@ from fastprerl.config import load_config
 from fastprerl.optim import CPUOffloadAdamW
 from fastprerl.trainer import Trainer
 
-
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
 

@@ -12,14 +12,22 @@ import time
 
 import pytest
 import torch
+from runs import (
+    FAST,
+    ROOT,
+    TESTS,
+    assert_same_weights,
+    metric_rows,
+    phases_config,
+    run_in_process,
+    signal_at_step,
+)
 
-from fastprerl import checkpoint as ckpt
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.optim import CPUOffloadAdamW
+from fastprerl.state import checkpoint as ckpt
 from fastprerl.trainer import Trainer
-from runs import (FAST, ROOT, TESTS, assert_same_weights, metric_rows, phases_config, run_in_process,
-                  signal_at_step)
 
 
 @pytest.fixture(scope="module")

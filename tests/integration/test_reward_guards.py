@@ -14,7 +14,6 @@ from fastprerl.rewards import (
     shutdown,
 )
 
-
 ADVERSARIAL_TIMEOUT = 2.0
 # A symbolic pair that needs sympy: proves the pool still answers.
 ALIVE = (r"\boxed{\frac{\sqrt{2}}{2}}", r"\sqrt{2}/2")

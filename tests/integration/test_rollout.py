@@ -58,8 +58,8 @@ def test_lengths_eos_newline_stops_and_truncation_with_smollm2():
     with stop_at_newline any token whose text holds a newline), inclusive, and only there; a response without
     one has exactly max_new_tokens tokens and is flagged truncated; one behaviour log-prob per token. The seed
     gives newline stops, EOS stops and truncations (checked, so that every rule is exercised)."""
-    from fastprerl.data import addition_problems, format_prompt
     from fastprerl.config import DataConfig
+    from fastprerl.data import addition_problems, format_prompt
     from fastprerl.models import load_model, load_tokenizer
     from fastprerl.rollout import newline_token_ids
 

@@ -9,19 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_rewards import parity_reward
 from transformers import AutoModelForCausalLM
 
-import fastprerl.run as run_mod
 import fastprerl.trainer as trainer_mod
-from fastprerl import checkpoint as ckpt
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.metrics import behaviour_counts
 from fastprerl.models import load_tokenizer, tiny_config
+from fastprerl.state import checkpoint as ckpt
+from fastprerl.state import resume
 from fastprerl.trainer import Trainer
-
-from fake_rewards import parity_reward
-
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
@@ -164,8 +162,8 @@ def test_a_run_at_step_0_moves_an_earlier_runs_outputs_aside(tmp_path, caplog, m
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 0, 1, 2, 3, 4]
     assert (run / "config.toml").read_bytes() != first["config.toml"]
     second_metrics = (run / "metrics.jsonl").read_bytes()
-    monkeypatch.setattr(run_mod.time, "strftime", lambda *a: previous.name)   # a second start in the same second
-    again = run_mod.set_aside_earlier_outputs(run)
+    monkeypatch.setattr(resume.time, "strftime", lambda *a: previous.name)   # a second start in the same second
+    again = resume.set_aside_earlier_outputs(run)
     monkeypatch.undo()
     assert again == previous.with_name(previous.name + "-1")
     assert (again / "metrics.jsonl").read_bytes() == second_metrics

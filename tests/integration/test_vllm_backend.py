@@ -270,7 +270,8 @@ def test_torchrun_two_ranks_each_with_its_engine_fed_from_the_fsdp2_shards(tiny,
     process group, samples from its step seed, holds the full weights gathered from the shards, follows an
     update of the shards after a push, and closing it leaves the trainer's group working."""
     from test_distributed import run, torchrun
-    from vllm_dist_worker import GREEDY_TOKENS, PROMPTS as DIST_PROMPTS, SAMPLES
+    from vllm_dist_worker import GREEDY_TOKENS, SAMPLES
+    from vllm_dist_worker import PROMPTS as DIST_PROMPTS
 
     model0, _, path = tiny
     out = tmp_path / "out"
@@ -355,7 +356,13 @@ def test_torchrun_vllm_sigkill_then_resume_equals_the_run_that_never_stopped(vll
     """Killed (SIGKILL, every process) after its first checkpoint and resumed with 2 ranks, the vLLM run logs
     the same metrics (apart from perf/*) and ends with bit-equal final weights: what an engine samples in a
     step depends on (run.seed, step, rank) only, and a fresh engine receives the resumed weights first."""
-    from test_distributed import _kill_after_first_checkpoint, final_weights, rows, run, same_apart_from_perf
+    from test_distributed import (
+        _kill_after_first_checkpoint,
+        final_weights,
+        rows,
+        run,
+        same_apart_from_perf,
+    )
 
     out = tmp_path / "run"
     _kill_after_first_checkpoint(_torchrun_train_cmd(tiny[2], out), out)

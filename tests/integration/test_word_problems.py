@@ -4,10 +4,9 @@ from pathlib import Path
 
 from fastprerl.config import load_config
 from fastprerl.data import format_prompt, load_problems, word_problems
-from fastprerl.eval_data import EvalSettings, parse_data_spec, prepare_datasets
+from fastprerl.evaluation.data import EvalSettings, parse_data_spec, prepare_datasets
 from fastprerl.models import load_tokenizer
-from fastprerl.rewards import from_config
-from fastprerl.scoring import score
+from fastprerl.rewards import from_config, score_responses
 
 ROOT = Path(__file__).resolve().parents[2]
 PATTERN = re.compile(r"(\w+) has (\d) (\w+)\. \1 gets (\d) more \3, then gives (\d+) \3 to a friend\. "
@@ -35,7 +34,7 @@ def test_the_config_builds_chat_prompts_and_the_math_reward_scores_boxed_answers
     fn = from_config(cfg.reward)
     good = f"First step.\n\nSo the answer is \\boxed{{{probs[0]['answer']}}}."
     bad = f"So the answer is \\boxed{{{int(probs[0]['answer']) + 1}}}."
-    assert score(fn, [good, bad], [probs[0], probs[0]]).score == [1.0, 0.0]
+    assert score_responses(fn, [good, bad], [probs[0], probs[0]]).score == [1.0, 0.0]
 
 
 def test_eval_knows_the_builtin():

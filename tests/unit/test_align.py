@@ -7,9 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fastprerl.align import Alignment, rollout_alignment, select_params, summarise_alignment
 from fastprerl.cli import main
 from fastprerl.config import LoraConfig
+from fastprerl.evaluation.align import (
+    Alignment,
+    rollout_alignment,
+    select_params,
+    summarise_alignment,
+)
 from fastprerl.lora import wrap
 from fastprerl.models import tiny_config
 

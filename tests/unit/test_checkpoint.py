@@ -6,18 +6,19 @@ import random
 
 import pytest
 import torch
+from runs import FAST, TINY, metric_rows
 from transformers import AutoModelForCausalLM
 
 import fastprerl.objectives as objectives
 import fastprerl.trainer as trainer_mod
-from fastprerl import checkpoint as ckpt
-from fastprerl import trainer_state
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.models import tiny_config
 from fastprerl.optim import CPUOffloadAdamW
+from fastprerl.state import checkpoint as ckpt
+from fastprerl.state import resume
 from fastprerl.trainer import Trainer
-from runs import FAST, TINY, metric_rows
+
 
 # ---------------------------------------------------------------------------------------------- unit level
 def tiny_model_and_optimizer():
@@ -98,7 +99,7 @@ def test_load_restores_weights_optimizer_scheduler_and_rng(tmp_path):
             p.add_(1.0)
     random.seed(99)
     torch.manual_seed(99)
-    state = ckpt.load_checkpoint(path, model=fresh, optimizer=opt2, scheduler=sched2)
+    state = resume.load_checkpoint(path, model=fresh, optimizer=opt2, scheduler=sched2)
     ckpt.restore_rng(state["rng"])
     assert state["step"] == 1 and state["data"] == {"epoch": 0, "pos": 1}
     for k, v in fresh.state_dict().items():
@@ -119,15 +120,15 @@ def test_config_changes_allow_logging_and_refuse_model_or_schedule():
                                   "optim.offload_optimizer_state=true", "eval.every=5", "eval.k=2",
                                   "rollout.vllm_gpu_memory_utilization=0.5", "rollout.vllm_enforce_eager=true",
                                   "rollout.vllm_sleep=false"]).to_dict()
-    assert trainer_state.config_changes(base, harmless) == []
+    assert resume.config_changes(base, harmless) == []
     # vllm_max_model_len can cut responses short, so it is part of what the run samples
     changed = load_config(TINY, ["model.path=builtin:tiny-qwen2", "optim.lr=0.5", "run.seed=1",
                                  "rollout.vllm_max_model_len=64"]).to_dict()
-    assert [k for k, _, _ in trainer_state.config_changes(base, changed)] == ["model.path", "optim.lr",
+    assert [k for k, _, _ in resume.config_changes(base, changed)] == ["model.path", "optim.lr",
                                                                        "rollout.vllm_max_model_len", "run.seed"]
     schedule = json.loads(json.dumps(base))
     schedule["schedule"]["phases"][0]["steps"] = 7
-    assert [k for k, _, _ in trainer_state.config_changes(base, schedule)] == ["schedule.phases"]
+    assert [k for k, _, _ in resume.config_changes(base, schedule)] == ["schedule.phases"]
 
 
 def test_a_key_added_to_the_schema_after_a_checkpoint_counts_as_its_default():
@@ -139,9 +140,9 @@ def test_a_key_added_to_the_schema_after_a_checkpoint_counts_as_its_default():
     old = json.loads(json.dumps(current))
     del old["model"]["lora"]
     defaults = Config().to_dict()
-    assert trainer_state.config_changes(old, current, defaults=defaults) == []
+    assert resume.config_changes(old, current, defaults=defaults) == []
     lora_on = load_config(TINY, ["model.lora.r=8"]).to_dict()
-    assert trainer_state.config_changes(old, lora_on, defaults=defaults) == [("model.lora.r", 0, 8)]
+    assert resume.config_changes(old, lora_on, defaults=defaults) == [("model.lora.r", 0, 8)]
 
 
 @pytest.mark.gpu
@@ -155,7 +156,7 @@ def test_offloaded_optimizer_state_is_loaded_without_a_copy_on_the_gpu(tmp_path)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    ckpt.load_checkpoint(path, model=model, optimizer=off,
+    resume.load_checkpoint(path, model=model, optimizer=off,
                          scheduler=torch.optim.lr_scheduler.LambdaLR(off, lambda _: 1.0))
     assert torch.cuda.max_memory_allocated() - before < moments / 2
     assert {v.device.type for st in off.state.values() for v in st.values()} == {"cpu"}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprerl import evaluate as ev
+from fastprerl import evaluation as ev
 from fastprerl.cli import main
 from fastprerl.metrics import behaviour_counts
 

@@ -8,9 +8,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fastprerl.cli import main
+from fastprerl.evaluation.plot import phase_spans, plot_run
 from fastprerl.metrics import MetricsLogger, read_metrics
-from fastprerl.plot import phase_spans, plot_run
-
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"

@@ -5,12 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprerl.models import load_model
-from fastprerl.optim import CPUOffloadAdamW
 from fastprerl.kernels import token_loss
-from fastprerl.models import lm_head_weight
+from fastprerl.models import lm_head_weight, load_model
+from fastprerl.optim import CPUOffloadAdamW
 from fastprerl.packing import bins, pack
-
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"

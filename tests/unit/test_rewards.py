@@ -24,7 +24,6 @@ from fastprerl.rewards import (
     shutdown,
 )
 
-
 STRICT = ("boxed", "gsm8k", "answer_is")
 # A symbolic pair that needs sympy: proves the pool still answers.
 ALIVE = (r"\boxed{\frac{\sqrt{2}}{2}}", r"\sqrt{2}/2")

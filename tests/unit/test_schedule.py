@@ -1,13 +1,18 @@
-"""The schedule: fixed phases, and the adaptive switch rule (fastprerl/schedule.py) on hand-made signal
+"""The schedule: fixed phases, and the adaptive switch rule (fastprerl/phases.py) on hand-made signal
 sequences, in a real tiny run, and across a resume."""
 import json
 
 import pytest
 
-from fastprerl.config import AdaptiveSwitchConfig, ConfigError, ObjectiveConfig, PhaseConfig, ScheduleConfig, \
-    load_config
-from fastprerl.schedule import Schedule
-
+from fastprerl.config import (
+    AdaptiveSwitchConfig,
+    ConfigError,
+    ObjectiveConfig,
+    PhaseConfig,
+    ScheduleConfig,
+    load_config,
+)
+from fastprerl.phases import Schedule
 
 SIG = "logp/free_mean"
 

@@ -1,10 +1,14 @@
 """fastprerl.kernels torch path against the float64 oracle (error bound relative to naive's own error)."""
 import pytest
 import torch
-
-from fastprerl.kernels import naive_token_logprobs, token_logprobs, token_logprobs_no_grad, token_loss
-
 from tolerances import TOL, max_err
+
+from fastprerl.kernels import (
+    naive_token_logprobs,
+    token_logprobs,
+    token_logprobs_no_grad,
+    token_loss,
+)
 
 SHAPES = [(1, 16, 50), (37, 61, 1000), (64, 32, 257)]
 ROWS = ["all", "none", "random", "negatives"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_rewards import parity_reward
 
 import fastprerl.models as models
 import fastprerl.trainer as trainer_mod
@@ -16,9 +17,6 @@ from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.rollout import Rollout
 from fastprerl.trainer import Trainer
-
-from fake_rewards import parity_reward
-
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"

@@ -1,8 +1,8 @@
-"""The verification server behind `fastprerl.reward_pool.RewardPool`: worker processes with hard timeouts.
+"""The verification server behind `fastprerl.rewards.pool.RewardPool`: worker processes with hard timeouts.
 
-`RewardPool` starts this module as its own process (`python -m fastprerl._verify_worker FD WORKERS MEM
+`RewardPool` starts this module as its own process (`python -m fastprerl.rewards.worker FD WORKERS MEM
 [MODULE...]`) and talks to it over one socket. This process imports what the workers compute
-(`fastprerl._verify_tasks`: sympy, math-verify) once, warms it up, and then forks its worker processes
+(`fastprerl.rewards.tasks`: sympy, math-verify) once, warms it up, and then forks its worker processes
 from that warm state: a fresh worker, including one that replaces a killed worker, is ready in
 milliseconds. Forking is safe here because this process is single-threaded and holds nothing of the caller
 (no torch, no CUDA, no threads); the caller itself never forks and never imports this module.
@@ -28,7 +28,7 @@ from collections import deque
 from multiprocessing import connection
 from typing import Any, Callable, Sequence
 
-from fastprerl import _verify_tasks
+from . import tasks
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class WorkerGroup:
 def serve(upstream: connection.Connection, workers: int, max_memory_mb: int | None, preload: Sequence[str]) -> None:
     for module in preload:
         importlib.import_module(module)
-    _verify_tasks.warm_up()
+    tasks.warm_up()
     group = WorkerGroup(workers, max_memory_mb, keep_fds=[upstream.fileno()])
     upstream.send(("ready", os.getpid()))
     try:

@@ -11,7 +11,7 @@ its schedule and seed replaced:
   psr_prerl      PSR-PreRL for `steps` steps
   prerl          PreRL (every sample, prompt-free) for `steps` steps (not in the default arms)
   dsrl           NSR-PreRL for `warmup` steps, then GRPO for the rest
-  dsrl_adaptive  NSR-PreRL until the adaptive switch of fastprerl/schedule.py ends it (at most
+  dsrl_adaptive  NSR-PreRL until the adaptive switch of fastprerl/phases.py ends it (at most
                  `adaptive_max` steps; signal logp/free_mean unless the base config's [schedule.adaptive]
                  names one; its min_steps / window / patience / min_delta), then GRPO for the rest
 and periodic evaluation switched on (fixed problems and sampling seed, eval.every). Arm `a` with seed `s`
@@ -38,38 +38,20 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-ARMS = ("grpo", "nsr_prerl", "psr_prerl", "dsrl", "dsrl_adaptive")
-OPTIONAL_ARMS = ("prerl",)
-DSRL_ARMS = ("dsrl", "dsrl_adaptive")
-DEFAULT_SIGNAL = "logp/free_mean"
+import torch
+import transformers
 
-
-def _phase(name: str, steps: int) -> Dict:
-    return {"name": name, "steps": steps, "objectives": [{"name": name, "weight": 1.0}]}
-
-
-def arm_phases(arm: str, steps: int, warmup: int, adaptive_max: int = 0) -> List[Dict]:
-    if arm == "dsrl":
-        if not 0 < warmup < steps:
-            raise ValueError(f"--warmup: expected 0 < warmup < steps ({steps}), got {warmup}")
-        return [_phase("nsr_prerl", warmup), _phase("grpo", steps - warmup)]
-    if arm == "dsrl_adaptive":
-        if not 0 < adaptive_max < steps:
-            raise ValueError(f"--adaptive-max: expected 0 < adaptive_max < steps ({steps}), got {adaptive_max}")
-        return [_phase("nsr_prerl", adaptive_max), _phase("grpo", steps - adaptive_max)]
-    if arm not in ARMS + OPTIONAL_ARMS:
-        raise ValueError(f"--arms: unknown arm {arm!r}; choose from {list(ARMS + OPTIONAL_ARMS)}")
-    return [_phase(arm, steps)]
-
-
-def arm_dir(out: Path, arm: str, seed: int) -> Path:
-    return Path(out) / arm / f"seed{seed}"
-
+from ..config import ConfigError, config_from_dict, load_config
+from ..evaluation.align import run_align
+from ..evaluation.data import EvalSettings
+from ..state.checkpoint import ResumeError, list_checkpoints
+from ..state.resume import config_changes
+from ..trainer import Trainer
+from .arms import ARMS, DEFAULT_SIGNAL, arm_dir, arm_phases
+from .report import write_report
 
 def arm_config(base_path: str, overrides: Sequence[str], arm: str, out: Path, steps: int, warmup: int,
                eval_every: int, seed: int = 0, adaptive_max: int = 0, checkpoint_every: int = 5):
-    from .config import config_from_dict, load_config
-
     base = load_config(base_path, list(overrides))
     data = base.to_dict()
     data["schedule"]["phases"] = arm_phases(arm, steps, warmup, adaptive_max)
@@ -88,8 +70,6 @@ def arm_config(base_path: str, overrides: Sequence[str], arm: str, out: Path, st
 def finished_arm_mismatch(cfg) -> Optional[str]:
     """None when the arm's run directory holds a finished run of exactly this config (the keys a resume may
     change aside), else what differs; a finished arm is reused only when it is the run asked for."""
-    from .trainer_state import config_changes
-    from .config import load_config
     saved = Path(cfg.run.output_dir) / "config.toml"
     if not saved.is_file():
         return f"{saved} is missing"
@@ -102,9 +82,6 @@ def run_arm(cfg) -> str:
     parts of a run resumed from a checkpoint). A finished arm's checkpoints are deleted (its final model,
     metrics and config are what the study reuses; a 135M-parameter checkpoint with AdamW moments is 1.5 GB,
     and a study has many arms). Returns the trainer's status."""
-    from .checkpoint import list_checkpoints
-    from .trainer import Trainer
-
     out = Path(cfg.run.output_dir)
     wall_file = out / "wall_s.txt"
     resumed = bool(list_checkpoints(out / "checkpoints"))
@@ -119,9 +96,6 @@ def run_arm(cfg) -> str:
 
 
 def alignment(model_value: str, data: str, n: int, seed: int, max_new_tokens: int) -> Dict:
-    from .align import run_align
-    from .eval_data import EvalSettings
-
     settings = EvalSettings.from_options(**{"eval.max_new_tokens": max_new_tokens, "eval.seed": seed})
     rep = run_align(model_value, [data], settings, n=n, keep_tokens=False)
     return rep["overall"]
@@ -141,13 +115,6 @@ def parse_seeds(text: Optional[str], default: int) -> List[int]:
 
 
 def run_study(args) -> int:
-    import torch
-    import transformers
-
-    from .checkpoint import ResumeError
-    from .config import ConfigError, load_config
-    from .study_report import write_report
-
     out = Path(args.out)
     doc = Path(args.doc) if args.doc else Path("docs/results") / f"{Path(args.config).stem}.md"
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else list(ARMS)

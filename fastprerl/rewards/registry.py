@@ -1,14 +1,14 @@
-"""Rewards: the registry of reward functions, and math scoring on one shared worker pool.
+"""The registry of reward functions, and math scoring on one shared worker pool.
 
 Reward functions (`get_reward_fn`, `from_config`) map (responses, samples) to one `RewardResult(score,
 correct, has_answer, timed_out)` per response; `has_answer` is the format metric, `timed_out` marks a verdict
 that a timeout decided (0.0, counted by the trainer as `reward/timeouts`):
   "math"             the response's answer against `sample["answer"]`: math-verify's own extraction and
-                     `verify` by default, or the strict `extract` modes (`fastprerl.reward_answers`);
+                     `verify` by default, or the strict `extract` modes (`fastprerl.rewards.answers`);
   "reasoning_gym"    the task's own scorer (see `extract_reasoning_gym_answer` for the extraction rule);
   "module:function"  a user's `fn(responses, samples) -> list[float | RewardResult]`, called once per
                      response as `fn([response], [sample])` in the same workers under the same timeout.
-All of them run in the worker processes of `RewardPool` (`fastprerl.reward_pool`), which bound every call
+All of them run in the worker processes of `RewardPool` (`fastprerl.rewards.pool`), which bound every call
 by a hard timeout; `score_math` and `score_batch` are the same math scoring as plain functions.
 
 This module imports neither torch nor sympy.
@@ -24,20 +24,15 @@ import re
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
-from .reward_answers import (
-    DEFAULT_MODES, EXTRACT_MODES, EXTRACTORS, MATH_VERIFY, RewardResult, check_modes, extract_answer,
-    extract_reasoning_gym_answer, guard_reason,
-)
-from .reward_pool import RewardPool
+from .answers import DEFAULT_MODES, RewardResult, check_modes, extract_reasoning_gym_answer
+from .pool import RewardPool
 
 __all__ = [
-    "DEFAULT_MODES", "EXTRACTORS", "EXTRACT_MODES", "MATH_VERIFY", "BUILTIN_REWARDS", "USER_REWARD",
-    "RewardResult", "RewardPool", "extract_answer", "extract_reasoning_gym_answer", "guard_reason",
-    "score_math", "score_batch", "shutdown", "get_reward_fn", "from_config", "MathReward",
-    "ReasoningGymReward", "UserReward",
+    "BUILTIN_REWARDS", "USER_REWARD", "score_math", "score_batch", "shutdown", "get_reward_fn", "from_config",
+    "RewardFn", "MathReward", "ReasoningGymReward", "UserReward",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fastprerl.rewards")
 
 # --------------------------------------------------------------------------------------------------------
 # Module-level conveniences on one shared pool.
@@ -131,7 +126,7 @@ class ReasoningGymReward:
             tasks.append((dataset, answer, entry))
         pool = _shared_pool(self.workers)
         pool.preload("reasoning_gym")
-        outcomes = pool.run_detailed("fastprerl._verify_tasks:score_reasoning_gym", tasks, timeout=self.timeout)
+        outcomes = pool.run_detailed("fastprerl.rewards.tasks:score_reasoning_gym", tasks, timeout=self.timeout)
         results = []
         for (ok, value), (_, has) in zip(outcomes, extracted):
             if ok:
@@ -169,7 +164,7 @@ class UserReward:
         pool.preload(self.module)  # imported before the workers take work: not on the first call's clock
         calls = [(self.name, r, s) for r, s in zip(responses, samples)]
         try:
-            outcomes = pool.run_detailed("fastprerl._verify_tasks:call_user_reward", calls, timeout=self.timeout)
+            outcomes = pool.run_detailed("fastprerl.rewards.tasks:call_user_reward", calls, timeout=self.timeout)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise ValueError(f"reward function {self.name!r}: its samples must be picklable to reach the reward "
                              f"workers ({type(exc).__name__}: {exc})") from None

@@ -29,6 +29,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..kernels import token_logprobs
+from ..metrics import text_table
+from ..models import empty_context_token, lm_head_weight
+from ..packing import bins, pack
+from .data import EvalError, parse_data_spec, prepare_datasets, sample, score_samples
+from .evaluator import default_out, settings_from_args, write_json
+from .model import load_model_on, load_tokenizer_for, resolve_model
+
 FIRST_TOKENS = 5
 
 
@@ -64,10 +72,6 @@ def rollout_alignment(model, prompt: Sequence[int], response: Sequence[int], *, 
                       params: Optional[Sequence[torch.nn.Parameter]] = None, temperature: float = 1.0,
                       impl: str = "auto") -> Alignment:
     """Both views of one rollout in one packed forward, then one autograd.grad per view."""
-    from .kernels import token_logprobs
-    from .models import lm_head_weight
-    from .packing import bins, pack
-
     if not response:
         raise ValueError("rollout_alignment: empty response")
     if params is None:
@@ -139,39 +143,36 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
               params: Optional[str] = None, empty_token=None, impl: str = "auto", device: str = "auto",
               dtype: str = "float32", keep_tokens: bool = True, progress=None) -> Dict:
     """Samples n rollouts per dataset (ceil(n / G) prompts, G samples each), then aligns each. `settings`:
-    fastprerl.eval_data.EvalSettings (its k and n_problems are replaced by G and ceil(n / G))."""
-    from . import evaluate as ev
-    from .models import empty_context_token
-
+    fastprerl.evaluation.EvalSettings (its k and n_problems are replaced by G and ceil(n / G))."""
     if n < 1:
-        raise ev.EvalError(f"--n: expected >= 1, got {n}")
+        raise EvalError(f"--n: expected >= 1, got {n}")
     if samples_per_prompt < 1:
-        raise ev.EvalError(f"--samples-per-prompt: expected >= 1, got {samples_per_prompt}")
+        raise EvalError(f"--samples-per-prompt: expected >= 1, got {samples_per_prompt}")
     G = samples_per_prompt
     settings = settings.replace(k=G, n_problems=-(-n // G))
-    specs = [ev.parse_data_spec(v) for v in data_values]
+    specs = [parse_data_spec(v) for v in data_values]
     if not specs:
-        raise ev.EvalError("give at least one --data")
-    resolved = ev.resolve_model(model_value)
-    tok = ev.load_tokenizer_for(resolved.spec)
-    datasets = ev.prepare_datasets(specs, settings, tok, resolved.run_config)
+        raise EvalError("give at least one --data")
+    resolved = resolve_model(model_value)
+    tok = load_tokenizer_for(resolved.spec)
+    datasets = prepare_datasets(specs, settings, tok, resolved.run_config)
     if empty_token is None:
         rc = resolved.run_config
         empty_token = rc.model.empty_token if rc is not None else "auto"
     try:
         e_id = empty_context_token(tok, empty_token)
     except ValueError as e:
-        raise ev.EvalError(f"--empty-token: {e}") from None
-    model = ev.load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
+        raise EvalError(f"--empty-token: {e}") from None
+    model = load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
     try:
         named = select_params(model, params)
     except ValueError as e:
-        raise ev.EvalError(str(e)) from None
+        raise EvalError(str(e)) from None
     ps = [p for _, p in named]
 
     per, rollouts, everything = {}, [], []
     for ds in datasets:
-        s = ev.score(ev.sample(model, tok, ds, settings), ds, settings)
+        s = score_samples(sample(model, tok, ds, settings), ds, settings)
         rows, verdicts = [], []
         for i in range(min(n, len(s.texts))):
             y = s.response_ids[i]
@@ -213,8 +214,6 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
 
 
 def format_align_table(report: Dict) -> str:
-    from .metrics import text_table
-
     cols = ["dataset", "n", "inner mean", "min", "max", "frac<0", "cos mean", "|dlogp|", f"first{FIRST_TOKENS}",
             "rest"]
     f = lambda v, s=".4g": "-" if v is None else format(v, s)
@@ -231,18 +230,16 @@ def format_align_table(report: Dict) -> str:
 
 def run_align_cli(args) -> int:
     """`fastprerl align`: prints the summary table, writes the JSON report, returns the exit code."""
-    from . import evaluate as ev
-
     try:
-        settings = ev.settings_from_args(args)
+        settings = settings_from_args(args)
         report = run_align(args.model, args.data, settings, n=args.n, samples_per_prompt=args.samples_per_prompt,
                            params=args.params, empty_token=parse_empty_token(args.empty_token), impl=args.impl,
                            device=args.device, dtype=args.dtype, keep_tokens=not args.no_token_diffs,
                            progress=(lambda s: print(s, file=sys.stderr)) if args.verbose else None)
-    except ev.EvalError as e:
+    except EvalError as e:
         print(f"fastprerl align: {e}", file=sys.stderr)
         return 2
-    out = ev.write_json(report, args.out or ev.default_out(args.model, "align.json"))
+    out = write_json(report, args.out or default_out(args.model, "align.json"))
     print(format_align_table(report))
     print(f"fastprerl align: report written to {out}", file=sys.stderr)
     return 0

@@ -42,18 +42,16 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .eval_data import (DEFAULT_GENERATED, MATH_INSTRUCTION, MATH_TEMPLATE, REWARDS, DataSpec, EvalDataset,
-                        EvalError, EvalSettings, Samples, champ_problems, default_reward, load_eval_problems,
-                        make_reward, parse_data_spec, prepare_datasets, sample, score)
-from .eval_model import load_model_on, load_tokenizer_for, resolve_model
+import torch
 
-# the evaluation's data and model sides live in eval_data.py and eval_model.py; these names are their public
-# face here as well
-__all__ = ["DEFAULT_GENERATED", "MATH_INSTRUCTION", "MATH_TEMPLATE", "REWARDS", "DataSpec", "EvalDataset", "EvalError",
-           "EvalSettings", "Samples", "champ_problems", "default_reward", "load_eval_problems", "load_model_on",
-           "load_tokenizer_for", "make_reward", "parse_data_spec", "prepare_datasets", "resolve_model", "sample",
-           "score", "pass_at_k", "avg_at_k", "mean_pass_at_k", "pass_ks", "summarise", "evaluate", "format_table",
-           "parse_words", "settings_from_args", "run_eval_cli", "default_out", "write_json"]
+from ..metrics import behaviour_counts, text_table
+from .data import (REWARDS, EvalDataset, EvalError, EvalSettings, Samples, parse_data_spec, prepare_datasets, sample,
+                   score_samples)
+from .model import load_model_on, load_tokenizer_for, resolve_model
+
+__all__ = ["BEHAVIOURS", "SUMMARY_KEYS", "pass_at_k", "avg_at_k", "mean_pass_at_k", "pass_ks", "summarise",
+           "with_ratios", "evaluate", "format_table", "parse_words", "settings_from_args", "run_eval_cli",
+           "default_out", "write_json"]
 
 log = logging.getLogger("fastprerl")
 
@@ -100,8 +98,6 @@ def pass_ks(k: int) -> List[int]:
 
 def summarise(samples: Samples, settings: EvalSettings) -> Dict:
     """The per-dataset numbers of the report (see the module doc)."""
-    from .metrics import behaviour_counts
-
     k, B = samples.k, len(samples.texts)
     table = [samples.verdicts[i:i + k] for i in range(0, B, k)]
     trans, refl = settings.keywords()
@@ -134,7 +130,7 @@ def _overall(per: Dict[str, Dict]) -> Dict:
     return out
 
 
-def _with_ratios(block: Dict, base: Dict) -> Dict:
+def with_ratios(block: Dict, base: Dict) -> Dict:
     block["behaviour_ratio"] = {b: _ratio(block["behaviour"][b], base["behaviour"][b]) for b in BEHAVIOURS}
     return block
 
@@ -160,7 +156,7 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
     model = load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
     per, records = {}, {}
     for ds in datasets:
-        s = score(sample(model, tok, ds, settings), ds, settings)
+        s = score_samples(sample(model, tok, ds, settings), ds, settings)
         per[ds.name] = summarise(s, settings)
         records[ds.name] = s
     trans, refl = settings.keywords()
@@ -183,11 +179,11 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
         bdatasets = prepare_datasets(specs, settings, btok, resolved.run_config)  # the same prompt texts
         bper = {}
         for ds in bdatasets:
-            bper[ds.name] = summarise(score(sample(bmodel, btok, ds, settings), ds, settings), settings)
-            _with_ratios(per[ds.name], bper[ds.name])
+            bper[ds.name] = summarise(score_samples(sample(bmodel, btok, ds, settings), ds, settings), settings)
+            with_ratios(per[ds.name], bper[ds.name])
         report["baseline"] = {"model": baseline, **base_resolved.report(), "datasets": bper,
                               "overall": _overall(bper)}
-        _with_ratios(report["overall"], report["baseline"]["overall"])
+        with_ratios(report["overall"], report["baseline"]["overall"])
     if samples_path:
         _write_samples(samples_path, datasets, records, tok)
     return report
@@ -233,8 +229,6 @@ def _fmt(v, spec=".3f") -> str:
 
 def format_table(report: Dict) -> str:
     """The console table: one row per dataset and the overall row."""
-    from .metrics import text_table
-
     k = report["settings"]["k"]
     has_base = "baseline" in report
     cols = ["dataset", "n", f"avg@{k}", f"pass@{k}", "len", "trunc", "trans", "refl", "exec"]
@@ -270,7 +264,6 @@ def settings_from_args(args) -> EvalSettings:
     if getattr(args, "threads", 0):
         if args.threads < 0:
             raise EvalError(f"--threads: expected >= 0, got {args.threads}")
-        import torch
         torch.set_num_threads(args.threads)
     return EvalSettings.from_options(**{
         "eval.k": args.k, "eval.n_problems": args.n_problems, "eval.temperature": args.temperature,

@@ -1,4 +1,4 @@
-"""Reward results as the trainer and the evaluation read them, in one place (`score`). Reward functions are
+"""Reward results as the trainer and the evaluation read them, in one place (`score_responses`). Reward functions are
 built from a RewardConfig by `fastprerl.rewards.from_config`."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Scores:
         return sum(self.timed_out)
 
 
-def score(reward_fn, texts: Sequence[str], samples: Sequence[Dict]) -> Scores:
+def score_responses(reward_fn, texts: Sequence[str], samples: Sequence[Dict]) -> Scores:
     """Calls the reward function once on every (response text, sample) pair."""
     out = reward_fn(list(texts), list(samples))
     return Scores([float(r.score) for r in out], [float(r.correct) for r in out],

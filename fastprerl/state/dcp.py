@@ -9,8 +9,8 @@ and the AdamW state sharded by DCP instead of model.safetensors and optimizer.pt
   config.json, tokenizer files, scheduler.pt, rng.pt (rank 0's), trainer_state.json, run configs, manifest
 
 Every rank writes its shard into the same folder (several nodes need a shared file system); rank 0 writes the
-rest, the manifest, and renames the folder (checkpoint._seal: the same atomic write as a plain checkpoint).
-`checkpoint.load_checkpoint` reads both kinds into either kind of model: DCP reshards a sharded checkpoint to
+rest, the manifest, and renames the folder (checkpoint.seal: the same atomic write as a plain checkpoint).
+`resume.load_checkpoint` reads both kinds into either kind of model: DCP reshards a sharded checkpoint to
 any world size (also to a plain process: 2 -> 1, no process group needed), and a plain checkpoint's full
 weights and optimizer state are scattered to the shards of an FSDP2 model (1 -> N).
 
@@ -27,15 +27,14 @@ from typing import Dict
 
 import torch
 
-from .checkpoint import (DCP_DIR, REF_MODEL, ResumeError, _remove_stale, _seal, _write_run_state, save_model,
-                         step_dir)
+from ..lora import is_lora
+from .checkpoint import (DCP_DIR, REF_MODEL, ResumeError, remove_stale, save_final, save_model, seal, step_dir,
+                         write_run_state)
 
 
 def _policy_options(model):
     """LoRA: only the trainable parameters (the adapter); the frozen base comes from model.path."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    from .lora import is_lora
 
     lora = is_lora(model)
     return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
@@ -78,16 +77,16 @@ def save_sharded_checkpoint(root: Path, step: int, *, dist, model, optimizer, sc
     tmp = root / f".{final.name}.tmp-dist"
     if dist.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        _remove_stale(root)
+        remove_stale(root)
         tmp.mkdir()
     dist.barrier()
     dcp.save(sharded_state(model, optimizer, with_optim=bool(optimizer.state), ref_model=ref_model),
              checkpoint_id=str(tmp / DCP_DIR))
     if dist.is_main:   # dcp.save returns after every rank's shard is written
         model.config.save_pretrained(tmp)
-        _write_run_state(tmp, tokenizer=tokenizer, scheduler=scheduler, state=state, config=config,
+        write_run_state(tmp, tokenizer=tokenizer, scheduler=scheduler, state=state, config=config,
                          config_toml=config_toml)
-        _seal(tmp, final, root, step, keep)
+        seal(tmp, final, root, step, keep)
     dist.barrier()
     return final
 
@@ -98,9 +97,6 @@ def save_final_sharded(model, tokenizer, out: Path, dist, merge_lora: bool = Fal
     unsharded PEFT model of the same config) and writes final/ (and final_merged/ with merge_lora) from it
     with checkpoint.save_final, exactly as a plain LoRA run does."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from .checkpoint import save_final
-    from .lora import is_lora
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_lora(model):
@@ -175,8 +171,6 @@ def load_full_into_sharded(path: Path, model, optimizer, ref_model=None) -> None
     into an FSDP2 model: every rank reads the full tensors and keeps its shards."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    from .lora import is_lora
 
     if is_lora(model):
         raise ResumeError(f"{path} was written by a plain process of a LoRA run (the adapter in PEFT's own "

@@ -2,25 +2,34 @@
 
 A checkpoint holds everything the loop carries from one step to the next (checkpoint.py lists the contents),
 so a resumed run is bit-identical on CPU to one that never stopped. Under torchrun (the trainer's FSDP2 root
-is set) checkpoints and the final model are DCP / gathered by checkpoint_dcp.py; a plain process writes
-checkpoint.py's format. Every function takes the Trainer and reads or sets its fields.
+is set) checkpoints and the final model are DCP / gathered by dcp.py; a plain process writes
+checkpoint.py's format. `load_checkpoint` reads both kinds into either kind of model. The functions named
+`*_trainer*` take the Trainer and read or set its fields.
+
+A run that starts at step 0 first moves an earlier run's outputs (RUN_OUTPUTS) from run.output_dir to
+previous/<UTC time>/, so that nothing of it is overwritten or deleted (a config.toml alone is left to be
+overwritten: it is all that a run which failed to start writes).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import transformers
 
+from ..config import Config, to_toml
 from . import checkpoint as ckpt
-from . import checkpoint_dcp
-from .config import Config, to_toml
-from .run import set_aside_earlier_outputs
+from . import dcp
 
 log = logging.getLogger("fastprerl")
+
+RUN_OUTPUTS = ("config.toml", "metrics.jsonl", "samples.jsonl", "eval.jsonl", "tensorboard", "wandb_id.txt",
+               "final")
 
 
 # Keys that may change when a run is resumed: where and how fast it runs, what it logs and evaluates.
@@ -104,6 +113,28 @@ def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Op
     return path
 
 
+def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
+    """Moves the RUN_OUTPUTS found in `out` to a new folder out/previous/<UTC time>/ and returns it; None when
+    `out` holds no earlier results."""
+    found = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if all(p.name == "config.toml" for p in found):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = out / "previous" / stamp, 0
+    while True:
+        try:
+            dest.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+            dest = dest.with_name(f"{stamp}-{n}")
+    for p in found:
+        os.replace(p, dest / p.name)
+    log.warning("run.output_dir %s held the outputs of an earlier run (%s); moved them to %s", out,
+                ", ".join(p.name for p in found), dest)
+    return dest
+
+
 def prepare_output_dir(tr) -> Optional[Path]:
     """The checkpoint to resume from (None: step 0); a fresh run sets earlier outputs aside. Rank 0 only."""
     cfg = tr.cfg
@@ -115,10 +146,8 @@ def prepare_output_dir(tr) -> Optional[Path]:
     return resume_from
 
 
-def save(tr) -> Path:
+def save_trainer(tr) -> Path:
     """Checkpoint of the state after `tr.step` completed steps; sets and returns tr.last_checkpoint."""
-    import transformers
-
     state = {"step": tr.step, "phase": tr.schedule.phase_at(tr.step - 1)[1].name,
              "total_steps": tr.schedule.total_steps, "data": tr.stream.state_dict(),
              "schedule": tr.schedule.state_dict(),
@@ -127,7 +156,7 @@ def save(tr) -> Path:
                   state=state, config=tr.cfg.to_dict(), config_toml=to_toml(tr.cfg),
                   keep=tr.cfg.run.keep_checkpoints)
     if tr.root is not None:
-        tr.last_checkpoint = checkpoint_dcp.save_sharded_checkpoint(tr.ckpt_root, tr.step, dist=tr.dist,
+        tr.last_checkpoint = dcp.save_sharded_checkpoint(tr.ckpt_root, tr.step, dist=tr.dist,
                                                                     ref_model=tr.ref_model, **common)
     else:
         tr.last_checkpoint = ckpt.save_checkpoint(tr.ckpt_root, tr.step, ref_model=tr.ref_model, **common)
@@ -135,10 +164,24 @@ def save(tr) -> Path:
     return tr.last_checkpoint
 
 
-def load(tr, path: Path) -> None:
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) -> Dict:
+    """Loads weights, optimizer and scheduler state in place, from a checkpoint of either kind into either kind
+    of model; returns the trainer state with the saved RNG states under "rng" (restore them with
+    `checkpoint.restore_rng` once everything else is built)."""
+    path = Path(path)
+    if (path / ckpt.DCP_METADATA).is_file():
+        dcp.load_sharded(path, model, optimizer, ref_model)
+    elif dcp.is_fsdp(model):
+        dcp.load_full_into_sharded(path, model, optimizer, ref_model)
+    else:
+        ckpt.load_full(path, model=model, optimizer=optimizer, ref_model=ref_model)
+    return ckpt.load_run_state(path, scheduler=scheduler)
+
+
+def load_trainer(tr, path: Path) -> None:
     """Restores the trainer from the checkpoint at `path` (the RNG states last)."""
-    state = ckpt.load_checkpoint(path, model=tr.model, optimizer=tr.optimizer, scheduler=tr.scheduler,
-                                 ref_model=tr.ref_model)
+    state = load_checkpoint(path, model=tr.model, optimizer=tr.optimizer, scheduler=tr.scheduler,
+                            ref_model=tr.ref_model)
     tr.step = int(state["step"])
     tr.stream.load_state_dict(state["data"])
     tr.schedule.load_state_dict(state.get("schedule"))   # absent in checkpoints of fixed schedules
@@ -147,10 +190,10 @@ def load(tr, path: Path) -> None:
     log.info("resuming from %s: step %d of %d", path, tr.step, tr.schedule.total_steps)
 
 
-def save_final(tr) -> None:
+def save_trainer_final(tr) -> None:
     """<output_dir>/final (and final_merged/ for LoRA with run.merge_lora)."""
     if tr.root is not None:
-        checkpoint_dcp.save_final_sharded(tr.model, tr.tok, tr.out, tr.dist, merge_lora=tr.cfg.run.merge_lora,
+        dcp.save_final_sharded(tr.model, tr.tok, tr.out, tr.dist, merge_lora=tr.cfg.run.merge_lora,
                                           plain_model=tr._load_policy)
     else:
         ckpt.save_final(tr.model, tr.tok, tr.out, merge_lora=tr.cfg.run.merge_lora)

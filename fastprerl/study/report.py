@@ -1,4 +1,4 @@
-"""The report of `fastprerl study` (fastprerl/study.py trains the arms): every number read from the arms'
+"""The report of `fastprerl study` (fastprerl/study/runner.py trains the arms): every number read from the arms'
 output directories (`metrics.jsonl`, `eval.jsonl`, `alignment.json`), per cell the mean over seeds and the
 range [min, max], per seed the paired difference of each DSRL arm against GRPO, a comparison figure, and
 study.json with everything collected.
@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .study import DSRL_ARMS, arm_dir
+from ..evaluation.plot import plot_run
+from .arms import DSRL_ARMS, arm_dir
 
 THRESHOLDS = (0.4, 0.5, 0.6)
 WINDOW = 5   # moving average of the training reward for "steps to reach"
@@ -156,8 +157,6 @@ def collect(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> Dict[str, D
 
 
 def write_report(out: Path, doc: Path, meta: Dict, arms: Sequence[str], seeds: Sequence[int]) -> Path:
-    from .plot import plot_run
-
     summaries = collect(out, arms, seeds)
     if not summaries:
         raise FileNotFoundError(f"no finished arm in {out}")
@@ -185,7 +184,7 @@ def write_report(out: Path, doc: Path, meta: Dict, arms: Sequence[str], seeds: S
          f"Base config `{meta['config']}` ({meta['model']}, task `{runs[0]['eval_set']}`), "
          f"{meta['steps']} steps per arm (DSRL: {meta['warmup']} NSR-PreRL steps, then GRPO; DSRL-adaptive: "
          f"NSR-PreRL for {meta['adaptive']['min_steps']} to {meta['adaptive_max']} steps by the rule of "
-         f"fastprerl/schedule.py with signal {meta['adaptive']['signal']}, window {meta['adaptive']['window']}, "
+         f"fastprerl/phases.py with signal {meta['adaptive']['signal']}, window {meta['adaptive']['window']}, "
          f"patience {meta['adaptive']['patience']}, min_delta {meta['adaptive']['min_delta']}, then GRPO), "
          f"{meta['prompts']} prompts x {meta['samples']} samples per step, lr {meta['lr']}, "
          f"seeds {', '.join(map(str, meta['seeds']))}. "

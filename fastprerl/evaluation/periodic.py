@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 from typing import Dict
 
-from .config import DataConfig
-from .eval_data import EvalError, EvalSettings, make_reward, parse_data_spec, prepare_datasets, sample, score
-from .evaluate import SUMMARY_KEYS, _with_ratios, summarise
+from ..config import DataConfig
+from ..metrics import keep_rows_before
+from .data import EvalError, EvalSettings, make_reward, parse_data_spec, prepare_datasets, sample, score_samples
+from .evaluator import SUMMARY_KEYS, with_ratios, summarise
 
 
 def due(every: int, step: int, total: int) -> bool:
@@ -47,8 +48,7 @@ class PeriodicEval:
         self.path = Path(out_dir) / "eval.jsonl"
         self.base = None
         if start_step > 0 and self.path.exists():  # a resumed run evaluates step start_step again
-            from .metrics import _keep_rows_before
-            _keep_rows_before(self.path, start_step)
+            keep_rows_before(self.path, start_step)
         elif self.path.exists():
             self.path.unlink()  # a fresh run in this directory
         if self.path.exists():
@@ -61,12 +61,12 @@ class PeriodicEval:
         """Evaluates `model` (its train/eval mode is restored); returns flat metrics eval/<set>/<name>."""
         per = {}
         for ds in self.datasets:
-            s = score(sample(model, self.tok, ds, self.settings), ds, self.settings, fn=self.rewards[ds.name])
+            s = score_samples(sample(model, self.tok, ds, self.settings), ds, self.settings, fn=self.rewards[ds.name])
             per[ds.name] = summarise(s, self.settings)
         if self.base is None:
             self.base = per
         for name, block in per.items():
-            _with_ratios(block, self.base.get(name, block))
+            with_ratios(block, self.base.get(name, block))
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "datasets": per}) + "\n")
         flat = {}

@@ -1,5 +1,5 @@
 """What the verification workers compute: math answers with math-verify, reasoning-gym scorers, a user's
-reward function. Imported by the verification server (`fastprerl/_verify_worker.py`) before it forks its
+reward function. Imported by the verification server (`fastprerl/rewards/worker.py`) before it forks its
 workers; never by the trainer's process.
 
 How a math answer is read (`verify_math`):
@@ -20,7 +20,7 @@ on what it had verified before, which depends on the load. Every call therefore 
 state: that generator reseeded, sympy's cache and math-verify's caches of parsed expressions cleared, and
 the server runs with a fixed PYTHONHASHSEED (the rules are shuffled from a set of strings).
 
-The guards of `fastprerl.reward_answers.guard_reason` sit in front of math-verify's LaTeX and expression
+The guards of `fastprerl.rewards.answers.guard_reason` sit in front of math-verify's LaTeX and expression
 parsers: when math-verify is about to parse a string they refuse, the verdict is 0.0 at once, what the
 unguarded library would give after running into the timeout (it must not go on to a lesser match, such as
 the 1 in `\\prod_{k=1}^{10^6} k`).
@@ -38,7 +38,7 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 from math_verify import parser as _mv_parser
 from sympy.core.cache import clear_cache
 
-from .reward_answers import EXTRACTORS, RewardResult, guard_reason
+from .answers import EXTRACTORS, RewardResult, guard_reason
 
 # math-verify warns once that its timeout is disabled, and logs every parse failure; neither is news here.
 for _name in ("math_verify", "latex2sympy2_extended"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from .metrics import read_metrics
+from ..metrics import read_metrics
 
 PANELS: Tuple[Tuple[str, Sequence[str]], ...] = (
     ("reward", ("reward/mean",)),

@@ -1,8 +1,8 @@
-"""The verification worker pool: a client of the verification server (`fastprerl/_verify_worker.py`).
+"""The verification worker pool: a client of the verification server (`fastprerl/rewards/worker.py`).
 
 How one math answer is scored (`RewardPool.verify`):
 
-1. The strict extraction modes of `extract` (`fastprerl.reward_answers`) run here, in order. An answer one
+1. The strict extraction modes of `extract` (`fastprerl.rewards.answers`) run here, in order. An answer one
    of them finds is checked by the guards: one that is too long or holds a construct known to make sympy
    run away scores 1.0 only if it is the gold string itself, else 0.0, without reaching a worker
    (`RewardPool(guards=False)` turns the construct check off, here and in the workers). Otherwise the
@@ -10,7 +10,7 @@ How one math answer is scored (`RewardPool.verify`):
 2. When none finds one and the last mode is "math_verify" (the default), the whole response goes to a worker
    (its last MAX_RESPONSE_CHARS characters: the final answer is at the end), where math-verify finds the
    answer. With no mode left: 0.0 and `has_answer=False`, minus the format penalty.
-3. In the worker: math-verify's `parse` and `verify` (`fastprerl/_verify_tasks.py`), behind the same guards,
+3. In the worker: math-verify's `parse` and `verify` (`fastprerl/rewards/tasks.py`), behind the same guards,
    from the same fresh state for every call, so that the verdict does not depend on what that worker did
    before. Identical (answer, gold) pairs of a batch are verified once.
 4. A call that overruns the timeout has its worker killed and replaced; its answer scores 0.0 with
@@ -32,20 +32,20 @@ import time
 from multiprocessing import connection
 from typing import Any, Callable, Sequence
 
-from .reward_answers import (
+from .answers import (
     DEFAULT_MODES, MATH_VERIFY, MAX_ANSWER_CHARS, RewardResult, check_modes, extract_answer, guard_reason,
 )
 
 __all__ = ["RewardPool", "MAX_RESPONSE_CHARS"]
 
 MAX_RESPONSE_CHARS = 100_000  # math-verify reads a response's last 100k characters (~25k tokens)
-VERIFY_MATH = "fastprerl._verify_tasks:verify_math"
+VERIFY_MATH = "fastprerl.rewards.tasks:verify_math"
 
 
 class RewardPool:
     """Verification worker processes with a hard per-item timeout.
 
-    The workers belong to a small server process (`python -m fastprerl._verify_worker`) that this pool
+    The workers belong to a small server process (`python -m fastprerl.rewards.worker`) that this pool
     starts on first need: a fresh interpreter that imports sympy and math-verify once and forks warm workers
     from there, so that replacing a killed worker costs milliseconds and the caller's process (torch,
     threads, CUDA) is never forked and its `__main__` never re-imported.
@@ -117,7 +117,7 @@ class RewardPool:
         # strings the same way in every run (sympy's inference order starts from a set of strings).
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), PYTHONHASHSEED="0",
                    OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        command = [sys.executable, "-m", "fastprerl._verify_worker", str(there.fileno()), str(self.workers),
+        command = [sys.executable, "-m", "fastprerl.rewards.worker", str(there.fileno()), str(self.workers),
                    str(self.max_memory_mb or 0), *self._preload]
         self._server = subprocess.Popen(command, pass_fds=(there.fileno(),), stdin=subprocess.DEVNULL, env=env)
         there.close()

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-from .checkpoint import DCP_METADATA
-from .config import ConfigError
-from .eval_data import EvalError
-from .lora import ADAPTER_CONFIG
+from ..config import ConfigError, load_config
+from ..lora import ADAPTER_CONFIG
+from ..models import choose_device, load_model, load_tokenizer
+from ..state import checkpoint as ckpt
+from ..state.checkpoint import CONFIG_TOML, DCP_METADATA
+from ..state.dcp import load_weights
+from .data import EvalError
 
 log = logging.getLogger("fastprerl")
 
@@ -40,8 +43,6 @@ class ResolvedModel:
 def resolve_model(value: str) -> ResolvedModel:
     """A model spec as is; a run directory -> <run>/final, else its newest complete checkpoint. A folder
     holding a LoRA adapter (a LoRA run's final/ or checkpoint) resolves to its base plus that adapter."""
-    from . import checkpoint as ckpt
-
     path = Path(value)
     if value.startswith("builtin:") or not path.exists():
         if not value.startswith("builtin:") and (value.startswith((".", "/", "~")) or value.count("/") > 1):
@@ -74,8 +75,6 @@ def resolve_model(value: str) -> ResolvedModel:
 def _sharded(r: ResolvedModel) -> ResolvedModel:
     """A DCP checkpoint folder (a run under torchrun): its run's model.path built with its run.seed (and its
     LoRA settings), the checkpoint's weights loaded onto it; the config is the checkpoint's own."""
-    from .checkpoint import CONFIG_TOML
-
     folder = Path(r.spec)
     cfg = _run_config(folder, CONFIG_TOML)
     if cfg is None:
@@ -89,8 +88,6 @@ def _with_adapter(r: ResolvedModel) -> ResolvedModel:
     the run's model.path built with its run.seed (from the run's config.toml, or a checkpoint's own
     run_config.toml), else the base_model_name_or_path PEFT wrote into adapter_config.json."""
     import json
-
-    from .checkpoint import CONFIG_TOML
 
     folder = Path(r.spec)
     if (folder / "config.json").is_file() or not (folder / ADAPTER_CONFIG).is_file():
@@ -110,8 +107,6 @@ def _with_adapter(r: ResolvedModel) -> ResolvedModel:
 
 
 def _run_config(run_dir: Path, name: str = "config.toml"):
-    from .config import load_config
-
     p = run_dir / name
     if not p.is_file():
         return None
@@ -123,8 +118,6 @@ def _run_config(run_dir: Path, name: str = "config.toml"):
 
 
 def load_tokenizer_for(spec: str):
-    from .models import load_tokenizer
-
     try:
         return load_tokenizer(spec)
     except (OSError, ValueError, RuntimeError) as e:
@@ -137,8 +130,6 @@ def load_model_on(resolved: ResolvedModel, *, dtype: str = "float32", seed: int 
     the adapter trainable and the base frozen, as in its run (`fastprerl align` differentiates the adapter).
     A DCP checkpoint: its run's model (LoRA: wrapped as in the run) with the checkpoint's weights, read by DCP
     without a process group."""
-    from .models import choose_device, load_model
-
     try:
         dev = choose_device(device, "--device")
         model = load_model(resolved.spec, dtype=dtype, seed=seed if resolved.base_seed is None else resolved.base_seed,
@@ -147,7 +138,6 @@ def load_model_on(resolved: ResolvedModel, *, dtype: str = "float32", seed: int 
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, resolved.adapter, is_trainable=True)
         if resolved.sharded is not None:
-            from .checkpoint_dcp import load_weights
             load_weights(model, Path(resolved.sharded))
     except (OSError, ValueError, RuntimeError) as e:
         raise EvalError(f"model {resolved.sharded or resolved.adapter or resolved.spec!r}: {e}") from None

@@ -14,9 +14,9 @@ run starts at). It holds:
   manifest.json                                             size + sha256 of every file above, written last
 
 A run under torchrun writes the same folder with the weights and the AdamW state sharded by
-torch.distributed.checkpoint (dcp/ instead of model.safetensors and optimizer.pt; fastprerl/checkpoint_dcp.py
-holds that kind). `load_checkpoint` reads both kinds into either kind of model. Which checkpoint a run resumes
-from, and the check that its config may resume it, are in fastprerl/trainer_state.py.
+torch.distributed.checkpoint (dcp/ instead of model.safetensors and optimizer.pt; fastprerl/state/dcp.py
+holds that kind). `state.resume.load_checkpoint` reads both kinds into either kind of model; which checkpoint a
+run resumes from, and the check that its config may resume it, are in fastprerl/state/resume.py too.
 
 Writing is atomic: everything goes to a hidden temporary folder, each file is fsynced, the manifest is written
 last, then the folder is renamed to `step_<N>` (os.replace). A folder named `step_<N>` is therefore either a
@@ -27,6 +27,7 @@ clean-up never leaves a half-deleted `step_<N>`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from ..lora import is_lora, load_adapter
 
 log = logging.getLogger("fastprerl")
 
@@ -169,7 +172,7 @@ def quiet_hf_progress():
             hf_logging.enable_progress_bar()
 
 
-def _remove_stale(root: Path) -> None:
+def remove_stale(root: Path) -> None:
     """Temporary and to-be-deleted folders left by a process that died while writing or pruning."""
     for p in root.iterdir():
         if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
@@ -192,7 +195,7 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
+    remove_stale(root)
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
@@ -201,12 +204,12 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if ref_model is not None:
         save_model(ref_model, str(tmp / REF_MODEL))
-    _write_run_state(tmp, tokenizer=tokenizer, scheduler=scheduler, state=state, config=config,
+    write_run_state(tmp, tokenizer=tokenizer, scheduler=scheduler, state=state, config=config,
                      config_toml=config_toml)
-    return _seal(tmp, final, root, step, keep)
+    return seal(tmp, final, root, step, keep)
 
 
-def _write_run_state(tmp: Path, *, tokenizer, scheduler, state: Dict, config: Dict, config_toml: str) -> None:
+def write_run_state(tmp: Path, *, tokenizer, scheduler, state: Dict, config: Dict, config_toml: str) -> None:
     """What both kinds of checkpoint hold besides weights and optimizer state."""
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -217,7 +220,7 @@ def _write_run_state(tmp: Path, *, tokenizer, scheduler, state: Dict, config: Di
     (tmp / CONFIG_TOML).write_text(config_toml)
 
 
-def _seal(tmp: Path, final: Path, root: Path, step: int, keep: int) -> Path:
+def seal(tmp: Path, final: Path, root: Path, step: int, keep: int) -> Path:
     """fsync every file, write the manifest last, rename tmp to final, keep the newest `keep` checkpoints."""
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
@@ -243,8 +246,6 @@ def _load_hf_weights(model, path: Path) -> None:
     LoRA model gets its adapter weights (the frozen base is rebuilt from model.path)."""
     from safetensors.torch import load_file
 
-    from .lora import is_lora, load_adapter
-
     if is_lora(model):
         if not (path / "adapter_config.json").is_file():
             raise ResumeError(f"{path} holds no LoRA adapter but this run trains one (model.lora.r > 0)")
@@ -266,27 +267,27 @@ def _load_hf_weights(model, path: Path) -> None:
         model.load_state_dict(loaded.state_dict())
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) -> Dict:
-    """Loads weights, optimizer and scheduler state in place; returns the trainer state with the saved RNG
-    states under "rng" (restore them with `restore_rng` once everything else is built)."""
+def load_full(path: Path, *, model, optimizer, ref_model=None) -> None:
+    """The weights and the optimizer state of a plain checkpoint (model.safetensors, optimizer.pt) into a plain
+    model, in place."""
     from safetensors.torch import load_model
-
-    from . import checkpoint_dcp
 
     path = Path(path)
     dev = next(model.parameters()).device
-    if (path / DCP_METADATA).is_file():
-        checkpoint_dcp.load_sharded(path, model, optimizer, ref_model)
-    elif checkpoint_dcp.is_fsdp(model):
-        checkpoint_dcp.load_full_into_sharded(path, model, optimizer, ref_model)
-    else:
-        _load_hf_weights(model, path)
-        # read to host memory: load_state_dict moves each state to its parameter's device (CPU when offloaded)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        if ref_model is not None:
-            if not (path / REF_MODEL).is_file():
-                raise ResumeError(f"{path} has no {REF_MODEL} but this run uses a KL reference model")
-            load_model(ref_model, str(path / REF_MODEL), device=str(dev))
+    _load_hf_weights(model, path)
+    # read to host memory: load_state_dict moves each state to its parameter's device (CPU when offloaded)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if ref_model is not None:
+        if not (path / REF_MODEL).is_file():
+            raise ResumeError(f"{path} has no {REF_MODEL} but this run uses a KL reference model")
+        load_model(ref_model, str(path / REF_MODEL), device=str(dev))
+
+
+def load_run_state(path: Path, *, scheduler) -> Dict:
+    """What both kinds of checkpoint hold besides weights and optimizer state: loads the scheduler state in place
+    and returns the trainer state with the saved RNG states under "rng" (restore them with `restore_rng` once
+    everything else is built)."""
+    path = Path(path)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     state = json.loads((path / STATE).read_text())
     state["rng"] = torch.load(path / "rng.pt", weights_only=True)
@@ -318,8 +319,13 @@ def save_model(model, tokenizer, path: Path, state_dict: Optional[Dict] = None) 
 def save_final(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
     """<out>/final: the trained model (a LoRA run: its adapter); with merge_lora and a LoRA model also
     <out>/final_merged, the base with the adapter folded in, as a plain Hugging Face model."""
-    from .lora import is_lora, save_merged
-
     save_model(model, tokenizer, Path(out) / "final")
     if merge_lora and is_lora(model):
         save_merged(model, tokenizer, Path(out) / "final_merged")
+
+
+def save_merged(model, tokenizer, folder: Path) -> None:
+    """The base with the LoRA adapters folded in (W + B A * alpha / r), as a plain Hugging Face model; `model`
+    itself is left unchanged (the merge runs on a copy)."""
+    merged = copy.deepcopy(model).merge_and_unload()
+    save_model(merged, tokenizer, folder)

@@ -1,6 +1,6 @@
 """What an evaluation runs on: its settings, data specs, problems, prompts, and the sampling and scoring of k
 responses per problem (used by `fastprerl eval`, `fastprerl align` and eval.every; the model it runs is
-resolved and loaded by eval_model.py).
+resolved and loaded by model.py).
 
 Settings are the config's own dataclasses (`EvalSettings`): eval (k, n_problems, temperature,
 max_new_tokens, seed, behaviour keywords), rollout (top_p, generation_batch_size, stop_at_newline), data
@@ -19,8 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, FrozenSet, List, Optional, Sequence
 
-from .config import ConfigError, DataConfig, EvalConfig, RewardConfig, RolloutConfig
-from .config_parse import build
+import torch
+
+from ..config import ConfigError, DataConfig, EvalConfig, RewardConfig, RolloutConfig
+from ..config_parse import build
+from ..data import LOCAL_FORMATS, format_prompt, problems_from_source
+from ..metrics import REFLECTION_WORDS, TRANSITION_WORDS
+from ..rewards import from_config, score_responses
+from ..rollout.hf import HFRollout
 
 log = logging.getLogger("fastprerl")
 
@@ -84,8 +90,6 @@ class EvalSettings:
                                    given=self.given | {f"eval.{k}" for k in eval_fields})
 
     def keywords(self):
-        from .metrics import REFLECTION_WORDS, TRANSITION_WORDS
-
         return (tuple(w.lower() for w in self.eval.transition_words) or TRANSITION_WORDS,
                 tuple(w.lower() for w in self.eval.reflection_words) or REFLECTION_WORDS)
 
@@ -113,8 +117,6 @@ class DataSpec:
 
 def parse_data_spec(value: str) -> DataSpec:
     """Checks one --data value without loading anything heavy; raises EvalError with the accepted forms."""
-    from .data import LOCAL_FORMATS
-
     forms = ("builtin:addition, builtin:word_problems, reasoning_gym:<task>, champ, or a local .jsonl/.json/.parquet/.csv file "
              "with problem/answer fields")
     if value == "builtin:addition":
@@ -165,8 +167,6 @@ def load_eval_problems(spec: DataSpec, n_problems: Optional[int], seed: int, *, 
                        prompt_field: str = "problem", answer_field: str = "answer") -> List[Dict]:
     """Generated sources (builtin:addition, builtin:word_problems, reasoning_gym:*): n_problems (default DEFAULT_GENERATED) problems; fixed sets: all, or a seeded
     subset (in file order) of n_problems."""
-    from .data import problems_from_source
-
     try:
         if spec.kind == "champ":
             out = _subset(champ_problems(), n_problems, seed)
@@ -201,8 +201,6 @@ def reward_config(name: str, base: RewardConfig) -> RewardConfig:
 
 def make_reward(name: str, base: RewardConfig):
     """The reward function of an eval reward name (`reward_config`)."""
-    from .rewards import from_config
-
     try:
         return from_config(reward_config(name, base))
     except ValueError as e:
@@ -234,8 +232,6 @@ def prepare_datasets(specs: Sequence[DataSpec], settings: EvalSettings, tokenize
     Defaults of what was not given: the run's format, else completion; for the dataset the run trained on,
     its template, system prompt, digits and newline stop; files, champ and builtin:word_problems append
     MATH_INSTRUCTION; newline stop for builtin:addition; the reward of `default_reward`."""
-    from .data import format_prompt
-
     given, d = settings.given, settings.data
     run_data = getattr(run_config, "data", None)
     fmt = d.format if "data.format" in given else (run_data.format if run_data is not None else "completion")
@@ -285,10 +281,6 @@ class Samples:
 
 def sample(model, tokenizer, ds: EvalDataset, settings: EvalSettings, k: Optional[int] = None) -> Samples:
     """k responses per prompt of `ds` with HFRollout, seeded per dataset (torch's global RNG is restored)."""
-    import torch
-
-    from .rollout.hf import HFRollout
-
     k = k or settings.eval.k
     e = settings.eval
     rcfg = dataclasses.replace(settings.rollout, backend="hf", samples_per_prompt=k, temperature=e.temperature,
@@ -303,11 +295,10 @@ def sample(model, tokenizer, ds: EvalDataset, settings: EvalSettings, k: Optiona
     return Samples(k, texts, out.response_ids, list(out.truncated))
 
 
-def score(samples: Samples, ds: EvalDataset, settings: EvalSettings, fn=None) -> Samples:
+def score_samples(samples: Samples, ds: EvalDataset, settings: EvalSettings, fn=None) -> Samples:
     """Verdicts, has-answer and timeout flags of every sample; `fn` (a reward function) defaults to ds.reward's."""
-    from . import scoring
 
     fn = fn or make_reward(ds.reward, settings.reward)
-    s = scoring.score(fn, samples.texts, [ds.problems[i // samples.k] for i in range(len(samples.texts))])
+    s = score_responses(fn, samples.texts, [ds.problems[i // samples.k] for i in range(len(samples.texts))])
     samples.verdicts, samples.has_answer, samples.timed_out = s.correct, s.has_answer, s.timed_out
     return samples

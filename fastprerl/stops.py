@@ -1,0 +1,77 @@
+"""How a training run stops before its last step: the stop signals and a step that went non-finite.
+
+SIGINT/SIGTERM finish the current step and write a checkpoint; a second one abandons the step at once
+(StepAbandoned). A non-finite reward, loss or gradient norm raises NonFiniteError before the optimizer step,
+with the statistics of the step's batch (`batch_report`).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+from typing import List, Optional
+
+import torch
+
+
+class NonFiniteError(FloatingPointError):
+    """A reward, the loss or the gradient norm of a step is NaN/inf; the step was not applied."""
+
+
+class StepAbandoned(BaseException):
+    """Raised by the second SIGINT/SIGTERM (a BaseException, so that no `except Exception` swallows it)."""
+
+
+class StopSignals:
+    """First SIGINT/SIGTERM: `requested` is set and the loop stops after the current step and a checkpoint.
+    Second one: StepAbandoned is raised wherever the loop is; the newest checkpoint stays as it was."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = name
+            print(f"fastprerl: {name}: finishing this step, then writing a checkpoint "
+                  f"(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            return
+        raise StepAbandoned(name)
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+def batch_report(step: int, phase: str, problem: str, *, rewards, resp_lens, truncated, terms=None,
+                 rows: Optional[int] = None, bins: Optional[int] = None, loss: Optional[float] = None,
+                 grad_norm: Optional[float] = None, texts: Optional[List[str]] = None) -> str:
+    """The message of a NonFiniteError: what went wrong and the statistics of the step's batch."""
+    def stats(x: torch.Tensor) -> str:
+        x = x.float()
+        bad = int((~torch.isfinite(x)).sum())
+        fin = x[torch.isfinite(x)]
+        rng = f"min {fin.min().item():.4g}, max {fin.max().item():.4g}, " if fin.numel() else ""
+        return f"mean {x.mean().item():.4g}, {rng}non-finite {bad} of {x.numel()}"
+
+    lines = [f"step {step} (phase {phase!r}): {problem}; the step was not applied to the weights.",
+             f"  rewards: {stats(rewards)}",
+             f"  response length: mean {resp_lens.float().mean().item():.1f}, max {int(resp_lens.max())} tokens; "
+             f"truncated {sum(truncated)} of {len(truncated)}"]
+    for name, t in (terms or {}).items():
+        lines.append(f"  {name}: {int(t.mask.sum())} samples in the loss; advantages {stats(t.advantage)}")
+    if rows is not None:
+        lines.append(f"  packed rows {rows} in {bins} micro-batches; loss {loss}; grad norm {grad_norm}")
+    if texts:
+        bad = [i for i, r in enumerate(rewards.tolist()) if not math.isfinite(r)][:3]
+        lines += [f"  sample {i}: reward {rewards[i].item()} for response {texts[i]!r}" for i in bad]
+    return "\n".join(lines)
