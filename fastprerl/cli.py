@@ -154,17 +154,17 @@ def _train(args) -> int:
         return 2
     from . import distributed
     try:
-        return _run_training(cfg)
+        return _run_training(cfg, args.config)
     finally:
         distributed.shutdown()
 
 
-def _run_training(cfg) -> int:
+def _run_training(cfg, config_file=None) -> int:
     from . import distributed
     from .distributed import CollectiveTimeout
     from .trainer import NonFiniteError, Trainer
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, config_file=config_file)
     except CollectiveTimeout as e:
         print(f"fastprerl: {e}", file=sys.stderr)
         return 1

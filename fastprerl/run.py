@@ -1,9 +1,12 @@
 """The run folder and the run's life around the training loop: where outputs go, stop signals, start-up errors
 that name their config key, and the report of a step that went non-finite.
 
-A run that starts at step 0 first moves an earlier run's outputs (RUN_OUTPUTS) from run.output_dir to
-previous/<UTC time>/, so that nothing of it is overwritten or deleted (a config.toml alone is left to be
-overwritten: it is all that a run which failed to start writes). SIGINT/SIGTERM finish the current step and
+Nothing a user or an earlier run wrote is lost. A run writes to run.output_dir only once everything has loaded
+(a start that fails leaves the folder as it found it, but for damaged checkpoints moved aside on --resume).
+A run that starts at step 0 then moves an earlier run's outputs (RUN_OUTPUTS) from run.output_dir to
+previous/<UTC time>/, a config.toml among them unless it holds exactly the resolved config about to be written;
+a resumed run moves a differing config.toml there too. The config file a run was started from, when it is
+run.output_dir/config.toml, is never touched (`check_config_file`: left as it is, or the start is refused). SIGINT/SIGTERM finish the current step and
 write a checkpoint; a second one abandons the step at once (StepAbandoned).
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -36,11 +39,15 @@ class StepAbandoned(BaseException):
     """Raised by the second SIGINT/SIGTERM (a BaseException, so that no `except Exception` swallows it)."""
 
 
-def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
-    """Moves the RUN_OUTPUTS found in `out` to a new folder out/previous/<UTC time>/ and returns it; None when
-    `out` holds no earlier results."""
-    found = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
-    if all(p.name == "config.toml" for p in found):
+def set_aside_earlier_outputs(out: Path, new_config: Optional[str] = None,
+                              names: Tuple[str, ...] = RUN_OUTPUTS) -> Optional[Path]:
+    """Moves the `names` (RUN_OUTPUTS) found in `out` to a new folder out/previous/<UTC time>/ and returns it;
+    None when `out` holds none of them. A config.toml whose text is `new_config` (the one about to be written)
+    stays: nothing of it would be lost."""
+    found = [out / name for name in names if (out / name).exists()]
+    if new_config is not None and (out / "config.toml") in found and _same_text(out / "config.toml", new_config):
+        found.remove(out / "config.toml")
+    if not found:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest, n = out / "previous" / stamp, 0
@@ -56,6 +63,49 @@ def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
     log.warning("run.output_dir %s held the outputs of an earlier run (%s); moved them to %s", out,
                 ", ".join(p.name for p in found), dest)
     return dest
+
+
+def _same_text(path: Path, text: str) -> bool:
+    try:
+        return path.read_bytes() == text.encode()
+    except OSError:
+        return False
+
+
+def check_config_file(config_file, out: Path, cfg) -> bool:
+    """True when the config file the run was started from (`config_file`, the CLI's CONFIG) is
+    run.output_dir/config.toml, the file where a run writes its resolved config. That file is never
+    overwritten: it is left as it is when it gives this run's config but for run.output_dir and run.resume
+    (the run then writes no config.toml); otherwise (overrides change it) the start is refused with a
+    ConfigError naming the keys. False: another file, or none."""
+    from .config import ConfigError, load_config
+
+    target = out / "config.toml"
+    if config_file is None or not target.is_file() or not Path(config_file).is_file():
+        return False
+    if not os.path.samefile(config_file, target):
+        return False
+    own = load_config(config_file).to_dict()
+    now = cfg.to_dict()
+    for d in (own, now):
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("output_dir", "resume")}
+    changes = list(_diff(own, now))
+    if changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:8])
+        raise ConfigError(f"run.output_dir: the config file {str(config_file)!r} is {str(target)!r}, where a run "
+                          f"writes its resolved config, and this run's config differs from it ({listed}); it is "
+                          f"never overwritten. Write the overrides into the file, start from a copy outside "
+                          f"run.output_dir, or choose another run.output_dir")
+    return True
+
+
+def _diff(a, b, prefix=""):
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k, "<unset>"), b.get(k, "<unset>")
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            yield prefix + k, x, y
 
 
 def check_startup(cfg, device: torch.device, dist=None) -> None:

@@ -46,7 +46,7 @@ from . import distributed
 from . import objectives as obj
 from . import trainer_state
 from .config import Config
-from .data import PromptStream, format_prompt, load_problems
+from .data import PromptStream, fit_prompts, format_prompt, load_problems
 from .metrics import MetricsLogger, NoMetrics, reduce_rows, sample_records, step_metrics
 from .models import DTYPES, choose_device, empty_context_token, load_model, load_tokenizer
 from .optim import make_optimizer
@@ -61,9 +61,18 @@ from .scoring import score
 log = logging.getLogger("fastprerl")
 
 
+def context_length(cfg: Config, model) -> int:
+    """Positions a sequence (prompt + response) may use: rollout.vllm_max_model_len when set for vLLM, else the
+    model's max_position_embeddings (a very large number when the model names none)."""
+    if cfg.rollout.backend == "vllm" and cfg.rollout.vllm_max_model_len:
+        return cfg.rollout.vllm_max_model_len
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2 ** 31)
+
+
 class Trainer:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, config_file: Optional[str] = None):
+        """config_file: the TOML file cfg was read from (the CLI's CONFIG), never overwritten (run.py)."""
+        self.cfg, self.config_file = cfg, config_file
         self.dist = distributed.init(cfg.run.device, cfg.dist.timeout_s)
         if not self.dist.is_main:
             log.setLevel(logging.WARNING)   # the console is rank 0's
@@ -78,6 +87,8 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
+        with naming("data.source", cfg.data.source):   # a bad data file stops the start before the model loads
+            problems = load_problems(cfg.data, cfg.run.seed)
 
         with naming("model.path", cfg.model.path):
             self.tok = load_tokenizer(cfg.model.path)
@@ -98,8 +109,8 @@ class Trainer:
         self.ref_passes = BinPasses(self.ref_model, self.ref_root, **passes) if self.ref_model is not None else None
         self.schedule = Schedule(cfg.schedule)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.cfg.optim)
-        with naming("data.source", cfg.data.source):
-            problems = load_problems(cfg.data, cfg.run.seed)
+        problems = fit_prompts(problems, cfg.data, self.tok, context_length(cfg, self.model),
+                               cfg.rollout.max_new_tokens)
         self.stream = PromptStream(problems, cfg.run.seed, cfg.data.shuffle)
         self.rollout = make_backend(cfg.rollout, self.model, self.tok, seed=cfg.run.seed)
         self.reward_fn = reward_fn_from_config(cfg.reward)
@@ -110,6 +121,7 @@ class Trainer:
         self.evaluator = None   # rank 0's (the other ranks take part in gathering the weights only)
         if cfg.eval.every > 0:
             self.dist.on_main(self._make_evaluator)
+        self.dist.on_main(lambda: trainer_state.start_output_dir(self, resume_from))   # the first write
         self.metrics = NoMetrics()
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard,

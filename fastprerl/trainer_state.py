@@ -18,7 +18,7 @@ import torch
 from . import checkpoint as ckpt
 from . import checkpoint_dcp
 from .config import Config, to_toml
-from .run import set_aside_earlier_outputs
+from .run import RUN_OUTPUTS, check_config_file, set_aside_earlier_outputs
 
 log = logging.getLogger("fastprerl")
 
@@ -105,14 +105,25 @@ def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Op
 
 
 def prepare_output_dir(tr) -> Optional[Path]:
-    """The checkpoint to resume from (None: step 0); a fresh run sets earlier outputs aside. Rank 0 only."""
+    """The checkpoint to resume from (None: step 0), and the check of the config file the run was started from
+    (run.check_config_file). Writes nothing (but for damaged checkpoints set aside on resume): the folder is
+    changed by `start_output_dir` once everything has loaded. Rank 0 only."""
     cfg = tr.cfg
-    resume_from = resume_point(tr.ckpt_root, tr.out, cfg.to_dict(), cfg.run.resume)
-    if resume_from is None:
-        set_aside_earlier_outputs(tr.out)
+    tr.keep_config_file = check_config_file(tr.config_file, tr.out, cfg)
+    return resume_point(tr.ckpt_root, tr.out, cfg.to_dict(), cfg.run.resume)
+
+
+def start_output_dir(tr, resume_from: Optional[Path]) -> None:
+    """A fresh run sets earlier outputs aside (run.set_aside_earlier_outputs); a resumed one a config.toml that
+    differs from its resolved config. Then config.toml: the resolved config, unless the run was started from
+    that very file (left as it is). Rank 0 only."""
+    text = to_toml(tr.cfg)
+    names = RUN_OUTPUTS if resume_from is None else ("config.toml",)
+    set_aside_earlier_outputs(tr.out, text, tuple(n for n in names if not (tr.keep_config_file and
+                                                                           n == "config.toml")))
     tr.out.mkdir(parents=True, exist_ok=True)
-    (tr.out / "config.toml").write_text(to_toml(cfg))
-    return resume_from
+    if not tr.keep_config_file:
+        (tr.out / "config.toml").write_text(text)
 
 
 def save(tr) -> Path:
