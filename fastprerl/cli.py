@@ -5,7 +5,7 @@ log P(y|x); see fastprerl/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR
 see fastprerl/study.py). No training logic here.
 
 Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an
-error during training; 2 bad config or a run that cannot start/resume as asked; 3 a non-finite
+error during training (among them a step whose every reward failed); 2 bad input (config, data, paths) or a run that cannot start/resume as asked; 3 a non-finite
 reward/loss/gradient stopped the run; 4 a second SIGINT/SIGTERM abandoned the step in progress (no checkpoint
 of it); 130 interrupted before training started."""
 from __future__ import annotations
@@ -162,6 +162,7 @@ def _train(args) -> int:
 def _run_training(cfg, config_file=None) -> int:
     from . import distributed
     from .distributed import CollectiveTimeout
+    from .run import RewardFailure
     from .trainer import NonFiniteError, Trainer
     try:
         trainer = Trainer(cfg, config_file=config_file)
@@ -179,6 +180,9 @@ def _run_training(cfg, config_file=None) -> int:
     except NonFiniteError as e:
         print(f"fastprerl: stopped: {e}", file=sys.stderr)
         return 3
+    except RewardFailure as e:
+        print(f"fastprerl: stopped: {e}\n  newest checkpoint: {trainer.last_checkpoint or 'none'}", file=sys.stderr)
+        return 1
     except Exception as e:
         if trainer.dist.enabled and distributed.is_timeout(e):
             e = CollectiveTimeout(distributed.timeout_message(cfg.dist.timeout_s, e))

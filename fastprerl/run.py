@@ -35,6 +35,19 @@ class NonFiniteError(FloatingPointError):
     """A reward, the loss or the gradient norm of a step is NaN/inf; the step was not applied."""
 
 
+class RewardFailure(RuntimeError):
+    """Every response of a step failed in the reward function: the rewards would all be a made-up 0."""
+
+
+def reward_failure(step: int, scores, texts: List[str], samples: List[dict]) -> RewardFailure:
+    """The error of a step whose every reward failed: the first failure with its response and sample."""
+    i = next(j for j, e in enumerate(scores.error) if e)
+    sample = {k: v for k, v in samples[i].items() if k != "entry"}
+    return RewardFailure(f"step {step}: the reward function failed on all {len(texts)} responses; the first "
+                         f"failure: {scores.error[i]}\n  response: {texts[i][:500]!r}\n  sample: "
+                         f"{str(sample)[:500]}\n  (reward.fn; the step was not applied)")
+
+
 class StepAbandoned(BaseException):
     """Raised by the second SIGINT/SIGTERM (a BaseException, so that no `except Exception` swallows it)."""
 

@@ -53,7 +53,8 @@ from .optim import make_optimizer
 from .packing import pack, select_rows
 from .passes import BinPasses
 from .rollout import make_backend
-from .run import NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming
+from .run import (NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming,
+                  reward_failure)
 from .schedule import Schedule
 from .rewards import from_config as reward_fn_from_config
 from .scoring import score
@@ -239,6 +240,9 @@ class Trainer:
         rewards = torch.tensor(scores.score, dtype=torch.float32)                           # (B,)
         resp_lens = torch.tensor([len(r) for r in roll.response_ids], dtype=torch.long)     # (B,)
         report = dict(rewards=rewards, resp_lens=resp_lens, truncated=roll.truncated)
+        failed = len(texts) > 0 and scores.errors == len(texts)   # this process's responses all failed
+        if not self.dist.any(not failed):
+            raise reward_failure(self.step, scores, texts, samples)
         if self.dist.any(not torch.isfinite(rewards).all()):
             raise NonFiniteError(self._stop_message(batch_report(self.step, phase.name, "non-finite rewards",
                                                                  texts=texts, **report)))
