@@ -265,3 +265,46 @@ def test_reward_errors_are_counted_in_every_step_row(tmp_path):
     [row] = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert 0 < row["reward/errors"] < 16 and row["reward/timeouts"] == 0
     assert row["reward/errors"] % 4 == 0   # every sample of a prompt with an even answer
+
+
+# ------------------------------------------------------------------------------------------ paths and folders
+@pytest.mark.parametrize("make, argv, message", [
+    (lambda d: d / "missing.toml", lambda c, d: ["train", c], "config file not found"),
+    (lambda d: d, lambda c, d: ["train", c], "is a folder; expected a TOML file"),
+    (lambda d: (d / "cfg.json").write_text('{"a": 1}') and d / "cfg.json", lambda c, d: ["train", c],
+     "invalid TOML (a .json file; expected a TOML config)"),
+    (lambda d: (d / "latin.toml").write_bytes(b"# caf\xe9\n") and d / "latin.toml", lambda c, d: ["train", c],
+     "not UTF-8 text"),
+    (lambda d: (d / "afile").write_text("x") and d / "afile", lambda c, d: ["train", TINY, f"run.output_dir={c}"],
+     "run.output_dir: "),
+    (lambda d: (d / "afile").write_text("x") and d / "afile", lambda c, d: ["train", TINY, f"model.path={c}"],
+     "model.path: "),
+    (lambda d: d / "nomodel", lambda c, d: ["train", TINY, f"model.path={c}"], "model.path: no folder at"),
+    (lambda d: d, lambda c, d: ["train", TINY, f"run.output_dir={d / 'r'}", "reward.fn=nomodule:fn"],
+     "reward.fn: cannot load reward function 'nomodule:fn'"),
+    (lambda d: d, lambda c, d: ["eval", c, "--data", "builtin:addition", "--k", "1"],
+     "a directory without config.json, final/ or checkpoints/step_<N>/"),
+    (lambda d: (d / "afile").write_text("x") and d / "afile", lambda c, d: ["eval", c, "--data", "builtin:addition"],
+     "expected a model folder or a run directory, got a file"),
+    (lambda d: d, lambda c, d: ["eval", "builtin:tiny-llama", "--data", d / "missing.jsonl"], "file not found"),
+    (lambda d: d, lambda c, d: ["eval", "builtin:tiny-llama", "--data", d], "unknown dataset"),
+    (lambda d: d, lambda c, d: ["align", c, "--data", "builtin:addition", "--n", "1"],
+     "a directory without config.json, final/ or checkpoints/step_<N>/"),
+    (lambda d: d, lambda c, d: ["plot", c], "no metrics.jsonl in"),
+    (lambda d: (d / "metrics.jsonl").write_text('{"step": 0') and d, lambda c, d: ["plot", c], "has no rows yet"),
+    (lambda d: d / "missing.toml", lambda c, d: ["study", "--config", c, "--out", d / "st"], "config file not found"),
+    (lambda d: d, lambda c, d: ["study", "--config", TINY, "--out", d / "st", "--report-only"],
+     "--report-only: no arm of this study has finished"),
+    (lambda d: d, lambda c, d: ["study", "--config", TINY, "--out", d / "st", "--reading", d / "none.txt",
+                                "--report-only"], "--reading: no file at"),
+    (lambda d: d, lambda c, d: ["study", "--config", TINY, "--out", d / "st", "--arms", "grpo", "--steps", "1",
+                                "--align-n", "0", f"data.source={d / 'missing.jsonl'}"],
+     "arm grpo seed 0: data.source: file not found"),
+])
+def test_wrong_paths_exit_2_with_a_message_and_change_nothing(tmp_path, capsys, make, argv, message):
+    target = make(tmp_path)
+    before = snapshot(tmp_path)
+    code, err = run_cli(capsys, *argv(target, tmp_path))
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
