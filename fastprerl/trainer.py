@@ -123,6 +123,8 @@ class Trainer:
         if cfg.eval.every > 0:
             self.dist.on_main(self._make_evaluator)
         self.dist.on_main(lambda: trainer_state.start_output_dir(self, resume_from))   # the first write
+        if self.evaluator is not None:
+            self.evaluator.open_log(self.step)
         self.metrics = NoMetrics()
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard,
@@ -140,7 +142,7 @@ class Trainer:
     def _make_evaluator(self) -> None:
         from .periodic_eval import PeriodicEval
         self.evaluator = PeriodicEval(self.cfg, self.tok, self.out, run_reward_fn=self.reward_fn,
-                                      start_step=self.step)
+                                      start_step=self.step, open_log=False)   # opened once the folder is set
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:

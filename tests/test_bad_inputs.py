@@ -308,3 +308,14 @@ def test_wrong_paths_exit_2_with_a_message_and_change_nothing(tmp_path, capsys, 
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert snapshot(tmp_path) == before
+
+
+def test_a_bad_eval_set_stops_the_start_before_an_earlier_runs_eval_log_is_touched(tmp_path, capsys):
+    run = earlier_run(tmp_path / "run")
+    (run / "eval.jsonl").write_text('{"step": 0, "datasets": {}}\n')
+    bad = write_jsonl(tmp_path / "eval.jsonl", [GOOD, '{"problem": "2 + 2", "answer": '])
+    before = snapshot(tmp_path)
+    code, err = run_cli(capsys, "train", TINY, f"run.output_dir={run}", *QUICK, "eval.every=1",
+                        f'eval.data=["{bad}"]')
+    assert code == 2 and "line 2: not valid JSON" in err and str(bad) in err
+    assert snapshot(tmp_path) == before
