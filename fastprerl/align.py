@@ -163,6 +163,9 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
     except ValueError as e:
         raise ev.EvalError(f"--empty-token: {e}") from None
     model = ev.load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        ev.check_prompt_room(datasets, int(context), settings.eval.max_new_tokens)
     try:
         named = select_params(model, params)
     except ValueError as e:

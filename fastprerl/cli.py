@@ -4,10 +4,10 @@ fastprerl/evaluate.py), `fastprerl align MODEL_OR_RUN --data SOURCE --n 50` (gra
 log P(y|x); see fastprerl/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs DSRL -> docs/results/;
 see fastprerl/study.py). No training logic here.
 
-Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an
-error during training (among them a step whose every reward failed); 2 bad input (config, data, paths) or a run that cannot start/resume as asked; 3 a non-finite
-reward/loss/gradient stopped the run; 4 a second SIGINT/SIGTERM abandoned the step in progress (no checkpoint
-of it); 130 interrupted before training started."""
+Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an error
+during training (among them a step whose every reward failed); 2 bad input (config, data, paths) or a run that
+cannot start/resume as asked; 3 a non-finite reward/loss/gradient stopped the run; 4 a second SIGINT/SIGTERM
+abandoned the step in progress (no checkpoint of it); 130 interrupted before training started."""
 from __future__ import annotations
 
 import argparse

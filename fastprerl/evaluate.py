@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .eval_data import (DEFAULT_GENERATED, MATH_INSTRUCTION, MATH_TEMPLATE, REWARDS, DataSpec, EvalDataset,
-                        EvalError, EvalSettings, Samples, champ_problems, default_reward, load_eval_problems,
-                        make_reward, parse_data_spec, prepare_datasets, sample, score)
+                        EvalError, EvalSettings, Samples, champ_problems, check_prompt_room, default_reward,
+                        load_eval_problems, make_reward, parse_data_spec, prepare_datasets, sample, score)
 from .eval_model import load_model_on, load_tokenizer_for, resolve_model
 
 # the evaluation's data and model sides live in eval_data.py and eval_model.py; these names are their public
@@ -158,6 +158,9 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
     tok = load_tokenizer_for(resolved.spec)
     datasets = prepare_datasets(specs, settings, tok, resolved.run_config)  # bad data fails before the model
     model = load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        check_prompt_room(datasets, int(context), settings.eval.max_new_tokens)
     per, records = {}, {}
     for ds in datasets:
         s = score(sample(model, tok, ds, settings), ds, settings)

@@ -1,14 +1,13 @@
 """The run folder and the run's life around the training loop: where outputs go, stop signals, start-up errors
 that name their config key, and the report of a step that went non-finite.
 
-Nothing a user or an earlier run wrote is lost. A run writes to run.output_dir only once everything has loaded
-(a start that fails leaves the folder as it found it, but for damaged checkpoints moved aside on --resume).
-A run that starts at step 0 then moves an earlier run's outputs (RUN_OUTPUTS) from run.output_dir to
-previous/<UTC time>/, a config.toml among them unless it holds exactly the resolved config about to be written;
-a resumed run moves a differing config.toml there too. The config file a run was started from, when it is
-run.output_dir/config.toml, is never touched (`check_config_file`: left as it is, or the start is refused). SIGINT/SIGTERM finish the current step and
-write a checkpoint; a second one abandons the step at once (StepAbandoned).
-"""
+Nothing a user or an earlier run wrote is lost. A run writes to run.output_dir only once everything has loaded (a
+start that fails leaves the folder as it found it, but for damaged checkpoints moved aside on --resume). A run that
+starts at step 0 then moves an earlier run's outputs (RUN_OUTPUTS) from run.output_dir to previous/<UTC time>/, a
+config.toml among them unless it holds exactly the resolved config about to be written; a resumed run moves a
+differing config.toml there too. The config file a run was started from, when it is run.output_dir/config.toml, is
+never touched (`check_config_file`: left as it is, or the start is refused). SIGINT/SIGTERM finish the current step
+and write a checkpoint; a second one abandons the step at once (StepAbandoned)."""
 from __future__ import annotations
 
 import contextlib

@@ -319,3 +319,15 @@ def test_a_bad_eval_set_stops_the_start_before_an_earlier_runs_eval_log_is_touch
                         f'eval.data=["{bad}"]')
     assert code == 2 and "line 2: not valid JSON" in err and str(bad) in err
     assert snapshot(tmp_path) == before
+
+
+def test_eval_refuses_prompts_beyond_the_models_context(tmp_path, capsys):
+    long = json.dumps({"problem": "1 + " * 1500 + "1", "answer": "1501"})
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD, long])
+    before = snapshot(tmp_path)
+    code, err = run_cli(capsys, "eval", "builtin:tiny-llama", "--data", data, "--k", "1", "--out", tmp_path / "e.json")
+    assert code == 2 and "1 of 2 prompts are longer than the 1792 tokens" in err and "--max-new-tokens" in err
+    assert snapshot(tmp_path) == before
+    code, err = run_cli(capsys, "align", "builtin:tiny-llama", "--data", data, "--n", "2", "--out", tmp_path / "a.json")
+    assert code == 2 and "1 of 2 prompts are longer than" in err
+    assert snapshot(tmp_path) == before
