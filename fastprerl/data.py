@@ -274,11 +274,12 @@ def format_prompt(sample: Dict, cfg, tokenizer) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def fit_prompts(problems: List[Dict], cfg, tokenizer, context: int, max_new_tokens: int) -> List[Dict]:
-    """The problems whose formatted prompt leaves room for `max_new_tokens` response tokens in the model's
+def fit_prompts(problems: List[Dict], cfg, tokenizer, context: int, rollout) -> List[Dict]:
+    """The problems whose formatted prompt leaves room for rollout.max_new_tokens response tokens in the model's
     `context` (positions): a longer one is an error naming the count and the longest (data.long_prompts
-    "error"), or is left out with a count ("skip"). cfg: DataConfig. Only prompts whose UTF-8 length could
-    reach the limit are tokenized (a token holds at least one byte)."""
+    "error"), or is left out with a count ("skip"). cfg: DataConfig; rollout: RolloutConfig. Only prompts whose
+    UTF-8 length could reach the limit are tokenized (a token holds at least one byte)."""
+    max_new_tokens = rollout.max_new_tokens
     room = context - max_new_tokens
     if room < 1:
         raise ValueError(f"rollout.max_new_tokens: expected fewer than the model's {context} positions (prompt and "

@@ -38,6 +38,14 @@ class RewardFailure(RuntimeError):
     """Every response of a step failed in the reward function: the rewards would all be a made-up 0."""
 
 
+def check_rewards(dist, step: int, scores, texts: List[str], samples: List[dict]) -> None:
+    """Raises RewardFailure, with the first failure, its response and sample, when every response of the step
+    (on every process; dist: distributed.Dist) failed in the reward function."""
+    failed = len(texts) > 0 and scores.errors == len(texts)   # this process's responses all failed
+    if not dist.any(not failed):
+        raise reward_failure(step, scores, texts, samples)
+
+
 def reward_failure(step: int, scores, texts: List[str], samples: List[dict]) -> RewardFailure:
     """The error of a step whose every reward failed: the first failure with its response and sample."""
     i = next(j for j, e in enumerate(scores.error) if e)

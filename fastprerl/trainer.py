@@ -48,13 +48,12 @@ from . import trainer_state
 from .config import Config
 from .data import PromptStream, fit_prompts, format_prompt, load_problems
 from .metrics import MetricsLogger, NoMetrics, reduce_rows, sample_records, step_metrics
-from .models import DTYPES, choose_device, empty_context_token, load_model, load_tokenizer
+from .models import DTYPES, choose_device, context_length, empty_context_token, load_model, load_tokenizer
 from .optim import make_optimizer
 from .packing import pack, select_rows
 from .passes import BinPasses
 from .rollout import make_backend
-from .run import (NonFiniteError, StepAbandoned, StopSignals, batch_report, check_startup, naming,
-                  reward_failure)
+from .run import NonFiniteError, StepAbandoned, StopSignals, batch_report, check_rewards, check_startup, naming
 from .schedule import Schedule
 from .rewards import from_config as reward_fn_from_config
 from .scoring import score
@@ -62,17 +61,8 @@ from .scoring import score
 log = logging.getLogger("fastprerl")
 
 
-def context_length(cfg: Config, model) -> int:
-    """Positions a sequence (prompt + response) may use: rollout.vllm_max_model_len when set for vLLM, else the
-    model's max_position_embeddings (a very large number when the model names none)."""
-    if cfg.rollout.backend == "vllm" and cfg.rollout.vllm_max_model_len:
-        return cfg.rollout.vllm_max_model_len
-    return int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2 ** 31)
-
-
 class Trainer:
-    def __init__(self, cfg: Config, config_file: Optional[str] = None):
-        """config_file: the TOML file cfg was read from (the CLI's CONFIG), never overwritten (run.py)."""
+    def __init__(self, cfg: Config, config_file: Optional[str] = None):   # the CLI's CONFIG: never overwritten
         self.cfg, self.config_file = cfg, config_file
         self.dist = distributed.init(cfg.run.device, cfg.dist.timeout_s)
         if not self.dist.is_main:
@@ -110,8 +100,7 @@ class Trainer:
         self.ref_passes = BinPasses(self.ref_model, self.ref_root, **passes) if self.ref_model is not None else None
         self.schedule = Schedule(cfg.schedule)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.cfg.optim)
-        problems = fit_prompts(problems, cfg.data, self.tok, context_length(cfg, self.model),
-                               cfg.rollout.max_new_tokens)
+        problems = fit_prompts(problems, cfg.data, self.tok, context_length(cfg.rollout, self.model), cfg.rollout)
         self.stream = PromptStream(problems, cfg.run.seed, cfg.data.shuffle)
         self.rollout = make_backend(cfg.rollout, self.model, self.tok, seed=cfg.run.seed)
         self.reward_fn = reward_fn_from_config(cfg.reward)
@@ -123,8 +112,6 @@ class Trainer:
         if cfg.eval.every > 0:
             self.dist.on_main(self._make_evaluator)
         self.dist.on_main(lambda: trainer_state.start_output_dir(self, resume_from))   # the first write
-        if self.evaluator is not None:
-            self.evaluator.open_log(self.step)
         self.metrics = NoMetrics()
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard,
@@ -242,9 +229,7 @@ class Trainer:
         rewards = torch.tensor(scores.score, dtype=torch.float32)                           # (B,)
         resp_lens = torch.tensor([len(r) for r in roll.response_ids], dtype=torch.long)     # (B,)
         report = dict(rewards=rewards, resp_lens=resp_lens, truncated=roll.truncated)
-        failed = len(texts) > 0 and scores.errors == len(texts)   # this process's responses all failed
-        if not self.dist.any(not failed):
-            raise reward_failure(self.step, scores, texts, samples)
+        check_rewards(self.dist, self.step, scores, texts, samples)   # every reward failed: RewardFailure
         if self.dist.any(not torch.isfinite(rewards).all()):
             raise NonFiniteError(self._stop_message(batch_report(self.step, phase.name, "non-finite rewards",
                                                                  texts=texts, **report)))

@@ -116,7 +116,7 @@ def prepare_output_dir(tr) -> Optional[Path]:
 def start_output_dir(tr, resume_from: Optional[Path]) -> None:
     """A fresh run sets earlier outputs aside (run.set_aside_earlier_outputs); a resumed one a config.toml that
     differs from its resolved config. Then config.toml: the resolved config, unless the run was started from
-    that very file (left as it is). Rank 0 only."""
+    that very file (left as it is); then the periodic evaluation's eval.jsonl. Rank 0 only."""
     text = to_toml(tr.cfg)
     names = RUN_OUTPUTS if resume_from is None else ("config.toml",)
     set_aside_earlier_outputs(tr.out, text, tuple(n for n in names if not (tr.keep_config_file and
@@ -124,6 +124,8 @@ def start_output_dir(tr, resume_from: Optional[Path]) -> None:
     tr.out.mkdir(parents=True, exist_ok=True)
     if not tr.keep_config_file:
         (tr.out / "config.toml").write_text(text)
+    if tr.evaluator is not None:
+        tr.evaluator.open_log(tr.step)
 
 
 def save(tr) -> Path:
