@@ -4,10 +4,10 @@ fastprerl/evaluation/evaluator.py), `fastprerl align MODEL_OR_RUN --data SOURCE 
 log P(y) and log P(y|x); see fastprerl/evaluation/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs
 DSRL -> docs/results/; see fastprerl/study/runner.py). No training logic here.
 
-Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an
-error during training; 2 bad config or a run that cannot start/resume as asked; 3 a non-finite
-reward/loss/gradient stopped the run; 4 a second SIGINT/SIGTERM abandoned the step in progress (no checkpoint
-of it); 130 interrupted before training started."""
+Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an error
+during training (among them a step whose every reward failed); 2 bad input (config, data, paths) or a run that
+cannot start/resume as asked; 3 a non-finite reward/loss/gradient stopped the run; 4 a second SIGINT/SIGTERM
+abandoned the step in progress (no checkpoint of it); 130 interrupted before training started."""
 from __future__ import annotations
 
 import argparse
@@ -154,18 +154,18 @@ def _train(args) -> int:
         return 2
     from . import distributed
     try:
-        return _run_training(cfg)
+        return _run_training(cfg, args.config)
     finally:
         distributed.shutdown()
 
 
-def _run_training(cfg) -> int:
+def _run_training(cfg, config_file=None) -> int:
     from . import distributed
     from .distributed import CollectiveTimeout
-    from .stops import NonFiniteError
+    from .stops import NonFiniteError, RewardFailure
     from .trainer import Trainer
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, config_file=config_file)
     except CollectiveTimeout as e:
         print(f"fastprerl: {e}", file=sys.stderr)
         return 1
@@ -180,6 +180,9 @@ def _run_training(cfg) -> int:
     except NonFiniteError as e:
         print(f"fastprerl: stopped: {e}", file=sys.stderr)
         return 3
+    except RewardFailure as e:
+        print(f"fastprerl: stopped: {e}\n  newest checkpoint: {trainer.last_checkpoint or 'none'}", file=sys.stderr)
+        return 1
     except Exception as e:
         if trainer.dist.enabled and distributed.is_timeout(e):
             e = CollectiveTimeout(distributed.timeout_message(cfg.dist.timeout_s, e))

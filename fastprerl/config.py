@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .config_checks import check_objectives
 from .config_parse import OBJECTIVES, ConfigError, apply_override, build, parse_override_value
 from .data import check_source, check_template
 from .objectives import VIEW_OF
@@ -84,6 +85,9 @@ class DataConfig:
     size: int = 10000               # generated problems for builtin / reasoning_gym sources
     digits: int = 2                 # builtin:addition operand digits
     shuffle: bool = True
+    bad_rows: str = "error"         # a local record that cannot be read, lacks a field or holds null: error | skip
+    long_prompts: str = "error"     # a prompt that leaves no room for rollout.max_new_tokens in the model's
+                                    # context: error | skip (left out, counted)
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class ScheduleConfig:
     )
     reset_optimizer_at_switch: bool = False
     resync_reference_at_switch: bool = True
+    allow_negative_weights: bool = False    # objective weights < 0 (a term pushed the other way) are errors unless set
     adaptive: AdaptiveSwitchConfig = field(default_factory=AdaptiveSwitchConfig)
 
 
@@ -261,6 +266,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"schedule.phases[{i}].objectives: objective {repeated!r} appears "
                               f"{names.count(repeated)} times in phase {ph.name!r}; expected one entry per "
                               f"objective (with the summed weight)")
+    check_objectives(cfg)
     ad = cfg.schedule.adaptive
     if ad.signal:
         first = cfg.schedule.phases[0]
@@ -291,6 +297,12 @@ def validate(cfg: Config) -> Config:
                           f"the reward function {cfg.reward.fn!r} returns its own scores, got "
                           f"{cfg.reward.format_penalty}")
     local = cfg.model.path.startswith(("/", ".", "~"))   # a hub id is "org/name"; builtins start "builtin:"
+    if Path(cfg.model.path).expanduser().is_file():
+        raise ConfigError(f"model.path: {cfg.model.path!r} is a file; expected a local model folder (holding "
+                          f"config.json), a hub id ('org/name') or builtin:<name>")
+    out = Path(cfg.run.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.output_dir: {cfg.run.output_dir!r} is a file; expected a folder (new or a run's)")
     if local and not Path(cfg.model.path).expanduser().is_dir():
         raise ConfigError(f"model.path: no folder at {cfg.model.path!r}; expected a local model folder, a hub id "
                           f"('org/name') or builtin:<name>")
@@ -306,12 +318,19 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: List[str] = 
     data: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder; expected a TOML file, e.g. configs/tiny.toml")
         if not p.is_file():
             raise ConfigError(f"config file not found: {str(p)!r}")
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+            kind = f" (a {p.suffix} file; expected a TOML config)" if p.suffix not in (".toml", "") else ""
+            raise ConfigError(f"{p}: invalid TOML{kind}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); expected a TOML config") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected key=value, e.g. optim.lr=1e-6")

@@ -33,6 +33,8 @@ CHOICES = {
     "algo.old_logp": ("detached", "rollout"),
     "objective.name": OBJECTIVES,
     "reward.extract": EXTRACT_MODES,
+    "data.bad_rows": ("error", "skip"),
+    "data.long_prompts": ("error", "skip"),
 }
 POSITIVE = {"rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
             "rollout.temperature", "rollout.generation_batch_size", "reward.timeout", "reward.workers",

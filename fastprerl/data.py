@@ -15,11 +15,15 @@ Loading a config runs `check_source` and `check_template`: a local file of anoth
 """
 from __future__ import annotations
 
+import json
+import logging
 import random
 import re
 import string
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
+
+log = logging.getLogger("fastprerl")
 
 BUILTIN_TASKS = ("builtin:addition", "builtin:word_problems")
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -36,7 +40,8 @@ def check_source(source: str) -> None:
     if source.startswith(("builtin:", "reasoning_gym:")):
         return
     path = Path(source)
-    if path.suffix not in LOCAL_FORMATS and (path.is_file() or _FILE_SUFFIX.fullmatch(path.suffix)):
+    if path.suffix not in LOCAL_FORMATS and (path.is_file() or _FILE_SUFFIX.fullmatch(path.suffix)) \
+            and not path.is_dir():
         raise ValueError(f"data.source: {source!r} looks like a local file, but local files must end in one "
                          f"of {list(LOCAL_FORMATS)}; other sources are builtin:addition, reasoning_gym:<task> "
                          f"or a hub dataset id")
@@ -92,24 +97,149 @@ def reasoning_gym_problems(task: str, n: int, seed: int) -> List[Dict]:
     return [{"prompt": e["question"], "answer": str(e["answer"]), "entry": e} for e in ds]
 
 
-def file_problems(source: str, split: str, prompt_field: str, answer_field: str) -> List[Dict]:
+def file_problems(source: str, split: str, prompt_field: str, answer_field: str,
+                  bad_rows: str = "error") -> List[Dict]:
+    """The problems of a local file or folder (local_records) or a hub dataset. A record without the prompt or
+    answer field, with a null or empty one, or that cannot be read is a bad row: an error naming the file and the
+    line (row) of each (bad_rows "error"), or left out with a count (bad_rows "skip", data.bad_rows)."""
+    path = Path(source).expanduser()
+    local = path.suffix in LOCAL_FORMATS or path.is_dir() or source.startswith(("/", ".", "~"))
+    if local:
+        records, bad = local_records(path, split)
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(source, split=split)
+        records, bad = [(f"row {i + 1}", r) for i, r in enumerate(ds)], []
+    for key, name in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
+        if records and not any(isinstance(r, dict) and name in r for _, r in records):
+            columns = sorted({c for _, r in records if isinstance(r, dict) for c in r})
+            raise ValueError(f"{key}: column {name!r} not in {source!r}; columns: {columns}")
+    out = []
+    for where, r in records:
+        why = _bad_record(r, prompt_field, answer_field)
+        if why:
+            bad.append((where, why))
+        else:
+            out.append({"prompt": str(r[prompt_field]), "answer": str(r[answer_field])})
+    if not records and not bad:
+        raise ValueError(f"data.source: {source!r} holds no records (an empty file)")
+    if bad:
+        shown = "; ".join(f"{w}: {why}" for w, why in bad[:5]) + (f"; ... ({len(bad) - 5} more)" if len(bad) > 5
+                                                                     else "")
+        total = len(out) + len(bad)
+        if bad_rows != "skip" or not out:
+            hint = (f"; fix them, or set data.bad_rows = \"skip\" to leave them out" if bad_rows != "skip" and out
+                    else "")
+            raise ValueError(f"data.source: {source!r}: {len(bad)} of {total} records cannot be used ({shown})"
+                             f"{hint}")
+        log.warning("data.source %r: left out %d of %d records (data.bad_rows = \"skip\"): %s", source,
+                    len(bad), total, shown)
+    return out
+
+
+def _bad_record(r, prompt_field: str, answer_field: str) -> str:
+    """Why the record `r` gives no problem ("" when it does)."""
+    if not isinstance(r, dict):
+        return f"expected a JSON object, got {type(r).__name__}"
+    for name in (prompt_field, answer_field):
+        if name not in r:
+            return f"no {name!r} field (it has {sorted(r)})"
+        if r[name] is None:
+            return f"{name!r} is null"
+        if isinstance(r[name], str) and not r[name].strip():
+            return f"{name!r} is empty"
+    return ""
+
+
+def local_records(path: Path, split: str = "train") -> Tuple[List[Tuple[str, object]], List[Tuple[str, str]]]:
+    """(where, record) of every record of a local file, and (where, why) of each part that cannot be read:
+    where is "line N" in a .jsonl file (and a .json file of JSON lines), "record N" in a .json array, "row N"
+    (data rows, from 1) in .csv and .parquet files. A folder: the files of `split` as `datasets` assigns them
+    (train*, test*, ...; every file when no name says a split), those of LOCAL_FORMATS read in name order, "where"
+    prefixed with the file's name. Raises ValueError naming data.source for a file that is missing, unreadable
+    or not of its kind."""
+    if path.is_dir():
+        return _folder_records(path, split)
+    if not path.is_file():
+        raise ValueError(f"data.source: file not found: {str(path)!r}; expected a local "
+                         f"{'/'.join(LOCAL_FORMATS)} file or a folder of them, builtin:addition, "
+                         f"reasoning_gym:<task> or a hub dataset id ('org/name')")
+    kind = LOCAL_FORMATS[path.suffix]
+    if kind == "json":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.source: {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ValueError(f"data.source: cannot read {str(path)!r}: {e.strerror or e}") from None
+        return _json_records(text, path)
     import datasets
 
-    path = Path(source)
-    if path.suffix in LOCAL_FORMATS:
-        if not path.exists():
-            raise ValueError(f"data.source: file not found: {source!r}")
-        ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    else:
-        ds = datasets.load_dataset(source, split=split)
-    for key, name in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
-        if name not in ds.column_names:
-            raise ValueError(f"{key}: column {name!r} not in {source!r}; columns: {ds.column_names}")
-    return [{"prompt": str(r[prompt_field]), "answer": str(r[answer_field])} for r in ds]
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow / pandas parse errors of many types; the message names the cause
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"data.source: cannot read {str(path)!r} as {kind}: {cause[:300]}") from None
+    return [(f"row {i + 1}", r) for i, r in enumerate(ds)], []
+
+
+def _json_records(text: str, path: Path):
+    if path.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None   # perhaps JSON lines in a .json file (`datasets` reads those)
+        if isinstance(whole, list):
+            return [(f"record {i + 1}", r) for i, r in enumerate(whole)], []
+        if isinstance(whole, dict):
+            columns = list(whole.values())
+            if columns and all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
+                return [(f"record {i + 1}", dict(zip(whole, row))) for i, row in enumerate(zip(*columns))], []
+            return [("record 1", whole)], []
+    records, bad = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {i}", json.loads(line)))
+        except ValueError as e:
+            bad.append((f"line {i}", f"not valid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"))
+    return records, bad
+
+
+def _folder_records(folder: Path, split: str):
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    except Exception as e:  # an empty folder: datasets' EmptyDatasetError
+        raise ValueError(f"data.source: folder {str(folder)!r} holds no data files; expected files ending in "
+                         f"{list(LOCAL_FORMATS)} ({type(e).__name__})") from None
+    if split not in files:
+        raise ValueError(f"data.split: {split!r} is not a split of the folder {str(folder)!r}; its splits: "
+                         f"{sorted(files)}")
+    paths = sorted(Path(f) for f in files[split])
+    usable = [p for p in paths if p.suffix in LOCAL_FORMATS and not p.name.startswith(".")]
+    if not usable:
+        raise ValueError(f"data.source: folder {str(folder)!r} holds no file fastprerl reads for split {split!r}; "
+                         f"expected files ending in {list(LOCAL_FORMATS)}, found "
+                         f"{[p.name for p in paths][:10]}")
+    if len(usable) < len(paths):
+        log.info("data.source %s: reading %s; not reading %s (not %s)", folder, [p.name for p in usable],
+                 [p.name for p in paths if p not in usable], "/".join(LOCAL_FORMATS))
+    records, bad = [], []
+    for p in usable:
+        rel = p.relative_to(folder)
+        r, b = local_records(p)
+        records += [(f"{rel} {w}", x) for w, x in r]
+        bad += [(f"{rel} {w}", x) for w, x in b]
+    return records, bad
 
 
 def problems_from_source(source: str, *, n: int, seed: int, digits: int = 2, split: str = "train",
-                         prompt_field: str = "problem", answer_field: str = "answer") -> List[Dict]:
+                         prompt_field: str = "problem", answer_field: str = "answer",
+                         bad_rows: str = "error") -> List[Dict]:
     """The problems of a source (module docstring): n generated ones for builtin / reasoning_gym sources, every
     record of a file or hub dataset."""
     check_source(source)
@@ -119,13 +249,14 @@ def problems_from_source(source: str, *, n: int, seed: int, digits: int = 2, spl
         return word_problems(n, seed)
     if source.startswith("reasoning_gym:"):
         return reasoning_gym_problems(source.split(":", 1)[1], n, seed)
-    return file_problems(source, split, prompt_field, answer_field)
+    return file_problems(source, split, prompt_field, answer_field, bad_rows)
 
 
 def load_problems(cfg, seed: int) -> List[Dict]:
     """cfg: DataConfig."""
     return problems_from_source(cfg.source, n=cfg.size, seed=seed, digits=cfg.digits, split=cfg.split,
-                                prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
+                                prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+                                bad_rows=cfg.bad_rows)
 
 
 def format_prompt(sample: Dict, cfg, tokenizer) -> List[int]:
@@ -141,6 +272,39 @@ def format_prompt(sample: Dict, cfg, tokenizer) -> List[int]:
     if cfg.system_prompt:
         text = cfg.system_prompt + "\n\n" + text
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def fit_prompts(problems: List[Dict], cfg, tokenizer, context: int, rollout) -> List[Dict]:
+    """The problems whose formatted prompt leaves room for rollout.max_new_tokens response tokens in the model's
+    `context` (positions): a longer one is an error naming the count and the longest (data.long_prompts
+    "error"), or is left out with a count ("skip"). cfg: DataConfig; rollout: RolloutConfig. Only prompts whose
+    UTF-8 length could reach the limit are tokenized (a token holds at least one byte)."""
+    max_new_tokens = rollout.max_new_tokens
+    room = context - max_new_tokens
+    if room < 1:
+        raise ValueError(f"rollout.max_new_tokens: expected fewer than the model's {context} positions (prompt and "
+                         f"response share them), got {max_new_tokens}")
+    base = len(format_prompt({"prompt": ""}, cfg, tokenizer)) + 8
+    fixed = len(cfg.template.encode()) + len(cfg.system_prompt.encode())
+    long = []
+    for i, p in enumerate(problems):
+        if base + fixed + len(p["prompt"].encode()) <= room:
+            continue
+        n = len(format_prompt(p, cfg, tokenizer))
+        if n > room:
+            long.append((n, i))
+    if not long:
+        return problems
+    n, i = max(long)
+    what = (f"{len(long)} of {len(problems)} prompts are longer than the {room} tokens the model's context of "
+            f"{context} leaves beside rollout.max_new_tokens = {max_new_tokens} (the longest: problem {i + 1}, "
+            f"{n} tokens: {problems[i]['prompt'][:80]!r}...)")
+    if cfg.long_prompts != "skip" or len(long) == len(problems):
+        raise ValueError(f"data.source: {what}; shorten them, lower rollout.max_new_tokens, or set "
+                         f"data.long_prompts = \"skip\" to leave them out")
+    log.warning("data.source: %s; left out (data.long_prompts = \"skip\")", what)
+    drop = {i for _, i in long}
+    return [p for j, p in enumerate(problems) if j not in drop]
 
 
 class PromptStream:

@@ -178,6 +178,7 @@ def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List
         "reward/accuracy": sum(scores.correct) / B,
         "reward/format": sum(scores.has_answer) / B,
         "reward/timeouts": scores.timeouts,
+        "reward/errors": scores.errors,
         "rollout/response_len_mean": resp_lens.float().mean().item(),
         "rollout/truncated_frac": sum(truncated) / B,
         "groups/zero_adv_frac": (gmin == gmax).float().mean().item(),
@@ -231,7 +232,8 @@ def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List
     return m
 
 
-SUMMED = ("reward/timeouts", "groups/all_solved", "groups/none_solved", "loss/", "samples/", "train/rows",
+SUMMED = ("reward/timeouts", "reward/errors", "groups/all_solved", "groups/none_solved", "loss/", "samples/",
+          "train/rows",
           "train/packed_tokens", "train/microbatches")
 
 

@@ -176,3 +176,11 @@ def lm_head_weight(model) -> torch.Tensor:
     if getattr(head, "bias", None) is not None:
         raise ValueError("LM heads with a bias are not supported by the fused log-prob op")
     return head.weight
+
+
+def context_length(rollout, model) -> int:
+    """Positions a sequence (prompt + response) may use: rollout.vllm_max_model_len when set for vLLM, else the
+    model's max_position_embeddings (a very large number when the model names none). rollout: RolloutConfig."""
+    if rollout.backend == "vllm" and rollout.vllm_max_model_len:
+        return rollout.vllm_max_model_len
+    return int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2 ** 31)

@@ -1,8 +1,10 @@
-"""How a training run stops before its last step: the stop signals and a step that went non-finite.
+"""How a training run stops before its last step: the stop signals, a step that went non-finite, a step whose
+every reward failed.
 
 SIGINT/SIGTERM finish the current step and write a checkpoint; a second one abandons the step at once
 (StepAbandoned). A non-finite reward, loss or gradient norm raises NonFiniteError before the optimizer step,
-with the statistics of the step's batch (`batch_report`).
+with the statistics of the step's batch (`batch_report`). A step in which the reward function failed on every
+response raises RewardFailure with the first failure (`check_rewards`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,27 @@ import torch
 
 class NonFiniteError(FloatingPointError):
     """A reward, the loss or the gradient norm of a step is NaN/inf; the step was not applied."""
+
+
+class RewardFailure(RuntimeError):
+    """Every response of a step failed in the reward function: the rewards would all be a made-up 0."""
+
+
+def check_rewards(dist, step: int, scores, texts: List[str], samples: List[dict]) -> None:
+    """Raises RewardFailure, with the first failure, its response and sample, when every response of the step
+    (on every process; dist: distributed.Dist) failed in the reward function."""
+    failed = len(texts) > 0 and scores.errors == len(texts)   # this process's responses all failed
+    if not dist.any(not failed):
+        raise reward_failure(step, scores, texts, samples)
+
+
+def reward_failure(step: int, scores, texts: List[str], samples: List[dict]) -> RewardFailure:
+    """The error of a step whose every reward failed: the first failure with its response and sample."""
+    i = next(j for j, e in enumerate(scores.error) if e)
+    sample = {k: v for k, v in samples[i].items() if k != "entry"}
+    return RewardFailure(f"step {step}: the reward function failed on all {len(texts)} responses; the first "
+                         f"failure: {scores.error[i]}\n  response: {texts[i][:500]!r}\n  sample: "
+                         f"{str(sample)[:500]}\n  (reward.fn; the step was not applied)")
 
 
 class StepAbandoned(BaseException):

@@ -47,10 +47,10 @@ from . import distributed
 from . import objectives as obj
 from .config import Config
 from .config_parse import naming
-from .data import PromptStream, format_prompt, load_problems
+from .data import PromptStream, fit_prompts, format_prompt, load_problems
 from .kernels import resolve_impl
 from .metrics import MetricsLogger, NoMetrics, reduce_rows, sample_records, step_metrics
-from .models import DTYPES, choose_device, empty_context_token, load_model, load_tokenizer
+from .models import DTYPES, choose_device, context_length, empty_context_token, load_model, load_tokenizer
 from .optim import make_optimizer
 from .packing import pack, select_rows
 from .passes import BinPasses
@@ -59,7 +59,7 @@ from .rewards import from_config as reward_fn_from_config
 from .rewards import score_responses
 from .rollout import make_backend
 from .state import resume
-from .stops import NonFiniteError, StepAbandoned, StopSignals, batch_report
+from .stops import NonFiniteError, StepAbandoned, StopSignals, batch_report, check_rewards
 
 log = logging.getLogger("fastprerl")
 
@@ -81,8 +81,8 @@ def check_startup(cfg, device: torch.device, dist=None) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, config_file: Optional[str] = None):   # the CLI's CONFIG: never overwritten
+        self.cfg, self.config_file = cfg, config_file
         self.dist = distributed.init(cfg.run.device, cfg.dist.timeout_s)
         if not self.dist.is_main:
             log.setLevel(logging.WARNING)   # the console is rank 0's
@@ -97,6 +97,8 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
+        with naming("data.source", cfg.data.source):   # a bad data file stops the start before the model loads
+            problems = load_problems(cfg.data, cfg.run.seed)
 
         with naming("model.path", cfg.model.path):
             self.tok = load_tokenizer(cfg.model.path)
@@ -117,8 +119,7 @@ class Trainer:
         self.ref_passes = BinPasses(self.ref_model, self.ref_root, **passes) if self.ref_model is not None else None
         self.schedule = Schedule(cfg.schedule)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.cfg.optim)
-        with naming("data.source", cfg.data.source):
-            problems = load_problems(cfg.data, cfg.run.seed)
+        problems = fit_prompts(problems, cfg.data, self.tok, context_length(cfg.rollout, self.model), cfg.rollout)
         self.stream = PromptStream(problems, cfg.run.seed, cfg.data.shuffle)
         self.rollout = make_backend(cfg.rollout, self.model, self.tok, seed=cfg.run.seed)
         self.reward_fn = reward_fn_from_config(cfg.reward)
@@ -129,6 +130,7 @@ class Trainer:
         self.evaluator = None   # rank 0's (the other ranks take part in gathering the weights only)
         if cfg.eval.every > 0:
             self.dist.on_main(self._make_evaluator)
+        self.dist.on_main(lambda: resume.start_output_dir(self, resume_from))   # the first write
         self.metrics = NoMetrics()
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard,
@@ -146,7 +148,7 @@ class Trainer:
     def _make_evaluator(self) -> None:
         from .evaluation.periodic import PeriodicEval
         self.evaluator = PeriodicEval(self.cfg, self.tok, self.out, run_reward_fn=self.reward_fn,
-                                      start_step=self.step)
+                                      start_step=self.step, open_log=False)   # opened once the folder is set
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> str:
@@ -246,6 +248,7 @@ class Trainer:
         rewards = torch.tensor(scores.score, dtype=torch.float32)                           # (B,)
         resp_lens = torch.tensor([len(r) for r in roll.response_ids], dtype=torch.long)     # (B,)
         report = dict(rewards=rewards, resp_lens=resp_lens, truncated=roll.truncated)
+        check_rewards(self.dist, self.step, scores, texts, samples)   # every reward failed: RewardFailure
         if self.dist.any(not torch.isfinite(rewards).all()):
             raise NonFiniteError(self._stop_message(batch_report(self.step, phase.name, "non-finite rewards",
                                                                  texts=texts, **report)))

@@ -25,3 +25,15 @@ def raises_on_marker(responses, samples):
 
 def returns_two_values(responses, samples):
     return [1.0, 1.0]
+
+
+def always_raises(responses, samples):
+    """A broken reward function: it raises on every response."""
+    return [1 / 0 for _ in responses]
+
+
+def raises_on_even_answers(responses, samples):
+    """Raises for the samples whose gold answer is even; scores 1.0 elsewhere."""
+    if int(samples[0]["answer"]) % 2 == 0:
+        raise ValueError(f"even answer {samples[0]['answer']}")
+    return [1.0 for _ in responses]

@@ -33,7 +33,7 @@ from ..kernels import token_logprobs
 from ..metrics import text_table
 from ..models import empty_context_token, lm_head_weight
 from ..packing import bins, pack
-from .data import EvalError, parse_data_spec, prepare_datasets, sample, score_samples
+from .data import EvalError, check_prompt_room, parse_data_spec, prepare_datasets, sample, score_samples
 from .evaluator import default_out, settings_from_args, write_json
 from .model import load_model_on, load_tokenizer_for, resolve_model
 
@@ -164,6 +164,9 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
     except ValueError as e:
         raise EvalError(f"--empty-token: {e}") from None
     model = load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        check_prompt_room(datasets, int(context), settings.eval.max_new_tokens)
     try:
         named = select_params(model, params)
     except ValueError as e:

@@ -266,6 +266,20 @@ def prepare_datasets(specs: Sequence[DataSpec], settings: EvalSettings, tokenize
     return out
 
 
+def check_prompt_room(datasets: Sequence["EvalDataset"], context: int, max_new_tokens: int) -> None:
+    """Raises EvalError when a prompt leaves no room for max_new_tokens response tokens in the model's context
+    (positions), naming the dataset, the count and the longest prompt."""
+    room = context - max_new_tokens
+    for ds in datasets:
+        long = [(len(p), i) for i, p in enumerate(ds.prompt_ids) if len(p) > room]
+        if long:
+            n, i = max(long)
+            raise EvalError(f"--data {ds.name!r}: {len(long)} of {len(ds.prompt_ids)} prompts are longer than the "
+                            f"{room} tokens the model's context of {context} leaves beside --max-new-tokens "
+                            f"{max_new_tokens} (the longest: problem {i + 1}, {n} tokens); shorten them or lower "
+                            f"--max-new-tokens")
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 @dataclass
 class Samples:

@@ -45,8 +45,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..metrics import behaviour_counts, text_table
-from .data import (REWARDS, EvalDataset, EvalError, EvalSettings, Samples, parse_data_spec, prepare_datasets, sample,
-                   score_samples)
+from .data import (REWARDS, EvalDataset, EvalError, EvalSettings, Samples, check_prompt_room, parse_data_spec,
+                   prepare_datasets, sample, score_samples)
 from .model import load_model_on, load_tokenizer_for, resolve_model
 
 __all__ = ["BEHAVIOURS", "SUMMARY_KEYS", "pass_at_k", "avg_at_k", "mean_pass_at_k", "pass_ks", "summarise",
@@ -154,6 +154,9 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
     tok = load_tokenizer_for(resolved.spec)
     datasets = prepare_datasets(specs, settings, tok, resolved.run_config)  # bad data fails before the model
     model = load_model_on(resolved, dtype=dtype, seed=settings.eval.seed, device=device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        check_prompt_room(datasets, int(context), settings.eval.max_new_tokens)
     per, records = {}, {}
     for ds in datasets:
         s = score_samples(sample(model, tok, ds, settings), ds, settings)

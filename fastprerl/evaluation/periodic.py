@@ -26,7 +26,7 @@ class PeriodicEval:
     run's reward function, other sets with `fastprerl eval`'s default for them. Sampling forks torch's RNG,
     so evaluating does not change what the training steps sample."""
 
-    def __init__(self, cfg, tokenizer, out_dir, run_reward_fn=None, start_step: int = 0):
+    def __init__(self, cfg, tokenizer, out_dir, run_reward_fn=None, start_step: int = 0, open_log: bool = True):
         e = cfg.eval
         values = tuple(e.data) or (cfg.data.source,)
         try:
@@ -47,6 +47,12 @@ class PeriodicEval:
                 self.rewards[ds.name] = make_reward(ds.reward, cfg.reward)
         self.path = Path(out_dir) / "eval.jsonl"
         self.base = None
+        if open_log:
+            self.open_log(start_step)
+
+    def open_log(self, start_step: int = 0) -> None:
+        """eval.jsonl of this run: rows from start_step on dropped (a resume), or the file removed (a fresh run;
+        the trainer sets an earlier run's aside first); the run's first evaluation read back as the base."""
         if start_step > 0 and self.path.exists():  # a resumed run evaluates step start_step again
             keep_rows_before(self.path, start_step)
         elif self.path.exists():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 __all__ = [
@@ -41,12 +41,15 @@ class RewardResult:
     has_answer: an answer could be extracted in the expected format (logged as `reward/format`).
     timed_out: the verdict was decided by a timeout (score and correct are then 0.0; logged as
         `reward/timeouts`), never by the verifier.
+    error: why the reward function (or its worker) failed on this response, "" when it did not (score and
+        correct are then 0.0; logged as `reward/errors`). Not compared: results are equal whatever the text.
     """
 
     score: float
     correct: float
     has_answer: bool
     timed_out: bool = False
+    error: str = field(default="", compare=False)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -255,7 +255,9 @@ class RewardPool:
                     result = RewardResult(verdict, verdict, True) if has_answer else no_answer
                     stats["no_answer"] += 0 if has_answer else len(tasks[key])
                 else:  # "timeout", or a crash / an error: no verifier's verdict either way
-                    result = RewardResult(0.0, 0.0, True, timed_out=value == "timeout")
+                    result = RewardResult(0.0, 0.0, True, timed_out=value == "timeout",
+                                          error="" if value == "timeout" else
+                                          "its worker died" if value == "crash" else f"verification raised {value}")
                 for i in tasks[key]:
                     results[i] = result
         return results  # type: ignore[return-value]

@@ -1,8 +1,9 @@
 """The registry of reward functions, and math scoring on one shared worker pool.
 
 Reward functions (`get_reward_fn`, `from_config`) map (responses, samples) to one `RewardResult(score,
-correct, has_answer, timed_out)` per response; `has_answer` is the format metric, `timed_out` marks a verdict
-that a timeout decided (0.0, counted by the trainer as `reward/timeouts`):
+correct, has_answer, timed_out, error)` per response; `has_answer` is the format metric, `timed_out` marks a
+verdict that a timeout decided (0.0, counted by the trainer as `reward/timeouts`), `error` why the function or
+its worker failed (0.0, counted as `reward/errors`; a step where every response failed stops the run):
   "math"             the response's answer against `sample["answer"]`: math-verify's own extraction and
                      `verify` by default, or the strict `extract` modes (`fastprerl.rewards.answers`);
   "reasoning_gym"    the task's own scorer (see `extract_reasoning_gym_answer` for the extraction rule);
@@ -133,7 +134,8 @@ class ReasoningGymReward:
                 results.append(RewardResult(float(value) - (0.0 if has else self.format_penalty), float(value), has))
             else:  # the scorer raised, died or ran past the timeout
                 results.append(RewardResult(0.0 - (0.0 if has else self.format_penalty), 0.0, has,
-                                            timed_out=value == "timeout"))
+                                            timed_out=value == "timeout",
+                                            error="" if value == "timeout" else _why(value, pool)))
         return results
 
 
@@ -177,7 +179,8 @@ class UserReward:
             if not timed_out:
                 why = value[1] if ok else f"its worker {'died' if value == 'crash' else f'failed ({value})'}"
                 self._report(why, response, sample)
-            results.append(RewardResult(0.0, 0.0, timed_out, timed_out=timed_out))  # a failure: no answer
+            results.append(RewardResult(0.0, 0.0, timed_out, timed_out=timed_out,   # a failure: no answer
+                                        error="" if timed_out else why))
         return results
 
     def _report(self, why: str, response: str, sample: Mapping[str, Any]) -> None:
@@ -228,6 +231,13 @@ def from_config(rc) -> RewardFn:
         return get_reward_fn(rc.fn, **options)
     except ValueError as exc:
         raise ValueError(f"reward.fn: {exc}") from None
+
+
+def _why(value: str, pool: RewardPool) -> str:
+    """The text of a failed worker call ("crash", or the type name of what it raised): the pool's last error."""
+    if value == "crash":
+        return "its worker died"
+    return f"{value}: {pool.last_error}" if pool.last_error and pool.last_error != value else str(value)
 
 
 def _field(mapping: Mapping[str, Any], key: str) -> Any:

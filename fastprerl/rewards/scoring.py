@@ -2,7 +2,7 @@
 built from a RewardConfig by `fastprerl.rewards.from_config`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 
@@ -14,14 +14,20 @@ class Scores:
     correct: List[float]
     has_answer: List[bool]
     timed_out: List[bool]
+    error: List[str] = field(default_factory=list)   # why the reward function failed, "" where it did not
 
     @property
     def timeouts(self) -> int:
         return sum(self.timed_out)
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for e in self.error if e)
 
 
 def score_responses(reward_fn, texts: Sequence[str], samples: Sequence[Dict]) -> Scores:
     """Calls the reward function once on every (response text, sample) pair."""
     out = reward_fn(list(texts), list(samples))
     return Scores([float(r.score) for r in out], [float(r.correct) for r in out],
-                  [bool(r.has_answer) for r in out], [bool(r.timed_out) for r in out])
+                  [bool(r.has_answer) for r in out], [bool(r.timed_out) for r in out],
+                  [str(getattr(r, "error", "") or "") for r in out])

@@ -6,9 +6,12 @@ is set) checkpoints and the final model are DCP / gathered by dcp.py; a plain pr
 checkpoint.py's format. `load_checkpoint` reads both kinds into either kind of model. The functions named
 `*_trainer*` take the Trainer and read or set its fields.
 
-A run that starts at step 0 first moves an earlier run's outputs (RUN_OUTPUTS) from run.output_dir to
-previous/<UTC time>/, so that nothing of it is overwritten or deleted (a config.toml alone is left to be
-overwritten: it is all that a run which failed to start writes).
+Nothing a user or an earlier run wrote is lost. A run writes to run.output_dir only once everything has loaded (a
+start that fails leaves the folder as it found it, but for damaged checkpoints moved aside on --resume). A run that
+starts at step 0 then moves an earlier run's outputs (RUN_OUTPUTS) from run.output_dir to previous/<UTC time>/, a
+config.toml among them unless it holds exactly the resolved config about to be written; a resumed run moves a
+differing config.toml there too. The config file a run was started from, when it is run.output_dir/config.toml, is
+never touched (`check_config_file`: left as it is, or the start is refused).
 """
 from __future__ import annotations
 
@@ -113,11 +116,15 @@ def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Op
     return path
 
 
-def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
-    """Moves the RUN_OUTPUTS found in `out` to a new folder out/previous/<UTC time>/ and returns it; None when
-    `out` holds no earlier results."""
-    found = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
-    if all(p.name == "config.toml" for p in found):
+def set_aside_earlier_outputs(out: Path, new_config: Optional[str] = None,
+                              names: Tuple[str, ...] = RUN_OUTPUTS) -> Optional[Path]:
+    """Moves the `names` (RUN_OUTPUTS) found in `out` to a new folder out/previous/<UTC time>/ and returns it;
+    None when `out` holds none of them. A config.toml whose text is `new_config` (the one about to be written)
+    stays: nothing of it would be lost."""
+    found = [out / name for name in names if (out / name).exists()]
+    if new_config is not None and (out / "config.toml") in found and _same_text(out / "config.toml", new_config):
+        found.remove(out / "config.toml")
+    if not found:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest, n = out / "previous" / stamp, 0
@@ -135,15 +142,71 @@ def set_aside_earlier_outputs(out: Path) -> Optional[Path]:
     return dest
 
 
+def _same_text(path: Path, text: str) -> bool:
+    try:
+        return path.read_bytes() == text.encode()
+    except OSError:
+        return False
+
+
+def check_config_file(config_file, out: Path, cfg) -> bool:
+    """True when the config file the run was started from (`config_file`, the CLI's CONFIG) is
+    run.output_dir/config.toml, the file where a run writes its resolved config. That file is never
+    overwritten: it is left as it is when it gives this run's config but for run.output_dir and run.resume
+    (the run then writes no config.toml); otherwise (overrides change it) the start is refused with a
+    ConfigError naming the keys. False: another file, or none."""
+    from ..config import ConfigError, load_config
+
+    target = out / "config.toml"
+    if config_file is None or not target.is_file() or not Path(config_file).is_file():
+        return False
+    if not os.path.samefile(config_file, target):
+        return False
+    own = load_config(config_file).to_dict()
+    now = cfg.to_dict()
+    for d in (own, now):
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("output_dir", "resume")}
+    changes = list(_diff(own, now))
+    if changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:8])
+        raise ConfigError(f"run.output_dir: the config file {str(config_file)!r} is {str(target)!r}, where a run "
+                          f"writes its resolved config, and this run's config differs from it ({listed}); it is "
+                          f"never overwritten. Write the overrides into the file, start from a copy outside "
+                          f"run.output_dir, or choose another run.output_dir")
+    return True
+
+
+def _diff(a, b, prefix=""):
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k, "<unset>"), b.get(k, "<unset>")
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            yield prefix + k, x, y
+
+
 def prepare_output_dir(tr) -> Optional[Path]:
-    """The checkpoint to resume from (None: step 0); a fresh run sets earlier outputs aside. Rank 0 only."""
+    """The checkpoint to resume from (None: step 0), and the check of the config file the run was started from
+    (check_config_file). Writes nothing (but for damaged checkpoints set aside on resume): the folder is
+    changed by `start_output_dir` once everything has loaded. Rank 0 only."""
     cfg = tr.cfg
-    resume_from = resume_point(tr.ckpt_root, tr.out, cfg.to_dict(), cfg.run.resume)
-    if resume_from is None:
-        set_aside_earlier_outputs(tr.out)
+    tr.keep_config_file = check_config_file(tr.config_file, tr.out, cfg)
+    return resume_point(tr.ckpt_root, tr.out, cfg.to_dict(), cfg.run.resume)
+
+
+def start_output_dir(tr, resume_from: Optional[Path]) -> None:
+    """A fresh run sets earlier outputs aside (set_aside_earlier_outputs); a resumed one a config.toml that
+    differs from its resolved config. Then config.toml: the resolved config, unless the run was started from
+    that very file (left as it is); then the periodic evaluation's eval.jsonl. Rank 0 only."""
+    text = to_toml(tr.cfg)
+    names = RUN_OUTPUTS if resume_from is None else ("config.toml",)
+    set_aside_earlier_outputs(tr.out, text, tuple(n for n in names if not (tr.keep_config_file and
+                                                                           n == "config.toml")))
     tr.out.mkdir(parents=True, exist_ok=True)
-    (tr.out / "config.toml").write_text(to_toml(cfg))
-    return resume_from
+    if not tr.keep_config_file:
+        (tr.out / "config.toml").write_text(text)
+    if tr.evaluator is not None:
+        tr.evaluator.open_log(tr.step)
 
 
 def save_trainer(tr) -> Path:

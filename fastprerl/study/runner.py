@@ -77,6 +77,10 @@ def finished_arm_mismatch(cfg) -> Optional[str]:
     return "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes) or None
 
 
+class ArmStartError(ValueError):
+    """An arm that cannot start (its config, data, model or run folder); `fastprerl study` exits 2."""
+
+
 def run_arm(cfg) -> str:
     """Trains (or resumes) one arm; adds this part's seconds to <output_dir>/wall_s.txt (the sum of all
     parts of a run resumed from a checkpoint). A finished arm's checkpoints are deleted (its final model,
@@ -87,7 +91,11 @@ def run_arm(cfg) -> str:
     resumed = bool(list_checkpoints(out / "checkpoints"))
     earlier = float(wall_file.read_text()) if resumed and wall_file.exists() else 0.0
     t0 = time.perf_counter()
-    status = Trainer(cfg).train()
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, RuntimeError, OSError) as e:   # its config, data, model or folder: nothing trained
+        raise ArmStartError(str(e)) from e
+    status = trainer.train()
     wall_file.write_text(f"{earlier + time.perf_counter() - t0:.1f}\n")
     if status == "complete":
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -126,6 +134,12 @@ def run_study(args) -> int:
         cfgs = {(a, sd): arm_config(args.config, args.overrides, a, out, args.steps, args.warmup, args.eval_every,
                                     seed=sd, adaptive_max=args.adaptive_max, checkpoint_every=args.checkpoint_every)
                 for sd in seeds for a in arms}
+        if args.reading and not Path(args.reading).is_file():
+            raise ValueError(f"--reading: no file at {args.reading!r}; expected a text file with the reading")
+        if args.report_only and not any((Path(c.run.output_dir) / "final").exists() and
+                                        (Path(c.run.output_dir) / "eval.jsonl").exists() for c in cfgs.values()):
+            raise ValueError(f"--report-only: no arm of this study has finished in {str(out)!r} (an arm's folder "
+                             f"with final/ and eval.jsonl); run it without --report-only first, or pass its --out")
     except (ConfigError, ValueError) as e:
         print(f"fastprerl study: {e}", file=sys.stderr)
         return 2
@@ -143,7 +157,7 @@ def run_study(args) -> int:
             print(f"{tag}: training {args.steps} steps into {cfg.run.output_dir}", file=sys.stderr)
             try:
                 status = run_arm(cfg)
-            except ResumeError as e:
+            except (ResumeError, ArmStartError) as e:
                 print(f"fastprerl study: arm {a} seed {sd}: {e}", file=sys.stderr)
                 return 2
             if status != "complete":
@@ -177,9 +191,13 @@ def run_study(args) -> int:
             "prompts": c0.rollout.prompts_per_step, "samples": c0.rollout.samples_per_prompt, "lr": c0.optim.lr,
             "seeds": seeds, "eval_every": args.eval_every, "eval_temperature": c0.eval.temperature,
             "eval_seed": c0.eval.seed, "align_n": args.align_n, "out": str(out)}
-    if args.reading and Path(args.reading).exists():
+    if args.reading:
         meta["reading"] = Path(args.reading).read_text().strip()
-    print(write_report(out, doc, meta, arms, seeds))
+    try:
+        print(write_report(out, doc, meta, arms, seeds))
+    except FileNotFoundError as e:   # no arm finished (e.g. --steps or --arms that none of the runs used)
+        print(f"fastprerl study: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
