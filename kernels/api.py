@@ -93,12 +93,18 @@ def _compact(hidden, targets, rows, vocab: int):
     else:
         rows = rows.to(device=hidden.device, dtype=torch.long)
         h, t = hidden.index_select(0, rows), targets.index_select(0, rows).long()
-    if t.numel():
+    if t.numel() and not _is_fake(t):   # fake tensors (memory plans, tracing) hold no values to check
         lo, hi = torch.aminmax(t)
         if int(lo) < 0 or int(hi) >= vocab:
             raise ValueError(f"targets of the active rows must lie in [0, {vocab}) (the weight's rows), "
                              f"got min {int(lo)}, max {int(hi)}; pass `rows` to leave out ignored positions")
     return h, t
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def _scatter(values: Optional[torch.Tensor], n: int, rows):
