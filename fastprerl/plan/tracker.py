@@ -39,6 +39,14 @@ class _WorkspaceMixin:
             reftype = self._ws
         return super()._track(reftype, t)
 
+    def _update_peak_stats(self, peak_state) -> None:
+        """Only the global peak and its snapshot (torch's version also walks every tracked module per operator
+        to keep per-module peaks, which a plan does not read and which made a 30-layer step take minutes)."""
+        for dev, dev_snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                self._peak_mem[dev] = dev_snap["Total"]
+                self._peak_mem_snap[dev] = dict(dev_snap)
+
     @contextlib.contextmanager
     def workspace(self):
         self._ws_depth += 1
