@@ -26,13 +26,16 @@ from torch.utils._pytree import tree_map_only
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of live tensor storages created by operators while active; `peak` is the highest value."""
+    """Bytes of live tensor storages created by operators while active; `peak` is the highest value.
+    existing: tensors that hold memory already (weights, optimizer state): an in-place operator returns their
+    storage, which is not a new allocation."""
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
         self.live = 0
         self.peak = 0
         self._seen = {}
+        self._old = {t.untyped_storage().data_ptr() for t in existing}
 
     def _free(self, key, n):
         if self._seen.pop(key, None) is not None:
@@ -42,7 +45,7 @@ class LiveBytes(TorchDispatchMode):
         st = t.untyped_storage()
         n = st.nbytes()
         key = st.data_ptr()
-        if n == 0 or key in self._seen:
+        if n == 0 or key in self._seen or key in self._old:
             return
         self._seen[key] = weakref.finalize(st, self._free, key, n)
         self.live += n
@@ -95,8 +98,9 @@ def measure_real_step(cfg, *, prompt_tokens: int) -> dict:
     if cfg.optim.offload_optimizer_state:
         state = []   # host memory, as in the plan
     models = [model] + ([ref] if ref is not None else [])
-    before = _storage_bytes([t for m in models for t in list(m.parameters()) + list(m.buffers())] + state)
-    meter = LiveBytes()
+    existing = [t for m in models for t in list(m.parameters()) + list(m.buffers())] + state
+    before = _storage_bytes(existing)
+    meter = LiveBytes(existing + [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)])
     with meter:
         ref_logp = BinPasses(ref, None, **kw).logp(batch) if ref is not None else None
         loss_fn = StepLoss.build(terms, {"grpo": 1.0, "nsr_prerl": 1.0}, resp_lens, row_sample=batch.row_sample,
