@@ -93,8 +93,14 @@ def build_model(cfg, arch, *, attn_implementation: Optional[str] = None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if cfg.model.lora.r > 0:
+        from unittest import mock
+
         from ..lora import wrap
-        model = wrap(model, cfg.model.lora)
+        # PEFT moves each new adapter to its base layer's device with Module.to, which swaps fake parameters and
+        # fails (a fake tensor carries a weakref); everything here is on one (fake CPU) device, and the adapters
+        # are created in float32, as PEFT's autocast keeps them in a real run
+        with mock.patch.object(torch.nn.Module, "to", lambda self, *a, **k: self):
+            model = wrap(model, cfg.model.lora)
     model.train()
     return model
 
@@ -147,6 +153,8 @@ def run_step(cfg, model, batch, *, tracker=None, root=None, ref_model=None, opti
         ref_on = (lambda fn: fn(ref_model)) if root is None else None
         with torch.no_grad():
             for b in todo:
+                if tracker is not None:
+                    tracker.reset_mod_stats()
                 hid = bin_hidden(ref_model, batch, b)
                 h = hid.index_select(0, rel[b].to(hid.device))
                 ref[b] = token_logprobs_no_grad(h, lm_head_weight(ref_model), batch.targets[idx[b]].to(h.device),

@@ -26,6 +26,11 @@ def _extended(ref_cls):
     return _RefType(ref_cls.__name__ + "Planned", members)
 
 
+class _NoHandle:
+    def remove(self):
+        pass
+
+
 class _WorkspaceMixin:
     _ws_depth = 0
 
@@ -38,6 +43,14 @@ class _WorkspaceMixin:
         if self._ws_depth and str.__str__(reftype) in self._plain:
             reftype = self._ws
         return super()._track(reftype, t)
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+        """torch's version registers a gradient hook on every parameter, which a frozen one (LoRA's base, the
+        KL reference model) refuses: those get a placeholder handle instead (they never have a gradient)."""
+        for p in module.parameters():
+            if not p.requires_grad and self._param_to_grad_hook_handles.get(p, None) is None:
+                self._param_to_grad_hook_handles[p] = (_NoHandle(), _NoHandle())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
     def _update_peak_stats(self, peak_state) -> None:
         """Only the global peak and its snapshot (torch's version also walks every tracked module per operator
