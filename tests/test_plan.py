@@ -72,12 +72,6 @@ def test_kl_reference_model_doubles_the_weights():
     assert p.raw["Parameter"] == 2 * 4 * TINY_PARAMS
 
 
-def test_gradient_checkpointing_lowers_activations():
-    long = ["optim.max_tokens_per_microbatch=1024", "rollout.max_new_tokens=120"]
-    plain, ckpt = _plan(long), _plan(long + ["model.gradient_checkpointing=true"])
-    assert ckpt.categories["activations"] < plain.categories["activations"]
-
-
 def test_fsdp_shards_the_weights():
     cfg = load_config(TINY, ["run.device=cpu"])
     arch, _ = load_architecture(cfg.model.path)

@@ -52,6 +52,14 @@ class _WorkspaceMixin:
                 self._param_to_grad_hook_handles[p] = (_NoHandle(), _NoHandle())
         return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
+    def _pre_bw_hook(self, module, args):
+        if module in self.memory_tracking:   # per-module stats were reset at a later micro-batch: skip them
+            super()._pre_bw_hook(module, args)
+
+    def _post_bw_hook(self, module, args):
+        if module in self.memory_tracking:
+            super()._post_bw_hook(module, args)
+
     def _update_peak_stats(self, peak_state) -> None:
         """Only the global peak and its snapshot (torch's version also walks every tracked module per operator
         to keep per-module peaks, which a plan does not read and which made a 30-layer step take minutes)."""
