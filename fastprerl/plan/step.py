@@ -265,9 +265,19 @@ def plan_step(cfg, arch, *, prompt_tokens: int, world_size: int = 1, device: str
                     pg_started = True
                 say(f"sharding with FSDP2 over {world_size} ranks (fake process group)")
                 shard = dict(d=_Dist(world_size), dtype=DTYPES[cfg.model.dtype], cpu_offload=cfg.dist.cpu_offload)
-                root = shard_model(model, **shard)
+                import torch.distributed.device_mesh as dm
+                from unittest import mock
+
+                from torch._subclasses.fake_tensor import unset_fake_temporarily
+                real_mesh = dm.init_device_mesh
+
+                def mesh(*a, **k):   # the mesh holds rank ids as a real tensor (read with tolist)
+                    with unset_fake_temporarily():
+                        return real_mesh(*a, **k)
+                with mock.patch.object(dm, "init_device_mesh", mesh):
+                    root = shard_model(model, **shard)
+                    ref_root = shard_model(ref_model, **shard) if ref_model is not None else None
                 if ref_model is not None:
-                    ref_root = shard_model(ref_model, **shard)
                     notes.append("the KL reference model is sharded like the policy")
                     del ref_root
             optimizer = None
