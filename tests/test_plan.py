@@ -134,6 +134,9 @@ def test_cli_fits_and_json(capsys):
     assert out["fits"] is True and out["peak_bytes"] < 2 ** 30
     assert set(out["phases_bytes"]) == {"rollout", "training"}
     assert out["phases_bytes"]["training"]["weights"] == 4 * TINY_PARAMS + 64
+    # between steps (the rollout phase) the optimizer holds its state only: two moments and a step per tensor
+    assert out["phases_bytes"]["rollout"]["optimizer"] == 2 * 4 * TINY_PARAMS + 4 * TINY_TENSORS
+    assert out["phases_bytes"]["rollout"]["gradients"] == 0
 
 
 def test_cli_does_not_fit_exits_1_naming_the_largest_category(capsys):

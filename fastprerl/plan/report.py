@@ -121,12 +121,13 @@ def make_plan(cfg, *, config_name: str = "", world_size: int = 1, gpu_memory: Op
     weight_bytes = _full_weight_bytes(step, cfg, world_size)
     roll = plan_rollout(cfg, arch, prompt_tokens=prompt, weight_bytes=weight_bytes, world_size=world_size,
                         gpu_memory=gpu_memory)
-    # rollout phase: the trainer's resident state (weights, optimizer; no gradients, no activations) + the engine
+    # rollout phase: the trainer's resident state (weights, the optimizer's state between steps; no gradients,
+    # no activations, no AdamW temporaries) + the engine
     resident_w = base_weights
     if world_size > 1 and cfg.rollout.backend == "hf":
         resident_w = weight_bytes      # generate runs on the gathered full weights
     phases = {
-        "rollout": {"weights": resident_w, "gradients": 0, "optimizer": c["optimizer"], "activations": 0,
+        "rollout": {"weights": resident_w, "gradients": 0, "optimizer": step.opt_state, "activations": 0,
                     "fused op workspace": 0, "rollout engine": roll.engine},
         "training": {**c, "rollout engine": roll.engine_in_training},
     }

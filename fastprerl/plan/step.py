@@ -48,6 +48,7 @@ class StepPlan:
     peak: int                             # device bytes at the peak
     raw: Dict[str, int]                   # the tracker's own categories at the peak
     host_bytes: int = 0                   # optimizer offload: host memory
+    opt_state: int = 0                    # bytes of the optimizer's state between steps (on the device)
     bins: list = field(default_factory=list)   # [(tokens, rows, view)] per micro-batch
     params: int = 0
     trainable: int = 0
@@ -283,13 +284,14 @@ def plan_step(cfg, arch, *, prompt_tokens: int, world_size: int = 1, device: str
             optimizer = None
             foreach = True if device == "cuda" else None
             trainable_bytes = _bytes(p for p in model.parameters() if p.requires_grad)
-            host = 0
+            host = opt_state = 0
             if not offload:
                 optimizer, _ = make_optimizer(model, cfg.optim)
                 if foreach:
                     for g in optimizer.param_groups:
                         g["foreach"] = True
                 _warm_optimizer(model, optimizer)
+                opt_state = _bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
             else:
                 host = 4 * trainable_bytes
                 notes.append("optim.offload_optimizer_state: AdamW runs on the host (4 x the trainable bytes "
@@ -320,5 +322,7 @@ def plan_step(cfg, arch, *, prompt_tokens: int, world_size: int = 1, device: str
              "cond" if bool((batch.row_view[batch.bin_row_index(b)] == 0).all()) else
              ("free" if bool((batch.row_view[batch.bin_row_index(b)] == 1).all()) else "both"))
             for b, (s, e) in enumerate(batch.bins)]
-    return StepPlan(categories=cats, peak=sum(cats.values()), raw=raw, host_bytes=host, bins=bins,
+    if fsdp and cfg.dist.cpu_offload:
+        opt_state = 0
+    return StepPlan(categories=cats, peak=sum(cats.values()), raw=raw, host_bytes=host, opt_state=opt_state, bins=bins,
                     params=n_params, trainable=n_train, seconds=time.perf_counter() - t0, notes=notes)
