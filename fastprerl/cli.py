@@ -2,7 +2,8 @@
 `fastprerl eval MODEL_OR_RUN --data SOURCE [...]` (Avg@k, pass@k, lengths, behaviour counts; see
 fastprerl/evaluation/evaluator.py), `fastprerl align MODEL_OR_RUN --data SOURCE --n 50` (gradient alignment of
 log P(y) and log P(y|x); see fastprerl/evaluation/align.py), `fastprerl study` (GRPO vs NSR-PreRL vs PSR-PreRL vs
-DSRL -> docs/results/; see fastprerl/study/runner.py). No training logic here.
+DSRL -> docs/results/; see fastprerl/study/runner.py), `fastprerl plan CONFIG [...]` (peak GPU memory of a config;
+see fastprerl/plan/). No training logic here.
 
 Exit codes of `train`: 0 done, or stopped by a SIGINT/SIGTERM after writing a checkpoint to resume from; 1 an error
 during training (among them a step whose every reward failed); 2 bad input (config, data, paths) or a run that
@@ -70,8 +71,18 @@ def main(argv=None) -> int:
                                                 "docs/RESULTS.md is the hand-written overview)")
     st.add_argument("--reading", default=None, help="a text file with the written reading of the results")
     st.add_argument("--report-only", action="store_true", help="only rebuild the report from finished arms")
+    pn = sub.add_parser("plan", help="peak GPU memory of a config's rollout and training step, simulated on fake "
+                                     "tensors from the model's architecture (see fastprerl/plan/)")
+    pn.add_argument("config", help="path to a TOML config")
+    pn.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    pn.add_argument("--gpu-memory", default=None, help="one GPU's memory, e.g. 24GiB or 80GB; exit 1 if the plan "
+                                                      "does not fit")
+    pn.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks (default 1: one process)")
+    pn.add_argument("--prompt-tokens", type=int, default=None,
+                    help="prompt length (default: vllm_max_model_len - max_new_tokens, else 512)")
+    pn.add_argument("--json", action="store_true", help="print the plan as JSON")
     args, extra = parser.parse_known_args(argv)  # overrides may also follow --resume
-    if extra and (args.command not in ("train", "study") or any(e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("train", "study", "plan") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
@@ -88,6 +99,9 @@ def main(argv=None) -> int:
     if args.command == "study":
         from .study.runner import run_study
         return run_study(args)
+    if args.command == "plan":
+        from .plan.cli import run_plan_cli
+        return run_plan_cli(args)
     return _train(args)
 
 

@@ -55,7 +55,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] =
         triton_ok = device.type == "cuda" and dtype != torch.float64 and _triton_usable(device)
         chosen = "triton" if triton_ok else "torch"
         key = (chosen, device.type)
-        if key not in _announced:
+        if key not in _announced and not torch.compiler.is_compiling():
             _announced.add(key)
             log.info("fastprerl.kernels: impl='auto' -> %r on %s", chosen, device.type)
         return chosen
@@ -93,12 +93,18 @@ def _compact(hidden, targets, rows, vocab: int):
     else:
         rows = rows.to(device=hidden.device, dtype=torch.long)
         h, t = hidden.index_select(0, rows), targets.index_select(0, rows).long()
-    if t.numel():
+    if t.numel() and not torch.compiler.is_compiling() and not _is_fake(t):   # fake tensors (memory plans, tracing) hold no values to check
         lo, hi = torch.aminmax(t)
         if int(lo) < 0 or int(hi) >= vocab:
             raise ValueError(f"targets of the active rows must lie in [0, {vocab}) (the weight's rows), "
                              f"got min {int(lo)}, max {int(hi)}; pass `rows` to leave out ignored positions")
     return h, t
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def _scatter(values: Optional[torch.Tensor], n: int, rows):
@@ -123,7 +129,11 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
     n = hidden.shape[0]
     h, t = _compact(hidden, targets, rows, weight.shape[0])
-    if impl == "naive":
+    if torch.compiler.is_compiling():   # traced: one custom-op node (ops.py)
+        from .ops import token_logprobs_op
+        logp, ent, lse = token_logprobs_op(h, weight, t, float(temperature), bool(with_entropy), impl)
+        ent = ent if with_entropy else None
+    elif impl == "naive":
         logp, ent, lse = naive_token_logprobs(h, weight, t, temperature, with_entropy)
         if logp.dtype != torch.float64:
             logp, lse = logp.float(), lse.float()
@@ -179,7 +189,12 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         raise ValueError(f"entropy_out must be a ({hidden.shape[0]},) tensor on {hidden.device}, got "
                          f"{tuple(entropy_out.shape)} on {entropy_out.device}")
     frozen = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-    if impl == "torch":
+    if torch.compiler.is_compiling():   # traced: the log-prob custom op, then loss_fn on all rows (ops.py)
+        from .ops import token_logprobs_op
+        logp, ent, _ = token_logprobs_op(h, weight, t, float(temperature), want_ent, impl)
+        loss = loss_fn(logp, rows).sum()
+        ent = ent if want_ent else None
+    elif impl == "torch":
         from .torch_logprob import fused_token_loss
         loss, ent = fused_token_loss(h, weight, t, rows, loss_fn, temperature, row_block=chunk_rows,
                                      with_entropy=want_ent)

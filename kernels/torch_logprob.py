@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 _TILE_ELEMS = 1 << 19   # 512K float32 = 2 MiB per logits tile (1024 rows x 512 vocabulary entries)
 _ROW_BLOCK = 1024       # rows per block (blocks are equal-sized: ceil(N / ceil(N / 1024)))
@@ -160,9 +161,10 @@ def _grad_sweep(hs, weight, wf_tiles, targets, lse, g_logp, ent, g_ent, p: _Plan
         bias = (g_logp.abs().log() - lse).unsqueeze(1)
         sign = torch.sign(g_logp).unsqueeze(1)
         # dW[tile] -= q^T (sign hs); a uniform sign (NSR-PreRL, positive-weight losses) needs no copy
-        if dw is None or bool((g_logp >= 0).all()):
+        known = not is_fake(g_logp)   # fake tensors (memory plans) take the mixed-sign branch, the largest
+        if dw is None or known and bool((g_logp >= 0).all()):
             hs_dw, alpha = hs, -1.0
-        elif bool((g_logp <= 0).all()):
+        elif known and bool((g_logp <= 0).all()):
             hs_dw, alpha = hs, 1.0
         else:
             hs_dw, alpha = hs * sign, -1.0

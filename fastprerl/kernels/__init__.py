@@ -18,6 +18,7 @@ if not (_Path(__file__).parent / "api.py").is_file():  # a checkout (editable in
         raise ImportError(f"fastprerl.kernels: the kernel modules are not in {_src} (a broken checkout?)")
     __path__ = [str(_src)]
 
+from . import ops  # noqa: E402,F401  (registers the fastprerl:: custom operators)
 from .api import IMPLS, TokenLogprobs, resolve_impl, token_logprobs, token_logprobs_no_grad, token_loss  # noqa: E402
 from .reference import naive_token_logprobs  # noqa: E402
 
