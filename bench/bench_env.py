@@ -6,7 +6,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(device: str = "cpu") -> Dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     info = {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "python": platform.python_version(), "device": device}
     try:
@@ -34,7 +34,7 @@ def machine_info(device: str = "cpu") -> Dict[str, Any]:
     return info
 
 
-def dist_version(name: str) -> Optional[str]:
+def dist_version(name: str) -> str | None:
     try:
         from importlib.metadata import version
         return version(name)
@@ -42,7 +42,7 @@ def dist_version(name: str) -> Optional[str]:
         return None
 
 
-def versions() -> Dict[str, Optional[str]]:
+def versions() -> dict[str, str | None]:
     out = {}
     for mod in ("torch", "triton", "transformers"):
         try:
@@ -54,7 +54,7 @@ def versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def git_sha() -> Optional[str]:
+def git_sha() -> str | None:
     try:
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                            text=True, timeout=10)
@@ -63,14 +63,14 @@ def git_sha() -> Optional[str]:
         return None
 
 
-def load1() -> Optional[float]:
+def load1() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
 
 
-def wait_quiet(threshold: float = 0.7, poll_s: float = 15.0, max_wait_s: float = 1200.0) -> Dict[str, Any]:
+def wait_quiet(threshold: float = 0.7, poll_s: float = 15.0, max_wait_s: float = 1200.0) -> dict[str, Any]:
     """Wait until the 1-minute load average is below `threshold`; returns what was seen."""
     t0 = time.monotonic()
     first = load1()

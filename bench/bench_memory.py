@@ -12,12 +12,12 @@ import gc
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 MiB = float(1 << 20)
 
 
-def status_kb(field_name: str) -> Optional[int]:
+def status_kb(field_name: str) -> int | None:
     """A field of /proc/self/status in kB (VmRSS, VmHWM, ...), None where it cannot be read."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -86,7 +86,7 @@ class RssMeter:
             self.method, self._sampler = "VmHWM (clear_refs)", None
         else:
             self.method, self._sampler = "VmRSS sampled 1 ms", RssSampler().__enter__()
-        self.peak: Optional[int] = None
+        self.peak: int | None = None
 
     def read_peak(self) -> int:
         """Peak RSS in bytes since construction (stops the sampler, if one runs)."""
@@ -97,7 +97,7 @@ class RssMeter:
             self.peak = (status_kb("VmHWM") or 0) * 1024
         return self.peak
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         peak = self.peak if self.peak is not None else self.read_peak()
         return {"rss_base_mb": round(self.base / MiB, 1), "peak_mb": round(peak / MiB, 1),
                 "peak_extra_mb": round(max(0, peak - self.base) / MiB, 1),

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_ENV = "FASTPRERL_ORACLE_CACHE"    # a folder shared by the benchmark workers of one run
@@ -53,7 +53,7 @@ def load_tolerances() -> dict:
 
 
 def logprob_outputs(hidden, weight, targets, w, rows=None, dtype=None, with_grad: bool = True,
-                    chunk_rows: int = 1024) -> Dict[str, "object"]:
+                    chunk_rows: int = 1024) -> dict[str, object]:
     """logp, loss (and grad_h, grad_w) of loss = sum_{i in rows} w_i logp_i, computed in `dtype` (default
     float64) chunk by chunk. logp is 0 outside `rows`. Gradients accumulate in float64 (oracle) / float32."""
     import torch
@@ -90,7 +90,7 @@ def logprob_outputs(hidden, weight, targets, w, rows=None, dtype=None, with_grad
     return out
 
 
-def check(got: dict, oracle: dict, naive: dict, dtype, tol: Optional[dict] = None) -> dict:
+def check(got: dict, oracle: dict, naive: dict, dtype, tol: dict | None = None) -> dict:
     """Per quantity of `got`: {"err", "naive_err", "bound", "ok"}; plus "ok" (all of them, and finite)."""
     import torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 HEADER = ["provider", "shape", "dtype", "mode", "median s", "peak MB extra", "x naive", "GFLOP/s", "oracle",
           "note"]
@@ -18,14 +18,14 @@ def _fmt_time(x):
     return "-" if x is None else (f"{x:.3f}" if x < 10 else f"{x:.2f}")
 
 
-def _oracle_cell(r: Dict[str, Any]) -> str:
+def _oracle_cell(r: dict[str, Any]) -> str:
     chk = r.get("check")
     if not chk:
         return "-"
     return "ok" if chk.get("ok") else "FAIL"
 
 
-def _rows_for_table(results: List[Dict[str, Any]]):
+def _rows_for_table(results: list[dict[str, Any]]):
     rows = []
     for r in results:
         ok = r["status"] == "ok"
@@ -39,7 +39,7 @@ def _rows_for_table(results: List[Dict[str, Any]]):
     return rows
 
 
-def format_table(results: List[Dict[str, Any]], markdown: bool = False, ratio_label: str = "x naive") -> str:
+def format_table(results: list[dict[str, Any]], markdown: bool = False, ratio_label: str = "x naive") -> str:
     rows = _rows_for_table(results)
     header = [ratio_label if h == "x naive" else h for h in HEADER]
     if markdown:
@@ -60,7 +60,7 @@ def write_markdown(results_dir: Path, bench: str, device: str, results, meta, ti
     suffix = "_quick" if is_quick() else ""
     path = results_dir / f"{bench}_{'cuda' if device == 'cuda' else 'cpu'}{suffix}.md"
     m, v = meta["machine"], meta["versions"]
-    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    when = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     lines = [f"# {title or bench}", "",
              f"- machine: {m['platform']}; {m['cpu']}; {m['cores']} cores; torch threads {m.get('threads')}"
              + (f"; GPU {m['gpu']}" if m.get("gpu") else ""),

@@ -30,7 +30,6 @@ peak - baseline (it includes the gradients and AdamW's states, created at the fi
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -39,14 +38,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 MARK = "@@E2E_RESULT@@ "
 
 # The settings both trainers run with. `steps` = warmup_steps + timed steps.
-SETTINGS: Dict[str, Any] = {
+SETTINGS: dict[str, Any] = {
     "model": "builtin:smollm2-135m",
     "data_digits": 2,
     "data_size": 10000,
@@ -87,12 +86,12 @@ def first_number_correct(completion: str, answer: str) -> float:
         return 0.0
 
 
-def fastprerl_reward(responses, samples) -> List[float]:
+def fastprerl_reward(responses, samples) -> list[float]:
     """fastprerl `reward.fn = "e2e_common:fastprerl_reward"`: (responses, samples) -> floats."""
     return [first_number_correct(r, s["answer"]) for r, s in zip(responses, samples)]
 
 
-def trl_reward(completions, answer, **kwargs) -> List[float]:
+def trl_reward(completions, answer, **kwargs) -> list[float]:
     """TRL reward function: the dataset's `answer` column arrives as a keyword argument."""
     return [first_number_correct(c, a) for c, a in zip(completions, answer)]
 
@@ -110,14 +109,14 @@ def _import_harness():
     return harness
 
 
-def step_stats(ends: List[float], warmup: int) -> Dict[str, Any]:
+def step_stats(ends: list[float], warmup: int) -> dict[str, Any]:
     """Median wall time between the ends of consecutive steps, the first `warmup` steps excluded."""
     gaps = [ends[i] - ends[i - 1] for i in range(max(1, warmup), len(ends))]
     return {"step_s_all": [round(g, 4) for g in gaps],
             "median_step_s": statistics.median(gaps) if gaps else None}
 
 
-def _median_after(values: List[float], warmup: int) -> Optional[float]:
+def _median_after(values: list[float], warmup: int) -> float | None:
     v = values[warmup:]
     return statistics.median(v) if v else None
 
@@ -130,7 +129,7 @@ def _cpu_seconds() -> float:
 # ----------------------------------------------------------------------------------------------
 # fastprerl worker
 # ----------------------------------------------------------------------------------------------
-def fastprerl_overrides(s: Dict[str, Any], output_dir: str) -> List[str]:
+def fastprerl_overrides(s: dict[str, Any], output_dir: str) -> list[str]:
     steps = int(s["steps"])
     return [
         f"run.output_dir={json.dumps(output_dir)}",
@@ -168,7 +167,7 @@ def fastprerl_overrides(s: Dict[str, Any], output_dir: str) -> List[str]:
     ]
 
 
-def run_fastprerl(s: Dict[str, Any]) -> Dict[str, Any]:
+def run_fastprerl(s: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     if str(REPO) not in sys.path:
@@ -176,7 +175,7 @@ def run_fastprerl(s: Dict[str, Any]) -> Dict[str, Any]:
     from fastprerl.config import load_config
     from fastprerl.trainer import Trainer
 
-    out: Dict[str, Any] = {"trainer": "fastprerl"}
+    out: dict[str, Any] = {"trainer": "fastprerl"}
     with tempfile.TemporaryDirectory(prefix="e2e_fastprerl_") as tmp:
         cfg = load_config(REPO / "configs" / "dsrl.toml", fastprerl_overrides(s, str(Path(tmp) / "run")))
         t0 = time.perf_counter()
@@ -184,7 +183,7 @@ def run_fastprerl(s: Dict[str, Any]) -> Dict[str, Any]:
         out["build_s"] = round(time.perf_counter() - t0, 2)
         meter = RssMeter()
         steps = int(s["steps"])
-        ends: List[float] = []
+        ends: list[float] = []
         orig = trainer.train_step
 
         def timed_step(phase):
@@ -257,7 +256,7 @@ TRL_FIXED = {
 }
 
 
-def trl_config_kwargs(s: Dict[str, Any], output_dir: str) -> Dict[str, Any]:
+def trl_config_kwargs(s: dict[str, Any], output_dir: str) -> dict[str, Any]:
     kw = dict(TRL_FIXED)
     kw["per_device_train_batch_size"] = int(s["prompts_per_step"]) * int(s["samples_per_prompt"])
     kw.update(output_dir=output_dir, num_generations=int(s["samples_per_prompt"]),
@@ -285,7 +284,7 @@ def _model_folder(spec: str, tmp: Path, seed: int) -> str:
     return spec
 
 
-def ordered_prompts(s: Dict[str, Any], n: int) -> List[Dict[str, str]]:
+def ordered_prompts(s: dict[str, Any], n: int) -> list[dict[str, str]]:
     """The first n problems of the fastprerl prompt stream (same problems, same order as fastprerl)."""
     from fastprerl.data import PromptStream, addition_problems
 
@@ -293,7 +292,7 @@ def ordered_prompts(s: Dict[str, Any], n: int) -> List[Dict[str, str]]:
     return PromptStream(problems, int(s["seed"]), True).next_batch(n)
 
 
-def run_trl(s: Dict[str, Any]) -> Dict[str, Any]:
+def run_trl(s: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
     import trl
@@ -304,7 +303,7 @@ def run_trl(s: Dict[str, Any]) -> Dict[str, Any]:
         sys.path.insert(0, str(REPO))
     from trl import GRPOConfig, GRPOTrainer
 
-    out: Dict[str, Any] = {"trainer": "trl", "trl_version": trl.__version__}
+    out: dict[str, Any] = {"trainer": "trl", "trl_version": trl.__version__}
     steps, w = int(s["steps"]), int(s["warmup_steps"])
     torch.manual_seed(int(s["seed"]))
     with tempfile.TemporaryDirectory(prefix="e2e_trl_") as tmp:
@@ -322,10 +321,10 @@ def run_trl(s: Dict[str, Any]) -> Dict[str, Any]:
         out["trl_config"] = {k: v for k, v in kw.items() if k != "output_dir"}
         args = GRPOConfig(**kw)
 
-        meter_box: Dict[str, Any] = {}
-        begins: List[float] = []
-        ends: List[float] = []
-        gen_s: List[float] = []
+        meter_box: dict[str, Any] = {}
+        begins: list[float] = []
+        ends: list[float] = []
+        gen_s: list[float] = []
 
         class StepTimer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
@@ -345,8 +344,7 @@ def run_trl(s: Dict[str, Any]) -> Dict[str, Any]:
                             "steps_per_generation": args.steps_per_generation,
                             "gradient_accumulation_steps": args.gradient_accumulation_steps}
         orig_gen = trainer._generate_and_score_completions
-        lens: List[float] = []
-        rewards: List[float] = []
+        lens: list[float] = []
 
         def timed_gen(inputs):
             tg = time.perf_counter()
@@ -383,7 +381,7 @@ def run_trl(s: Dict[str, Any]) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # parent side: run one worker process
 # ----------------------------------------------------------------------------------------------
-def _proc_stat() -> Optional[Dict[str, int]]:
+def _proc_stat() -> dict[str, int] | None:
     try:
         f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
         v = [int(x) for x in f] + [0] * 8
@@ -393,7 +391,7 @@ def _proc_stat() -> Optional[Dict[str, int]]:
         return None
 
 
-def run_worker(which: str, settings: Dict[str, Any], timeout_s: float = 1800.0) -> Dict[str, Any]:
+def run_worker(which: str, settings: dict[str, Any], timeout_s: float = 1800.0) -> dict[str, Any]:
     """Run one trainer in a fresh process; returns its result dict plus how busy the machine was."""
     import resource
     import subprocess
@@ -434,7 +432,7 @@ def run_worker(which: str, settings: Dict[str, Any], timeout_s: float = 1800.0) 
     return res
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "--worker":
         which, settings = argv[1], json.loads(argv[2])
         import logging

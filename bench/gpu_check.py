@@ -207,7 +207,7 @@ def matmul_rate(dev, M, K, Nc):
         a = torch.randn(M, K, device=dev, dtype=dtype)
         b = torch.randn(K, Nc, device=dev, dtype=dtype)
         c = torch.empty(M, Nc, device=dev, dtype=dtype)
-        med, _ = _time_cuda(lambda: torch.mm(a, b, out=c), reps=10, warmup=2, dev=dev)
+        med, _ = _time_cuda(lambda: torch.mm(a, b, out=c), reps=10, warmup=2, dev=dev)  # noqa: F821 (del below)
         rate = 2.0 * M * K * Nc / med
         rates[str(dtype)] = rate
         say(f"torch.mm {str(dtype).split('.')[-1]} ({M}x{K}) @ ({K}x{Nc}): {med * 1e3:.2f} ms = "
@@ -409,8 +409,8 @@ def main(argv=None):
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported
     sys.path.insert(0, str(BENCH))
-    import torch
     import harness
+    import torch
     K = harness.import_kernels()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     out = Path(args.out)

@@ -168,7 +168,7 @@ def run_variant(name: str, model_dir: Path, args, out_root: Path, deadline: floa
             phase = by_name[phase_name]
             if phase_name == "grpo":
                 t._switch_phase(phase)
-            for i in range(steps):
+            for _i in range(steps):
                 if time.monotonic() > deadline:
                     records.append({"variant": name, "phase": phase_name, "step": t.step,
                                     "skipped": "time budget spent"})

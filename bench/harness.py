@@ -29,7 +29,6 @@ Run as a script only as a worker: `python harness.py --worker <module.py> <case 
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import importlib.util
 import json
 import os
@@ -40,7 +39,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from bench_env import dist_version, git_sha, load1, machine_info, versions, wait_quiet  # noqa: F401 (re-exported)
 from bench_memory import PeakMeter
@@ -67,10 +66,10 @@ class Case:
     bench: str                      # results file stem, e.g. "logprob"
     provider: str                   # what `build` runs, e.g. "naive", "fastprerl_torch_logprobs"
     shape_label: str                # e.g. "smollm2-135m N=4096"
-    shape: Dict[str, Any]           # numbers the benchmark needs (N, H, V, ...)
+    shape: dict[str, Any]           # numbers the benchmark needs (N, H, V, ...)
     dtype: str = "float32"
     mode: str = "fwd+bwd"           # "fwd" (no grad) or "fwd+bwd"
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     repeats: int = 3
     warmup: int = 1
     timeout_s: float = 900.0
@@ -108,9 +107,9 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def _worker(module_path: str, case_json: str) -> Dict[str, Any]:
+def _worker(module_path: str, case_json: str) -> dict[str, Any]:
     case = Case(**json.loads(case_json))
-    out: Dict[str, Any] = {"status": "ok"}
+    out: dict[str, Any] = {"status": "ok"}
     sys.path.insert(0, str(BENCH_DIR))
     spec = importlib.util.spec_from_file_location("_bench_module", module_path)
     mod = importlib.util.module_from_spec(spec)
@@ -147,7 +146,7 @@ def _worker(module_path: str, case_json: str) -> Dict[str, Any]:
     return out
 
 
-def _oracle_check(built) -> Dict[str, Any]:
+def _oracle_check(built) -> dict[str, Any]:
     """The outputs of the last call against the oracle; {"ok": False, "error": ...} when that fails to run."""
     import bench_oracle
     try:
@@ -163,7 +162,7 @@ def _oracle_check(built) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # parent
 # ----------------------------------------------------------------------------------------------
-def _available_bytes() -> Optional[int]:
+def _available_bytes() -> int | None:
     try:
         import psutil
         return int(psutil.virtual_memory().available)
@@ -175,7 +174,7 @@ def _available_bytes() -> Optional[int]:
         return kb * 1024 if kb else None
 
 
-def run_case(module_path: str, case: Case, oracle_cache: Optional[str] = None) -> Dict[str, Any]:
+def run_case(module_path: str, case: Case, oracle_cache: str | None = None) -> dict[str, Any]:
     if case.device == "cpu" and case.est_bytes:
         avail = _available_bytes()
         if avail is not None and case.est_bytes > 0.8 * avail:
@@ -207,9 +206,9 @@ def run_case(module_path: str, case: Case, oracle_cache: Optional[str] = None) -
     return {"status": "error", "reason": reason}
 
 
-def run_cases(module_path: str, cases: List[Case], *, bench: Optional[str] = None,
+def run_cases(module_path: str, cases: list[Case], *, bench: str | None = None,
               title: str = "", extra_md: str = "", ratio_label: str = "x naive",
-              verbose: bool = True) -> List[Dict[str, Any]]:
+              verbose: bool = True) -> list[dict[str, Any]]:
     """Run every case in its own subprocess; print, append JSONL, write the markdown table. Raises
     `CheckFailed` (after all that) if a case with `checked=True` failed its oracle check."""
     if not cases:
@@ -228,7 +227,7 @@ def run_cases(module_path: str, cases: List[Case], *, bench: Optional[str] = Non
         res.update(bench=bench, provider=c.name, impl=c.provider, shape=c.shape_label, shape_params=c.shape,
                    dtype=c.dtype, mode=c.mode, params=c.params, repeats=c.repeats, warmup=c.warmup,
                    flops=c.flops, baseline=c.baseline, quick=is_quick(), load1_before=l0, load1_after=load1(),
-                   timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta)
+                   timestamp=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **meta)
         if c.note:
             res["note"] = c.note + " "
         if verbose:
@@ -261,7 +260,7 @@ def run_cases(module_path: str, cases: List[Case], *, bench: Optional[str] = Non
     return results
 
 
-def _mark_failed_checks(results: List[Dict[str, Any]], cases: List[Case]) -> List[str]:
+def _mark_failed_checks(results: list[dict[str, Any]], cases: list[Case]) -> list[str]:
     """Notes the failed oracle checks in the table; returns those of checked cases."""
     failed = []
     for r, c in zip(results, cases):
@@ -275,8 +274,8 @@ def _mark_failed_checks(results: List[Dict[str, Any]], cases: List[Case]) -> Lis
     return failed
 
 
-def find(results, provider: str, shape: Optional[str] = None, mode: Optional[str] = None,
-         dtype: Optional[str] = None) -> Optional[Dict[str, Any]]:
+def find(results, provider: str, shape: str | None = None, mode: str | None = None,
+         dtype: str | None = None) -> dict[str, Any] | None:
     for r in results:
         if (r["provider"] == provider and r["status"] == "ok" and (shape is None or r["shape"] == shape)
                 and (mode is None or r["mode"] == mode) and (dtype is None or r["dtype"] == dtype)):

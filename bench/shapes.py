@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List
 
 #               name              hidden   vocab
 MODEL_SHAPES = {
@@ -67,7 +66,7 @@ def quick() -> bool:
 HEADLINE = LogprobShape("smollm2-135m", 4096, "float32", headline=True)
 
 
-def cpu_logprob_shapes() -> List[LogprobShape]:
+def cpu_logprob_shapes() -> list[LogprobShape]:
     if quick():
         return [LogprobShape("smollm2-135m", 256, "float32", headline=True),
                 LogprobShape("qwen2.5-0.5b", 64)]
@@ -79,7 +78,7 @@ def cpu_logprob_shapes() -> List[LogprobShape]:
     return shapes
 
 
-def cuda_logprob_shapes() -> List[LogprobShape]:
+def cuda_logprob_shapes() -> list[LogprobShape]:
     shapes = [LogprobShape("qwen3-4b", 16384, "bfloat16", headline=True),
               LogprobShape("smollm2-135m", 16384, "bfloat16"),
               LogprobShape("qwen2.5-0.5b", 16384, "bfloat16")]

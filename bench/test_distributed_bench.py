@@ -145,7 +145,7 @@ def test_step_time_plain_vs_torchrun_ranks():
             results.append(r)
     meta = {"machine": harness.machine_info("cpu"), "versions": harness.versions(), "git_sha": harness.git_sha(),
             "waited_for_quiet": seen}
-    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    when = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     harness.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     with open(harness.RESULTS_DIR / f"{BENCH}.jsonl", "a") as f:
         for r in results:

@@ -203,7 +203,7 @@ def test_e2e_step_vs_trl():
                "caveats": caveats}
 
     meta = {"machine": harness.machine_info("cpu"), "versions": _versions(), "git_sha": harness.git_sha(),
-            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     out_dir = harness.RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{BENCH}.jsonl", "a") as f:

@@ -37,7 +37,6 @@ Targets (CPU, SmolLM2-135M shape N=4096 fp32, fwd+bwd), asserted after the resul
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -102,13 +101,13 @@ def _logprob_fn(case: Case, rows):
         try:
             from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
         except ImportError as e:
-            raise Skip(f"liger-kernel not importable ({e})")
+            raise Skip(f"liger-kernel not importable ({e})") from None
         return lambda h, W, t: LigerFusedLinearPPOBase.chunk_forward(h.unsqueeze(0), W, t.unsqueeze(0))[0]
     if p == "cce_torch_compile":
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError as e:
-            raise Skip(f"cut-cross-entropy not importable ({e})")
+            raise Skip(f"cut-cross-entropy not importable ({e})") from None
         impl = case.params.get("cce_impl", "torch_compile" if case.device == "cpu" else "cce")
         kw = {} if impl == "torch_compile" else {"filter_eps": case.params.get("filter_eps", "high")}
         return lambda h, W, t: -linear_cross_entropy(h, W, t, impl=impl, reduction="none", **kw).float()
@@ -119,7 +118,7 @@ def _logprob_fn(case: Case, rows):
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         except ImportError as e:
-            raise Skip(f"liger-kernel not importable ({e})")
+            raise Skip(f"liger-kernel not importable ({e})") from None
         return lambda h, W, t: -liger_fused_linear_cross_entropy(h, W, t, reduction="none").float()
     if p in ("fastprerl_torch_logprobs", "fastprerl_triton_logprobs"):
         impl = "torch" if "torch" in p else "triton"
@@ -184,7 +183,7 @@ def build(case: Case):
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         except ImportError as e:
-            raise Skip(f"liger-kernel not importable ({e})")
+            raise Skip(f"liger-kernel not importable ({e})") from None
         n = hidden.shape[0]
         seq = 256 if n % 256 == 0 else n
         b = n // seq

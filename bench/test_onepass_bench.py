@@ -42,7 +42,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import shapes as S  # noqa: E402
-from harness import Case, Skip  # noqa: E402
+from harness import Case  # noqa: E402
 
 THIS = Path(__file__).resolve()
 EMPTY_TOKEN = 1

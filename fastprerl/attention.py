@@ -13,7 +13,7 @@ sliding window, no logit soft-capping); flash-attn models keep flash-attn's own 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ def use_varlen_attention(model) -> str:
     return model.config._attn_implementation
 
 
-def packed_attention_kwargs(impl: str, seq_lens: Sequence[int], device) -> Dict:
+def packed_attention_kwargs(impl: str, seq_lens: Sequence[int], device) -> dict:
     """Keyword arguments of a packed bin's forward that let the attention skip the dense mask."""
     if impl not in (VARLEN_SDPA,) + FLASH:
         return {}

@@ -11,7 +11,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 from .config_checks import check_objectives
 from .config_parse import OBJECTIVES, ConfigError, apply_override, build, parse_override_value
@@ -49,7 +49,7 @@ class LoraConfig:
     r: int = 0                      # adapter rank; 0 = off
     alpha: float = 16.0             # scale alpha / r of the adapter's product B A
     dropout: float = 0.0            # dropout on the adapter's input
-    target_modules: Tuple[str, ...] = LORA_DEFAULT_TARGETS   # module names (the attention and MLP projections)
+    target_modules: tuple[str, ...] = LORA_DEFAULT_TARGETS   # module names (the attention and MLP projections)
 
     def __post_init__(self):
         if self.r < 0:
@@ -68,7 +68,7 @@ class ModelConfig:
     dtype: str = "float32"          # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"   # sdpa | eager | flash_attention_2 | flex_attention
     gradient_checkpointing: bool = False
-    empty_token: Union[int, str] = "auto"   # id, token string, or auto (BOS, else chat turn-start)
+    empty_token: int | str = "auto"   # id, token string, or auto (BOS, else chat turn-start)
     logprob_impl: str = "auto"      # auto | torch | triton | naive
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -112,7 +112,7 @@ class RewardConfig:
     fn: str = "math"                # math | reasoning_gym | module:function
     # answer extraction modes ("math"), tried in order: math-verify's own extraction by default (LaTeX and
     # plain answers, boxed first); strict formats: boxed, gsm8k, answer_is, answer_tag, last_number, last_line
-    extract: Tuple[str, ...] = (MATH_VERIFY,)
+    extract: tuple[str, ...] = (MATH_VERIFY,)
     timeout: float = 5.0
     workers: int = 2
     format_penalty: float = 0.0
@@ -142,7 +142,7 @@ class ObjectiveConfig:
 class PhaseConfig:
     name: str = "grpo"
     steps: int = 20
-    objectives: Tuple[ObjectiveConfig, ...] = (ObjectiveConfig(),)
+    objectives: tuple[ObjectiveConfig, ...] = (ObjectiveConfig(),)
 
 
 SWITCH_SIGNALS = ("logp/free_mean",)
@@ -171,7 +171,7 @@ class AdaptiveSwitchConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    phases: Tuple[PhaseConfig, ...] = (
+    phases: tuple[PhaseConfig, ...] = (
         PhaseConfig(name="nsr_prerl", steps=20, objectives=(ObjectiveConfig("nsr_prerl", 1.0),)),
         PhaseConfig(name="grpo", steps=20, objectives=(ObjectiveConfig("grpo", 1.0),)),
     )
@@ -210,14 +210,14 @@ class EvalConfig:
     """Periodic evaluation during training (fastprerl.evaluation.PeriodicEval): before the first step, every
     `every` steps and after the last one, on fixed problems and a fixed sampling seed."""
     every: int = 0                  # evaluate every N steps (0 = off)
-    data: Tuple[str, ...] = ()      # eval sets as `fastprerl eval --data` takes them; () = the run's data source
+    data: tuple[str, ...] = ()      # eval sets as `fastprerl eval --data` takes them; () = the run's data source
     n_problems: int = 64
     k: int = 4                      # samples per problem (Avg@k, pass@k)
     temperature: float = 1.0
     max_new_tokens: int = 0         # 0 = rollout.max_new_tokens
     seed: int = 1234                # problems drawn / generated and sampling seed (not the training stream's)
-    transition_words: Tuple[str, ...] = ()   # behaviour keywords; () = fastprerl.metrics.TRANSITION_WORDS
-    reflection_words: Tuple[str, ...] = ()   # () = fastprerl.metrics.REFLECTION_WORDS
+    transition_words: tuple[str, ...] = ()   # behaviour keywords; () = fastprerl.metrics.TRANSITION_WORDS
+    reflection_words: tuple[str, ...] = ()   # () = fastprerl.metrics.REFLECTION_WORDS
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ class Config:
     def total_steps(self) -> int:
         return sum(p.steps for p in self.schedule.phases)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -314,8 +314,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: List[str] = ()) -> Config:
-    data: Dict[str, Any] = {}
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if p.is_dir():
@@ -339,7 +339,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: List[str] = 
     return validate(build(Config, data, "", ""))
 
 
-def config_from_dict(data: Dict[str, Any]) -> Config:
+def config_from_dict(data: dict[str, Any]) -> Config:
     return validate(build(Config, json.loads(json.dumps(data)), "", ""))
 
 

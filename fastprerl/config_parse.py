@@ -10,7 +10,7 @@ import math
 import operator
 import tomllib
 import typing
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Union
 
 from .rewards import EXTRACT_MODES
 
@@ -105,7 +105,7 @@ def _check_value(key: str, short: str, value):
             raise ConfigError(f"{key}: expected {lo} {lo_op} value {hi_op} {hi}, got {value!r}")
 
 
-def build(cls, data: Dict[str, Any], prefix: str, short_prefix: str):
+def build(cls, data: dict[str, Any], prefix: str, short_prefix: str):
     """An instance of the dataclass `cls` from the table `data` (keys under `prefix`; `short_prefix` is the
     prefix of the rules in CHOICES / POSITIVE / ...: "phase." for every phase, "objective." for every objective)."""
     if not isinstance(data, dict):
@@ -117,21 +117,21 @@ def build(cls, data: Dict[str, Any], prefix: str, short_prefix: str):
             raise ConfigError(f"unknown key {prefix + k!r}{_closest(k, fields, prefix)}; "
                               f"valid keys here: {sorted(fields)}")
     kwargs = {}
-    for name, f in fields.items():
+    for name, _f in fields.items():
         if name not in data:
             continue
         key, short = prefix + name, short_prefix + name
         tp, val = hints[name], data[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = build(tp, val, key + ".", name + ".")
-        elif typing.get_origin(tp) in (tuple, Tuple) and not dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        elif typing.get_origin(tp) in (tuple, tuple) and not dataclasses.is_dataclass(typing.get_args(tp)[0]):
             inner = typing.get_args(tp)[0]
             if not isinstance(val, list):
                 raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {type(val).__name__}")
             kwargs[name] = tuple(_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(val))
             for i, v in enumerate(kwargs[name]):
                 _check_value(f"{key}[{i}]", short, v)
-        elif typing.get_origin(tp) in (tuple, Tuple):
+        elif typing.get_origin(tp) in (tuple, tuple):
             inner = typing.get_args(tp)[0]
             if not isinstance(val, list):
                 raise ConfigError(f"{key}: expected a list of tables, got {type(val).__name__}")
@@ -150,7 +150,7 @@ def parse_override_value(text: str):
         return text  # a bare string
 
 
-def apply_override(root, data: Dict[str, Any], dotted: str, value):
+def apply_override(root, data: dict[str, Any], dotted: str, value):
     """Sets `dotted` (e.g. optim.lr) in the raw table `data` of the dataclass `root`, checking every part."""
     parts = dotted.split(".")
     node, cls, path = data, root, ""

@@ -21,7 +21,6 @@ import random
 import re
 import string
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 log = logging.getLogger("fastprerl")
 
@@ -60,7 +59,7 @@ def check_template(template: str) -> None:
                          f"braces as {{{{ and }}}}), got {template!r}")
 
 
-def addition_problems(n: int, digits: int, seed: int) -> List[Dict]:
+def addition_problems(n: int, digits: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
     out = []
@@ -74,7 +73,7 @@ WORD_NAMES = ("Sam", "Mia", "Tom", "Ana", "Ben", "Lily", "Max", "Zoe")
 WORD_ITEMS = ("apples", "pencils", "marbles", "cookies", "stickers", "books", "coins", "cards")
 
 
-def word_problems(n: int, seed: int) -> List[Dict]:
+def word_problems(n: int, seed: int) -> list[dict]:
     """Two-step word problems: a in 2..9, b in 1..9, c in 1..a+b-1, so the answer a + b - c is in 1..17."""
     rng = random.Random(seed)
     out = []
@@ -87,7 +86,7 @@ def word_problems(n: int, seed: int) -> List[Dict]:
     return out
 
 
-def reasoning_gym_problems(task: str, n: int, seed: int) -> List[Dict]:
+def reasoning_gym_problems(task: str, n: int, seed: int) -> list[dict]:
     import reasoning_gym
 
     try:
@@ -98,7 +97,7 @@ def reasoning_gym_problems(task: str, n: int, seed: int) -> List[Dict]:
 
 
 def file_problems(source: str, split: str, prompt_field: str, answer_field: str,
-                  bad_rows: str = "error") -> List[Dict]:
+                  bad_rows: str = "error") -> list[dict]:
     """The problems of a local file or folder (local_records) or a hub dataset. A record without the prompt or
     answer field, with a null or empty one, or that cannot be read is a bad row: an error naming the file and the
     line (row) of each (bad_rows "error"), or left out with a count (bad_rows "skip", data.bad_rows)."""
@@ -129,7 +128,7 @@ def file_problems(source: str, split: str, prompt_field: str, answer_field: str,
                                                                      else "")
         total = len(out) + len(bad)
         if bad_rows != "skip" or not out:
-            hint = (f"; fix them, or set data.bad_rows = \"skip\" to leave them out" if bad_rows != "skip" and out
+            hint = ("; fix them, or set data.bad_rows = \"skip\" to leave them out" if bad_rows != "skip" and out
                     else "")
             raise ValueError(f"data.source: {source!r}: {len(bad)} of {total} records cannot be used ({shown})"
                              f"{hint}")
@@ -152,7 +151,7 @@ def _bad_record(r, prompt_field: str, answer_field: str) -> str:
     return ""
 
 
-def local_records(path: Path, split: str = "train") -> Tuple[List[Tuple[str, object]], List[Tuple[str, str]]]:
+def local_records(path: Path, split: str = "train") -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
     """(where, record) of every record of a local file, and (where, why) of each part that cannot be read:
     where is "line N" in a .jsonl file (and a .json file of JSON lines), "record N" in a .json array, "row N"
     (data rows, from 1) in .csv and .parquet files. A folder: the files of `split` as `datasets` assigns them
@@ -239,7 +238,7 @@ def _folder_records(folder: Path, split: str):
 
 def problems_from_source(source: str, *, n: int, seed: int, digits: int = 2, split: str = "train",
                          prompt_field: str = "problem", answer_field: str = "answer",
-                         bad_rows: str = "error") -> List[Dict]:
+                         bad_rows: str = "error") -> list[dict]:
     """The problems of a source (module docstring): n generated ones for builtin / reasoning_gym sources, every
     record of a file or hub dataset."""
     check_source(source)
@@ -252,14 +251,14 @@ def problems_from_source(source: str, *, n: int, seed: int, digits: int = 2, spl
     return file_problems(source, split, prompt_field, answer_field, bad_rows)
 
 
-def load_problems(cfg, seed: int) -> List[Dict]:
+def load_problems(cfg, seed: int) -> list[dict]:
     """cfg: DataConfig."""
     return problems_from_source(cfg.source, n=cfg.size, seed=seed, digits=cfg.digits, split=cfg.split,
                                 prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                                 bad_rows=cfg.bad_rows)
 
 
-def format_prompt(sample: Dict, cfg, tokenizer) -> List[int]:
+def format_prompt(sample: dict, cfg, tokenizer) -> list[int]:
     """Token ids of the prompt as the policy sees it (completion text or chat template)."""
     text = cfg.template.format(prompt=sample["prompt"])
     if cfg.format == "chat":
@@ -274,7 +273,7 @@ def format_prompt(sample: Dict, cfg, tokenizer) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def fit_prompts(problems: List[Dict], cfg, tokenizer, context: int, rollout) -> List[Dict]:
+def fit_prompts(problems: list[dict], cfg, tokenizer, context: int, rollout) -> list[dict]:
     """The problems whose formatted prompt leaves room for rollout.max_new_tokens response tokens in the model's
     `context` (positions): a longer one is an error naming the count and the longest (data.long_prompts
     "error"), or is left out with a count ("skip"). cfg: DataConfig; rollout: RolloutConfig. Only prompts whose
@@ -310,7 +309,7 @@ def fit_prompts(problems: List[Dict], cfg, tokenizer, context: int, rollout) -> 
 class PromptStream:
     """Deterministic, resumable stream of problems: shuffled per epoch with (seed, epoch)."""
 
-    def __init__(self, problems: List[Dict], seed: int, shuffle: bool = True):
+    def __init__(self, problems: list[dict], seed: int, shuffle: bool = True):
         if not problems:
             raise ValueError("data.source produced no problems")
         self.problems, self.seed, self.shuffle = problems, seed, shuffle
@@ -323,7 +322,7 @@ class PromptStream:
             random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
         return order
 
-    def next_batch(self, n: int) -> List[Dict]:
+    def next_batch(self, n: int) -> list[dict]:
         out = []
         while len(out) < n:
             if self.pos == len(self._order):
@@ -333,9 +332,9 @@ class PromptStream:
             self.pos += 1
         return out
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
-    def load_state_dict(self, state: Dict):
+    def load_state_dict(self, state: dict):
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._make_order()

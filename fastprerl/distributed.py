@@ -65,7 +65,6 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as tdist
@@ -96,7 +95,7 @@ class Dist:
     def _guard(self):
         return _timeout_named(self.timeout_s)
 
-    def all_reduce_counts(self, counts: Dict[str, int]) -> Dict[str, int]:
+    def all_reduce_counts(self, counts: dict[str, int]) -> dict[str, int]:
         """The sums over ranks of integer counts (same keys on every rank; int64, exact)."""
         if not self.enabled:
             return dict(counts)
@@ -123,7 +122,7 @@ class Dist:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         return int(t.item())
 
-    def gather_objects(self, obj) -> List:
+    def gather_objects(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: metric rows)."""
         if not self.enabled:
             return [obj]
@@ -169,7 +168,7 @@ class Dist:
         return torch.device("cpu")
 
     # -------------------------------------------------------------------------------------- work split
-    def shard(self, items: List, key_total: str = "rollout.prompts_per_step") -> List:
+    def shard(self, items: list, key_total: str = "rollout.prompts_per_step") -> list:
         """This rank's contiguous slice of the step's global list (len divisible by world_size)."""
         n, w = len(items), self.world_size
         if n % w:
@@ -278,7 +277,7 @@ class LossRoot(torch.nn.Module):
         return fn(self.model)
 
 
-def decoder_layers(model) -> List[torch.nn.Module]:
+def decoder_layers(model) -> list[torch.nn.Module]:
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no decoder .layers to shard with FSDP2")
@@ -310,14 +309,14 @@ def shard_model(model, d: Dist, dtype: torch.dtype, cpu_offload: bool = False) -
     return root             # that model.parameters() (the optimizer's) are the sharded parameters
 
 
-def fsdp_modules(root: torch.nn.Module) -> List:
+def fsdp_modules(root: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in root.modules() if isinstance(m, FSDPModule)]
 
 
 @contextlib.contextmanager
-def full_weights(root: Optional[torch.nn.Module]):
+def full_weights(root: torch.nn.Module | None):
     """Every FSDP module unsharded once for the block (generate(): many forwards, no gather per token);
     resharded after it. root None (a plain process): nothing to do."""
     if root is None:

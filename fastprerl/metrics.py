@@ -8,7 +8,6 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 
@@ -21,7 +20,7 @@ REFLECTION_WORDS = ("wait", "verify", "make sure", "hold on", "think again", "'s
                     "let me check", "seems right")
 
 
-def behaviour_counts(text: str, transition=TRANSITION_WORDS, reflection=REFLECTION_WORDS) -> Dict[str, int]:
+def behaviour_counts(text: str, transition=TRANSITION_WORDS, reflection=REFLECTION_WORDS) -> dict[str, int]:
     """Counts of transition / reflection / execution paragraphs in one response."""
     out = {"transition": 0, "reflection": 0, "execution": 0}
     for para in (p for p in text.split("\n\n") if p.strip()):
@@ -72,7 +71,7 @@ class MetricsLogger:
                     "train/grad_norm", "perf/step_s")
 
     def __init__(self, out_dir: Path, *, tensorboard: bool = False, console: bool = True, start_step: int = 0,
-                 wandb_project: Optional[str] = None, run_config: Optional[Dict] = None):
+                 wandb_project: str | None = None, run_config: dict | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if start_step > 0:
@@ -92,7 +91,7 @@ class MetricsLogger:
         if wandb_project is not None:
             self._wandb = _wandb_run(self.out_dir, wandb_project, run_config, resume=start_step > 0)
 
-    def log(self, row: Dict, write=None):
+    def log(self, row: dict, write=None):
         self._jsonl.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         self._jsonl.flush()
         step = row["step"]
@@ -111,7 +110,7 @@ class MetricsLogger:
                     parts.append(f"{k.split('/')[-1]}={row[k]:.4g}")
             (write or (lambda s: print(s, file=sys.stderr)))("  ".join(parts))
 
-    def log_samples(self, step: int, rows: List[Dict]):
+    def log_samples(self, step: int, rows: list[dict]):
         """rows: one dict per completion (prompt, response, answer, reward, advantage)."""
         if self._samples is None:
             self._samples = open(self.out_dir / "samples.jsonl", self._samples_mode)
@@ -133,7 +132,7 @@ class MetricsLogger:
             wandb.teardown()
 
 
-def _wandb_run(out_dir: Path, project: str, run_config: Optional[Dict], resume: bool):
+def _wandb_run(out_dir: Path, project: str, run_config: dict | None, resume: bool):
     """A W&B run for this output directory; the same run id across resumes (wandb_id.txt)."""
     try:
         import wandb
@@ -148,7 +147,7 @@ def _wandb_run(out_dir: Path, project: str, run_config: Optional[Dict], resume: 
     return run
 
 
-def read_metrics(path) -> List[Dict]:
+def read_metrics(path) -> list[dict]:
     """The rows of a metrics.jsonl file (a last line cut short by a crash is skipped)."""
     with open(path) as f:
         lines = [line for line in f if line.strip()]
@@ -162,9 +161,9 @@ def read_metrics(path) -> List[Dict]:
     return rows
 
 
-def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: List[bool], texts: List[str], batch,
+def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: list[bool], texts: list[str], batch,
                  loss: float, grad_norm: float, diag, entropy, behaviour, terms, tis_cap: float,
-                 view_gap: bool, weights: Optional[Dict[str, int]] = None) -> Dict:
+                 view_gap: bool, weights: dict[str, int] | None = None) -> dict:
     """The metrics row of one training step (without step, phase and perf/*). rewards (B,), resp_lens (B,);
     scores: fastprerl.rewards.Scores; batch: the step's PackedBatch (R rows); diag: its LossDiagnostics;
     entropy (R,) or None; behaviour (R,) the sampler's log-probs of the rows; terms: name -> SampleTerms.
@@ -237,7 +236,7 @@ SUMMED = ("reward/timeouts", "reward/errors", "groups/all_solved", "groups/none_
           "train/packed_tokens", "train/microbatches")
 
 
-def reduce_rows(rows: List[Dict], weights: List[Dict[str, int]]) -> Dict:
+def reduce_rows(rows: list[dict], weights: list[dict[str, int]]) -> dict:
     """One metrics row of a step whose samples were spread over processes, from each process's row of its own
     samples (`step_metrics`) and the item counts of its means: a mean over items (samples, tokens, rows) is
     the count-weighted mean of the processes' means; counts and loss parts (each process's loss is its share
@@ -262,17 +261,17 @@ def reduce_rows(rows: List[Dict], weights: List[Dict[str, int]]) -> Dict:
 class NoMetrics:
     """The metric sinks of a process other than rank 0: nothing is written."""
 
-    def log(self, row: Dict, write=None):
+    def log(self, row: dict, write=None):
         pass
 
-    def log_samples(self, step: int, rows: List[Dict]):
+    def log_samples(self, step: int, rows: list[dict]):
         pass
 
     def close(self):
         pass
 
 
-def sample_records(samples: List[Dict], texts: List[str], scores, roll, terms) -> List[Dict]:
+def sample_records(samples: list[dict], texts: list[str], scores, roll, terms) -> list[dict]:
     """One samples.jsonl record per response: prompt, response, answer, reward, the advantage of the phase's
     first objective, verdict, format flag, token count and truncation."""
     adv = next(iter(terms.values())).advantage
@@ -281,7 +280,7 @@ def sample_records(samples: List[Dict], texts: List[str], scores, roll, terms) -
              "tokens": len(roll.response_ids[i]), "truncated": roll.truncated[i]} for i, s in enumerate(samples)]
 
 
-def text_table(header: List[str], rows: List[List[str]]) -> str:
+def text_table(header: list[str], rows: list[list[str]]) -> str:
     """A console table: the first column left-aligned, the others right-aligned, a rule under the header."""
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731

@@ -15,7 +15,6 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -87,7 +86,7 @@ def load_tokenizer(spec: str):
 
 
 def tiny_config(kind: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
-                kv_heads: int = 2, intermediate: int = 128, bos: Optional[int] = 1, eos: Optional[int] = 2):
+                kv_heads: int = 2, intermediate: int = 128, bos: int | None = 1, eos: int | None = 2):
     from transformers import LlamaConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]

@@ -57,8 +57,8 @@ the step loss is the same whatever the micro-batches are, and nothing outside th
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -99,7 +99,7 @@ class SampleTerms:
 
 def sample_terms(name: str, rewards: torch.Tensor, group_size: int, *, adv_norm: str = "std",
                  negative_rule: str = "group_advantage", threshold: float = 0.5,
-                 w_lambda: float = 0.1, verdicts: Optional[torch.Tensor] = None) -> SampleTerms:
+                 w_lambda: float = 0.1, verdicts: torch.Tensor | None = None) -> SampleTerms:
     """rewards (B,): the scores optimised; verdicts (B,): the verifier's `correct` (default: the rewards),
     which decide right and wrong for the NSR / PSR masks (module docstring)."""
     if name not in VIEW_OF:
@@ -134,7 +134,7 @@ def sample_terms(name: str, rewards: torch.Tensor, group_size: int, *, adv_norm:
 
 
 def phase_terms(objectives, rewards: torch.Tensor, group_size: int, algo,
-                verdicts: Optional[torch.Tensor] = None) -> Dict[str, SampleTerms]:
+                verdicts: torch.Tensor | None = None) -> dict[str, SampleTerms]:
     """The terms of a phase's objectives (PhaseConfig.objectives; algo: AlgoConfig), keyed by name."""
     return {o.name: sample_terms(o.name, rewards, group_size, adv_norm=algo.adv_norm,
                                  negative_rule=algo.negative_rule, threshold=algo.reward_threshold,
@@ -143,7 +143,7 @@ def phase_terms(objectives, rewards: torch.Tensor, group_size: int, algo,
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, *, eps_low: float = 0.2,
-                eps_high: float = 0.2, dual_clip_c: Optional[float] = 10.0) -> torch.Tensor:
+                eps_high: float = 0.2, dual_clip_c: float | None = 10.0) -> torch.Tensor:
     """Per-token clipped surrogate with dual-clip (see module docstring). All inputs (T,)."""
     ratio = torch.exp(logp - old_logp)
     l1 = -adv * ratio
@@ -177,7 +177,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 _RESPONSE_TOKENS = "response tokens"   # the KL term's normaliser, beside the objectives' N_o
 
 
-def token_normalisers(terms: Dict[str, SampleTerms], resp_lens: torch.Tensor) -> Dict[str, int]:
+def token_normalisers(terms: dict[str, SampleTerms], resp_lens: torch.Tensor) -> dict[str, int]:
     """N_o: kept tokens of objective o over the whole step (all micro-batches)."""
     return {name: int(resp_lens[t.mask].sum().item()) for name, t in terms.items()}
 
@@ -189,12 +189,12 @@ class LossDiagnostics:
     objective the summed weighted loss, the tokens in the loss and how many of them were clipped."""
     rows: torch.Tensor                     # (k,) int64
     logp: torch.Tensor                     # (k,) on the CPU (float32 from the fused kernels)
-    term_sums: Dict[str, torch.Tensor]     # name -> () float32
-    tokens: Dict[str, int]
-    clipped: Dict[str, int]
+    term_sums: dict[str, torch.Tensor]     # name -> () float32
+    tokens: dict[str, int]
+    clipped: dict[str, int]
 
     @staticmethod
-    def merge(parts: Sequence["LossDiagnostics"], names: Sequence[str]) -> "LossDiagnostics":
+    def merge(parts: Sequence[LossDiagnostics], names: Sequence[str]) -> LossDiagnostics:
         """The diagnostics of the whole step from those of its calls (per-term sums added in call order)."""
         sums = {n: torch.zeros(()) for n in names}
         tokens, clip = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
@@ -228,22 +228,22 @@ class RowTerm:
 @dataclass(frozen=True)
 class StepLoss:
     """The step loss over the R packed rows (module docstring), built once per step by `build`."""
-    terms: Tuple[RowTerm, ...]
+    terms: tuple[RowTerm, ...]
     cond: torch.Tensor                  # (R,) bool: the row scores log P(y_t | x, y_<t)
     behaviour: torch.Tensor             # (R,) the sampler's log-prob of the row's token
-    old: Optional[torch.Tensor]         # (R,) old log-probs of cond rows (algo.old_logp = "rollout"), else None
-    ref: Optional[torch.Tensor]         # (R,) reference-model log-probs (KL on), else None
+    old: torch.Tensor | None         # (R,) old log-probs of cond rows (algo.old_logp = "rollout"), else None
+    ref: torch.Tensor | None         # (R,) reference-model log-probs (KL on), else None
     kl_coef: torch.Tensor               # (R,) kl_coef / (response tokens of the step) on cond rows, else 0
     tis_cap: float = 0.0
     eps_low: float = 0.2
     eps_high: float = 0.2
-    dual_clip_c: Optional[float] = 10.0
+    dual_clip_c: float | None = 10.0
 
     @classmethod
-    def build(cls, terms: Dict[str, SampleTerms], weights: Dict[str, float], resp_lens: torch.Tensor, *,
+    def build(cls, terms: dict[str, SampleTerms], weights: dict[str, float], resp_lens: torch.Tensor, *,
               row_sample: torch.Tensor, cond: torch.Tensor, behaviour: torch.Tensor, algo,
-              ref: Optional[torch.Tensor] = None,
-              totals: Optional[Callable[[Dict[str, int]], Dict[str, int]]] = None) -> "StepLoss":
+              ref: torch.Tensor | None = None,
+              totals: Callable[[dict[str, int]], dict[str, int]] | None = None) -> StepLoss:
         """terms / weights: per objective; resp_lens (B,); row_sample (R,) sample of each packed row; cond (R,);
         behaviour (R,); algo: AlgoConfig (clip, dual-clip, old_logp, TIS, KL); ref (R,) or None (KL off).
         totals: when the step's samples are spread over processes, maps this process's token counts to the
@@ -264,10 +264,10 @@ class StepLoss:
                    dual_clip_c=algo.dual_clip_c)
 
     @property
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return [t.name for t in self.terms]
 
-    def __call__(self, lp: torch.Tensor, ridx: torch.Tensor) -> Tuple[torch.Tensor, LossDiagnostics]:
+    def __call__(self, lp: torch.Tensor, ridx: torch.Tensor) -> tuple[torch.Tensor, LossDiagnostics]:
         """Per-token losses (k,) of the rows ridx (indices into the R packed rows) with log-probs lp (k,)."""
         ridx = ridx.cpu()
         at = lambda x: x[ridx].to(lp.device)  # noqa: E731

@@ -13,14 +13,14 @@ too; `state_dict`/`load_state_dict` and LR schedulers work as on torch.optim.Ada
 """
 from __future__ import annotations
 
-from typing import Iterable, List
+from collections.abc import Iterable
 
 import torch
 
 
 class CPUOffloadAdamW(torch.optim.AdamW):
     def __init__(self, params: Iterable[torch.nn.Parameter], **kwargs):
-        self.model_params: List[torch.nn.Parameter] = [p for p in params]
+        self.model_params: list[torch.nn.Parameter] = [p for p in params]
         cpu = [torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
                for p in self.model_params]
         pin = torch.cuda.is_available() and any(p.is_cuda for p in self.model_params)

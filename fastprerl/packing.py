@@ -15,8 +15,9 @@ Row selection (`select_rows`): which samples each view packs, from the step's lo
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -27,7 +28,7 @@ VIEWS = ("cond", "free")  # log P(y|x) and log P(y)
 
 
 def select_rows(terms, num_samples: int, *, all_cond: bool = False, both_views: bool = False
-                ) -> Dict[str, torch.Tensor]:
+                ) -> dict[str, torch.Tensor]:
     """view -> (B,) bool: the samples packed in that view. terms: objective name -> SampleTerms (objectives.py);
     a sample is packed in a term's view when the term uses it with a non-zero advantage (a zero-advantage
     sample adds nothing to the loss). all_cond: every sample's cond view (the KL term scores all of them);
@@ -47,15 +48,15 @@ def select_rows(terms, num_samples: int, *, all_cond: bool = False, both_views: 
 class PackedBatch:
     input_ids: torch.Tensor      # (T,) int64 token stream
     position_ids: torch.Tensor   # (T,) int64, restarting at 0 per sequence
-    seq_lens: List[int]          # length of every packed sequence, in stream order
-    bins: List[tuple]            # [(start, end)] token ranges of the micro-batches
+    seq_lens: list[int]          # length of every packed sequence, in stream order
+    bins: list[tuple]            # [(start, end)] token ranges of the micro-batches
     rows: torch.Tensor           # (R,) stream index whose hidden state predicts a response token
     targets: torch.Tensor        # (R,) that response token
     row_sample: torch.Tensor     # (R,) sample index of the row
     row_view: torch.Tensor       # (R,) 0 = cond (log P(y|x)), 1 = free (log P(y))
     row_pos: torch.Tensor        # (R,) position of the token within its response
     num_samples: int
-    view_rows: Dict[str, torch.Tensor] = field(default_factory=dict)  # view -> indices into R
+    view_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # view -> indices into R
 
     @property
     def num_tokens(self) -> int:
@@ -70,7 +71,7 @@ class PackedBatch:
         s, e = self.bins[b]
         return torch.nonzero((self.rows >= s) & (self.rows < e), as_tuple=False).view(-1)
 
-    def bin_seq_lens(self, b: int) -> List[int]:
+    def bin_seq_lens(self, b: int) -> list[int]:
         """Lengths of the sequences packed in bin b, in stream order."""
         s, e = self.bins[b]
         out, pos = [], 0
@@ -80,7 +81,7 @@ class PackedBatch:
             pos += n
         return out
 
-    def unpack(self, values: torch.Tensor, view: str) -> List[torch.Tensor]:
+    def unpack(self, values: torch.Tensor, view: str) -> list[torch.Tensor]:
         """Split per-row values (R,) of one view into a list of per-sample (len(y_i),) tensors;
         samples not packed for that view get an empty tensor."""
         idx = self.view_rows[view]
@@ -97,7 +98,7 @@ class PackedBatch:
 
 
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-         cond: Optional[Sequence[bool]] = None, free: Optional[Sequence[bool]] = None,
+         cond: Sequence[bool] | None = None, free: Sequence[bool] | None = None,
          empty_token: int, max_tokens: int = 4096) -> PackedBatch:
     """Pack the selected samples' views. cond/free: per-sample booleans (None = none of that view)."""
     n = len(prompts)
@@ -196,7 +197,7 @@ def bins(model, batch: PackedBatch) -> Iterator[BinRows]:
         yield bin_rows(model, batch, b)
 
 
-def active_bins(batch: PackedBatch) -> List[int]:
+def active_bins(batch: PackedBatch) -> list[int]:
     """The bins that hold response rows, in stream order."""
     return [b for b in range(len(batch.bins)) if batch.bin_row_index(b).numel()]
 

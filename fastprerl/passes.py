@@ -8,8 +8,6 @@ log-prob, so they add exactly 0 to every gradient and let that process take part
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from .kernels import token_logprobs_no_grad, token_loss
@@ -34,7 +32,7 @@ class BinPasses:
         return pack([[e]], [[e]], cond=[True], empty_token=e, max_tokens=2)
 
     def backward(self, batch, loss_fn: StepLoss, entropy: bool
-                 ) -> Tuple[float, LossDiagnostics, Optional[torch.Tensor]]:
+                 ) -> tuple[float, LossDiagnostics, torch.Tensor | None]:
         """Forward + fused loss + backward, bin by bin; gradients accumulate in the model. Returns the summed
         loss, the step's LossDiagnostics and the per-row entropy (R,) (None unless `entropy`)."""
         ent_rows = torch.zeros(batch.rows.numel()) if entropy else None

@@ -23,8 +23,6 @@ step are in the checkpoint (state_dict), so a resumed run switches at the same s
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
 
 class Schedule:
     def __init__(self, cfg):
@@ -32,11 +30,11 @@ class Schedule:
         self.cfg = cfg
         self.total_steps = sum(ph.steps for ph in cfg.phases)
         self.adaptive = cfg.adaptive if cfg.adaptive.signal else None
-        self.history: List[float] = []
-        self.best: Optional[float] = None
+        self.history: list[float] = []
+        self.best: float | None = None
         self.stale = 0
-        self.switch_at: Optional[int] = None   # adaptive: first step of phase 1, once decided
-        self.bounds: List[Tuple[int, int, object]] = []
+        self.switch_at: int | None = None   # adaptive: first step of phase 1, once decided
+        self.bounds: list[tuple[int, int, object]] = []
         self._set_bounds()
 
     def _set_bounds(self):
@@ -52,7 +50,7 @@ class Schedule:
             self.bounds.append((start, start + n, ph))
             start += n
 
-    def phase_at(self, step: int) -> Tuple[int, object]:
+    def phase_at(self, step: int) -> tuple[int, object]:
         """(phase index, PhaseConfig) of the 0-based step."""
         for i, (s, e, ph) in enumerate(self.bounds):
             if s <= step < e:
@@ -63,7 +61,7 @@ class Schedule:
         """True at the first step of every phase but the first."""
         return step > 0 and any(s == step for s, _, _ in self.bounds)
 
-    def observe(self, step: int, row: Dict) -> Dict:
+    def observe(self, step: int, row: dict) -> dict:
         """After the 0-based `step` with metrics `row`: applies the adaptive rule (module docstring) while in
         the first phase and returns the schedule/* entries for that row ({} without an adaptive switch)."""
         if self.adaptive is None or self.switch_at is not None or self.phase_at(step)[0] != 0:
@@ -93,10 +91,10 @@ class Schedule:
             out.update({"schedule/switch_at": n, "schedule/switch_reason": reason})
         return out
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         return {"history": list(self.history), "best": self.best, "stale": self.stale, "switch_at": self.switch_at}
 
-    def load_state_dict(self, state: Optional[Dict]):
+    def load_state_dict(self, state: dict | None):
         """state: from state_dict; None (a checkpoint of a fixed schedule) leaves the initial state."""
         if not state:
             return

@@ -12,7 +12,6 @@ import math
 import signal
 import sys
 import threading
-from typing import List, Optional
 
 import torch
 
@@ -25,7 +24,7 @@ class RewardFailure(RuntimeError):
     """Every response of a step failed in the reward function: the rewards would all be a made-up 0."""
 
 
-def check_rewards(dist, step: int, scores, texts: List[str], samples: List[dict]) -> None:
+def check_rewards(dist, step: int, scores, texts: list[str], samples: list[dict]) -> None:
     """Raises RewardFailure, with the first failure, its response and sample, when every response of the step
     (on every process; dist: distributed.Dist) failed in the reward function."""
     failed = len(texts) > 0 and scores.errors == len(texts)   # this process's responses all failed
@@ -33,7 +32,7 @@ def check_rewards(dist, step: int, scores, texts: List[str], samples: List[dict]
         raise reward_failure(step, scores, texts, samples)
 
 
-def reward_failure(step: int, scores, texts: List[str], samples: List[dict]) -> RewardFailure:
+def reward_failure(step: int, scores, texts: list[str], samples: list[dict]) -> RewardFailure:
     """The error of a step whose every reward failed: the first failure with its response and sample."""
     i = next(j for j, e in enumerate(scores.error) if e)
     sample = {k: v for k, v in samples[i].items() if k != "entry"}
@@ -51,7 +50,7 @@ class StopSignals:
     Second one: StepAbandoned is raised wherever the loop is; the newest checkpoint stays as it was."""
 
     def __init__(self):
-        self.requested: Optional[str] = None
+        self.requested: str | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -76,8 +75,8 @@ class StopSignals:
 
 
 def batch_report(step: int, phase: str, problem: str, *, rewards, resp_lens, truncated, terms=None,
-                 rows: Optional[int] = None, bins: Optional[int] = None, loss: Optional[float] = None,
-                 grad_norm: Optional[float] = None, texts: Optional[List[str]] = None) -> str:
+                 rows: int | None = None, bins: int | None = None, loss: float | None = None,
+                 grad_norm: float | None = None, texts: list[str] | None = None) -> str:
     """The message of a NonFiniteError: what went wrong and the statistics of the step's batch."""
     def stats(x: torch.Tensor) -> str:
         x = x.float()

@@ -32,14 +32,13 @@ self.root and self.ref_root are None and every collective helper is the identity
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 import random
-import importlib.util
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
 
 import torch
 
@@ -81,7 +80,7 @@ def check_startup(cfg, device: torch.device, dist=None) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, config_file: Optional[str] = None):   # the CLI's CONFIG: never overwritten
+    def __init__(self, cfg: Config, config_file: str | None = None):   # the CLI's CONFIG: never overwritten
         self.cfg, self.config_file = cfg, config_file
         self.dist = distributed.init(cfg.run.device, cfg.dist.timeout_s)
         if not self.dist.is_main:
@@ -124,7 +123,7 @@ class Trainer:
         self.rollout = make_backend(cfg.rollout, self.model, self.tok, seed=cfg.run.seed)
         self.reward_fn = reward_fn_from_config(cfg.reward)
         self.step = 0                       # completed steps = the index of the next step
-        self.last_checkpoint: Optional[Path] = None
+        self.last_checkpoint: Path | None = None
         if resume_from is not None:
             resume.load_trainer(self, resume_from)   # restores the RNG states last
         self.evaluator = None   # rank 0's (the other ranks take part in gathering the weights only)
@@ -230,7 +229,7 @@ class Trainer:
         log.info("step %d: switching to phase %r", self.step, phase.name)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, phase) -> Dict:
+    def train_step(self, phase) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
         G = cfg.rollout.samples_per_prompt
 

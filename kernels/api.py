@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ class TokenLogprobs:
 
     Rows outside `rows` hold 0 in every field."""
     logp: torch.Tensor
-    entropy: Optional[torch.Tensor]
+    entropy: torch.Tensor | None
     lse: torch.Tensor
 
 
@@ -46,7 +46,7 @@ def _triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Map "auto" to a concrete implementation and announce the choice once per (impl, device type).
     float64 inputs always take the torch path (the Triton kernels compute in float32)."""
     if impl not in IMPLS:
@@ -107,7 +107,7 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def _scatter(values: Optional[torch.Tensor], n: int, rows):
+def _scatter(values: torch.Tensor | None, n: int, rows):
     if values is None or rows is None:
         return values
     out = values.new_zeros(n)
@@ -115,7 +115,7 @@ def _scatter(values: Optional[torch.Tensor], n: int, rows):
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                   rows: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                   rows: torch.Tensor | None = None, temperature: float = 1.0,
                    with_entropy: bool = False, impl: str = "auto",
                    deterministic: bool = False) -> TokenLogprobs:
     """log softmax(hidden @ weight.T / temperature)[targets] per row, without (N, V) logits.
@@ -150,7 +150,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 @torch.no_grad()
 def token_logprobs_no_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                           rows: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                           rows: torch.Tensor | None = None, temperature: float = 1.0,
                            with_entropy: bool = False, impl: str = "auto") -> TokenLogprobs:
     """`token_logprobs` without autograd: old-policy / reference-model log-probs."""
     return token_logprobs(hidden.detach(), weight.detach(), targets, rows=rows, temperature=temperature,
@@ -161,8 +161,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn, *,
-               rows: Optional[torch.Tensor] = None, temperature: float = 1.0, impl: str = "auto",
-               chunk_rows: Optional[int] = None, entropy_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, temperature: float = 1.0, impl: str = "auto",
+               chunk_rows: int | None = None, entropy_out: torch.Tensor | None = None) -> torch.Tensor:
     """Scalar sum over active rows of loss_fn(logp_chunk, row_index_chunk).
 
     loss_fn gets float32 log-probs of a chunk of active rows and the int64 indices (into the N rows) of

@@ -19,8 +19,6 @@ followed by the callable on all rows, in plain torch (the callable's ops are tra
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
 
@@ -45,7 +43,7 @@ def _compute(hidden, weight, targets, temperature, with_entropy, impl):
 
 @torch.library.custom_op("fastprerl::token_logprobs", mutates_args=())
 def token_logprobs_op(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
-                      impl: str) -> Tuple[Tensor, Tensor, Tensor]:
+                      impl: str) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
         logp, ent, lse = _compute(hidden, weight, targets, temperature, with_entropy, impl)
     if ent is None:
@@ -63,7 +61,7 @@ def _(hidden, weight, targets, temperature, with_entropy, impl):
 
 @torch.library.custom_op("fastprerl::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward_op(hidden: Tensor, weight: Tensor, targets: Tensor, g_logp: Tensor, g_entropy: Tensor,
-                               temperature: float, impl: str) -> Tuple[Tensor, Tensor]:
+                               temperature: float, impl: str) -> tuple[Tensor, Tensor]:
     # dz = g_logp (onehot(target) - p) - g_entropy p (z - E_p[z]),  dh = dz W / T,  dW = dz^T h / T,  row blocks of
     # _BLOCK rows (autograd is not available inside an operator's implementation, so the formula is explicit)
     n = hidden.shape[0]

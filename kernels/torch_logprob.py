@@ -28,8 +28,8 @@ computation in the input dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -47,7 +47,7 @@ class _Plan:
     vocab_tile: int
 
 
-def _plan(n: int, v: int, temperature: float, with_entropy: bool, row_block: Optional[int] = None) -> _Plan:
+def _plan(n: int, v: int, temperature: float, with_entropy: bool, row_block: int | None = None) -> _Plan:
     cap = max(1, row_block or _ROW_BLOCK)
     blocks = max(1, math.ceil(n / cap))
     r = max(1, math.ceil(n / blocks))
@@ -106,7 +106,7 @@ def _row_stats(hs, weight, wf_tiles, targets, p: _Plan, buf, buf2, expect=None):
     zt = _target_logits(hs, weight, targets)
     if not p.with_entropy and expect is None:
         lse = torch.full((r,), -math.inf, dtype=dt, device=hs.device)
-        for a, wt in wf_tiles():
+        for _, wt in wf_tiles():
             z = torch.mm(hs, wt.t(), out=buf[:r, : wt.shape[0]])
             m = z.amax(dim=1)   # in place below: torch.logsumexp would allocate a second tile
             tile_lse = z.sub_(m.unsqueeze(1)).exp_().sum(dim=1).log_().add_(m)
@@ -261,7 +261,7 @@ class _TiledLogprobs(torch.autograd.Function):
 
 
 def chunked_token_logprobs(h, weight, targets, temperature: float, with_entropy: bool,
-                           row_block: Optional[int] = None):
+                           row_block: int | None = None):
     """(logp, entropy or None, lse) for the rows of h, float32 (float64 for float64 inputs)."""
     p = _plan(h.shape[0], weight.shape[0], temperature, with_entropy, row_block)
     if h.shape[0] == 0:
@@ -359,7 +359,7 @@ class _FusedLoss(PrecomputedGradsLoss):
 
 
 def fused_token_loss(h, weight, targets, rows, loss_fn: Callable, temperature: float,
-                     row_block: Optional[int] = None, with_entropy: bool = False):
+                     row_block: int | None = None, with_entropy: bool = False):
     """(loss, per-row entropy or None): the entropy comes from the same stats sweep, without gradient."""
     if h.shape[0] == 0:
         return (h.sum() + weight.sum()).float() * 0, (h.new_zeros(0, dtype=torch.float32) if with_entropy else None)

@@ -9,7 +9,6 @@ deterministic backward). `default_config` picks one `KernelConfig` per kind from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -56,7 +55,7 @@ class KernelConfig:
 # enough that the fp32 kernels spill at most a few registers (at block_k = 32 the sm_80 fast backward
 # spilled ~480 instructions, and the 64-row d_W paths thousands, with ptxas capping them at 128 / 32
 # registers).
-_TABLE: Dict[Tuple[str, bool, str], Tuple[int, int, int, int]] = {
+_TABLE: dict[tuple[str, bool, str], tuple[int, int, int, int]] = {
     # Hopper (sm_90): wgmma (HGMMA) reads its operands from shared memory, so 128-row 16-bit tiles fit
     ("sm90", True, "fwd"): (128, 128, 64, 3),
     ("sm90", True, "bwd"): (128, 128, 64, 3),
@@ -102,7 +101,7 @@ def _family(arch: int) -> str:
 
 
 def default_config(kind: str, M: int, V: int, H: int, dtype: torch.dtype, device: torch.device,
-                   arch: Optional[int] = None) -> KernelConfig:
+                   arch: int | None = None) -> KernelConfig:
     """Block sizes for `kind` at M rows (no autotuning). `arch` (e.g. 90, 80) defaults to the device's.
 
     Interpreter / CPU: blocks large enough to keep the (serial, per-op costly) interpreter quick on test

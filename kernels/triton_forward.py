@@ -32,8 +32,6 @@ moves 16 bytes per thread and instruction.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -124,7 +122,7 @@ def forward_partials(M: int, splits: int, device: torch.device) -> torch.Tensor:
 
 def forward_launch(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, part: torch.Tensor,
                    cols_per_split: int, inv_temperature: float, with_entropy: bool,
-                   cfg: KernelConfig, ew: Optional[torch.Tensor] = None) -> Launch:
+                   cfg: KernelConfig, ew: torch.Tensor | None = None) -> Launch:
     """The forward launch writing `part` (4, splits, M) fp32 (`forward_partials`): m, s, a, z_t per split;
     with `ew` ((splits, M, H) fp32 zeros, contiguous) also A = sum_v exp(z_v - m) W_v per split (frozen head)."""
     M, H = h.shape

@@ -22,15 +22,14 @@ while its compiler builds all of them (tools/triton36_env.sh).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 
+from .torch_logprob import PrecomputedGradsLoss, loss_and_grad
 from .triton_backward import backward_dh_launch, backward_dw_launch, backward_launch
 from .triton_config import KernelConfig, default_config, num_sms
 from .triton_forward import forward_launch, forward_partials, forward_splits, merge_splits
 from .triton_runtime import compute_operands, interpreting, triton_interpreted_at_import
-from .torch_logprob import PrecomputedGradsLoss, loss_and_grad
 
 __all__ = ["KernelConfig", "LogprobParams", "TritonTokenLogprobs", "triton_token_logprobs",
            "default_config", "triton_interpreted_at_import", "triton_forward", "triton_backward",
@@ -45,7 +44,7 @@ class LogprobParams:
     temperature: float = 1.0
     with_entropy: bool = False
     deterministic: bool = False
-    config: Optional[KernelConfig] = None
+    config: KernelConfig | None = None
 
 
 def _validate(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float) -> None:
@@ -72,7 +71,7 @@ def _validate(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperatur
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _sweep(h, weight, t, temperature: float, with_entropy: bool, config: Optional[KernelConfig], expect: bool):
+def _sweep(h, weight, t, temperature: float, with_entropy: bool, config: KernelConfig | None, expect: bool):
     """The forward launch and its merge: (logp, entropy or None, lse, E_p[z] or None, E_p[W] or None)."""
     _validate(h, weight, t, temperature)
     M, H = h.shape
@@ -96,13 +95,13 @@ def _sweep(h, weight, t, temperature: float, with_entropy: bool, config: Optiona
 
 
 def triton_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float,
-                   with_entropy: bool, config: Optional[KernelConfig] = None):
+                   with_entropy: bool, config: KernelConfig | None = None):
     """Forward launcher: (logp, entropy or None, lse, E_p[z] or None), each (M,) float32."""
     return _sweep(h, weight, t, temperature, with_entropy, config, expect=False)[:4]
 
 
 def triton_frozen_forward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, temperature: float,
-                          with_entropy: bool, config: Optional[KernelConfig] = None):
+                          with_entropy: bool, config: KernelConfig | None = None):
     """Frozen-head forward, one sweep: (logp, entropy or None, E_p[W]); logp / entropy (M,) float32,
     E_p[W] = sum_v softmax(z)_v W_v (M, H) float32.
 
@@ -136,7 +135,7 @@ class TritonFrozenLoss(PrecomputedGradsLoss):
 
 
 def triton_frozen_token_loss(h, weight, t, rows, loss_fn, temperature: float = 1.0, with_entropy: bool = False,
-                             *, config: Optional[KernelConfig] = None):
+                             *, config: KernelConfig | None = None):
     """(loss, entropy or None) of sum loss_fn(logp, rows) for a frozen head; differentiable w.r.t. h only."""
     params = LogprobParams(temperature=float(temperature), with_entropy=bool(with_entropy), config=config)
     out = TritonFrozenLoss.apply(h, weight, t, rows, loss_fn, params)
@@ -144,11 +143,11 @@ def triton_frozen_token_loss(h, weight, t, rows, loss_fn, temperature: float = 1
 
 
 def triton_backward(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, lse: torch.Tensor,
-                    ez: Optional[torch.Tensor], g_lp: Optional[torch.Tensor],
-                    g_ent: Optional[torch.Tensor], g_lse: Optional[torch.Tensor],
+                    ez: torch.Tensor | None, g_lp: torch.Tensor | None,
+                    g_ent: torch.Tensor | None, g_lse: torch.Tensor | None,
                     temperature: float, deterministic: bool, need_dh: bool = True,
-                    need_dw: bool = True, config: Optional[KernelConfig] = None
-                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                    need_dw: bool = True, config: KernelConfig | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Backward launcher: (d_h in h.dtype or None, d_W in weight.dtype or None).
 
     lse, ez: (M,) float32 from the forward (ez = E_p[z], needed only when g_ent is given).
@@ -218,7 +217,7 @@ class TritonTokenLogprobs(torch.autograd.Function):
 
 def triton_token_logprobs(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor,
                           temperature: float = 1.0, with_entropy: bool = False,
-                          deterministic: bool = False, *, config: Optional[KernelConfig] = None):
+                          deterministic: bool = False, *, config: KernelConfig | None = None):
     """log softmax(h @ weight.T / temperature)[t] per row with the fused Triton kernels.
 
     h (M, H) fp32/bf16/fp16 (M may be 0), weight (V, H) same dtype, t (M,) int64 in [0, V).

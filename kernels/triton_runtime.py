@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import torch
 import triton.language as tl
@@ -65,9 +65,9 @@ class Launch:
     """One kernel launch, fully described: the compile check (tools/triton_compile_check.py) builds the
     same objects on meta tensors and compiles `kernel` with the specialisations a launch of `args` gets."""
     kernel: Any
-    grid: Tuple[int, ...]
-    args: Tuple[Any, ...]                         # the runtime arguments, in the kernel's order
-    constexprs: Dict[str, Any] = field(default_factory=dict)
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]                         # the runtime arguments, in the kernel's order
+    constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
 

@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +49,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 def _launches(arch: int):
     """(kind, label, Launch) for every configuration the launchers choose at HEADS x ROWS x DTYPES on `arch`."""
     import torch
+
     from fastprerl.kernels.triton_backward import backward_dh_launch, backward_dw_launch, backward_launch
     from fastprerl.kernels.triton_config import default_config
     from fastprerl.kernels.triton_forward import forward_launch, forward_partials, forward_splits
@@ -115,7 +115,7 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _sass_counts(sass: str) -> Dict[str, int]:
+def _sass_counts(sass: str) -> dict[str, int]:
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
     count = lambda pred: sum(1 for o in ops if pred(o))  # noqa: E731
     return {"stl": count(lambda o: o.startswith("STL")), "ldl": count(lambda o: o.startswith("LDL")),
@@ -156,11 +156,11 @@ def compile_one(spec: dict) -> dict:
             "smem": int(k.metadata.shared), "compile_s": round(time.perf_counter() - t0, 2), **_sass_counts(sass)}
 
 
-def check(archs=(90, 80), jobs: int = 2) -> List[dict]:
+def check(archs=(90, 80), jobs: int = 2) -> list[dict]:
     """Every distinct compile key for `archs`, compiled on `jobs` processes; one row per key."""
     import triton
 
-    keys: Dict[str, dict] = {}
+    keys: dict[str, dict] = {}
     for arch in archs:
         for kind, tag, launch in _launches(arch):
             spec = _spec(launch, arch)
@@ -182,7 +182,7 @@ def check(archs=(90, 80), jobs: int = 2) -> List[dict]:
     return rows
 
 
-def problems(rows: List[dict]) -> List[str]:
+def problems(rows: list[dict]) -> list[str]:
     """What the CI check fails on: compile errors, shared memory over the limit, spills in 16-bit kernels,
     more than FP32_SPILL_LIMIT spill instructions in an fp32 kernel."""
     out = []
@@ -200,7 +200,7 @@ def problems(rows: List[dict]) -> List[str]:
     return out
 
 
-def table(rows: List[dict]) -> str:
+def table(rows: list[dict]) -> str:
     head = ["triton", "arch", "kernel", "dtype", "flags", "config", "regs", "stack", "smem KB", "STL", "LDL",
             "HGMMA", "HMMA", "LDGSTS", "LDG.128", "s"]
     lines = []
@@ -217,9 +217,9 @@ def table(rows: List[dict]) -> str:
     return "\n".join([fmt(head)] + [fmt(x) for x in lines])
 
 
-def summary(rows: List[dict]) -> str:
+def summary(rows: list[dict]) -> str:
     """One line per (target, kernel, dtype, configuration): the worst of its variants and shapes."""
-    groups: Dict[tuple, list] = {}
+    groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["triton"], r["arch"], r["spec"]["kernel"], r["dtype"], r["config"]), []).append(r)
     head = ["triton", "arch", "kernel", "dtype", "config", "variants", "regs", "smem KB", "spills", "HGMMA", "HMMA",

@@ -8,11 +8,41 @@
   plot.py        one PNG of a run's progress; `fastprerl plot`
 """
 from .align import Alignment, rollout_alignment, run_align, run_align_cli
-from .data import (DEFAULT_GENERATED, MATH_INSTRUCTION, MATH_TEMPLATE, REWARDS, DataSpec, EvalDataset, EvalError,
-                   EvalSettings, Samples, champ_problems, default_reward, load_eval_problems, make_reward,
-                   parse_data_spec, prepare_datasets, sample, score_samples)
-from .evaluator import (SUMMARY_KEYS, avg_at_k, default_out, evaluate, format_table, mean_pass_at_k, pass_at_k,
-                        pass_ks, parse_words, run_eval_cli, settings_from_args, summarise, with_ratios, write_json)
+from .data import (
+                   DEFAULT_GENERATED,
+                   MATH_INSTRUCTION,
+                   MATH_TEMPLATE,
+                   REWARDS,
+                   DataSpec,
+                   EvalDataset,
+                   EvalError,
+                   EvalSettings,
+                   Samples,
+                   champ_problems,
+                   default_reward,
+                   load_eval_problems,
+                   make_reward,
+                   parse_data_spec,
+                   prepare_datasets,
+                   sample,
+                   score_samples,
+)
+from .evaluator import (
+                   SUMMARY_KEYS,
+                   avg_at_k,
+                   default_out,
+                   evaluate,
+                   format_table,
+                   mean_pass_at_k,
+                   parse_words,
+                   pass_at_k,
+                   pass_ks,
+                   run_eval_cli,
+                   settings_from_args,
+                   summarise,
+                   with_ratios,
+                   write_json,
+)
 from .model import ResolvedModel, load_model_on, load_tokenizer_for, resolve_model
 from .periodic import PeriodicEval, due
 from .plot import plot_run

@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,10 +49,10 @@ class Alignment:
     norm_free: float          # |grad log P(y)|
     logp_cond: float          # log P(y|x), summed over the response tokens
     logp_free: float          # log P(y)
-    token_diff: List[float]   # per response token: log p(y_t|x,y_<t) - log p(y_t|e,y_<t)
+    token_diff: list[float]   # per response token: log p(y_t|x,y_<t) - log p(y_t|e,y_<t)
 
 
-def select_params(model, pattern: Optional[str] = None) -> List[Tuple[str, torch.nn.Parameter]]:
+def select_params(model, pattern: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
     """Trainable parameters (tied weights once), those whose name matches `pattern` (re.search) if given."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if pattern:
@@ -69,7 +69,7 @@ def select_params(model, pattern: Optional[str] = None) -> List[Tuple[str, torch
 
 
 def rollout_alignment(model, prompt: Sequence[int], response: Sequence[int], *, empty_token: int,
-                      params: Optional[Sequence[torch.nn.Parameter]] = None, temperature: float = 1.0,
+                      params: Sequence[torch.nn.Parameter] | None = None, temperature: float = 1.0,
                       impl: str = "auto") -> Alignment:
     """Both views of one rollout in one packed forward, then one autograd.grad per view."""
     if not response:
@@ -103,7 +103,7 @@ def rollout_alignment(model, prompt: Sequence[int], response: Sequence[int], *, 
                      logp_free=float(lp_free.detach().sum()), token_diff=d.tolist())
 
 
-def summarise_alignment(rows: Sequence[Alignment], first: int = FIRST_TOKENS) -> Dict:
+def summarise_alignment(rows: Sequence[Alignment], first: int = FIRST_TOKENS) -> dict:
     """The paper-style summary of many rollouts."""
     if not rows:
         return {"n": 0}
@@ -132,7 +132,7 @@ def summarise_alignment(rows: Sequence[Alignment], first: int = FIRST_TOKENS) ->
     }
 
 
-def parse_empty_token(text: Optional[str]):
+def parse_empty_token(text: str | None):
     """--empty-token: an id, a token string, or auto."""
     if text is None:
         return None
@@ -140,8 +140,8 @@ def parse_empty_token(text: Optional[str]):
 
 
 def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int = 50, samples_per_prompt: int = 1,
-              params: Optional[str] = None, empty_token=None, impl: str = "auto", device: str = "auto",
-              dtype: str = "float32", keep_tokens: bool = True, progress=None) -> Dict:
+              params: str | None = None, empty_token=None, impl: str = "auto", device: str = "auto",
+              dtype: str = "float32", keep_tokens: bool = True, progress=None) -> dict:
     """Samples n rollouts per dataset (ceil(n / G) prompts, G samples each), then aligns each. `settings`:
     fastprerl.evaluation.EvalSettings (its k and n_problems are replaced by G and ceil(n / G))."""
     if n < 1:
@@ -216,7 +216,7 @@ def run_align(model_value: str, data_values: Sequence[str], settings, *, n: int 
     }
 
 
-def format_align_table(report: Dict) -> str:
+def format_align_table(report: dict) -> str:
     cols = ["dataset", "n", "inner mean", "min", "max", "frac<0", "cos mean", "|dlogp|", f"first{FIRST_TOKENS}",
             "rest"]
     f = lambda v, s=".4g": "-" if v is None else format(v, s)

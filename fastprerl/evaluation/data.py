@@ -15,9 +15,9 @@ import functools
 import logging
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, FrozenSet, List, Optional, Sequence
 
 import torch
 
@@ -55,11 +55,11 @@ class EvalSettings:
     rollout: RolloutConfig = RolloutConfig(generation_batch_size=32)
     data: DataConfig = DataConfig()
     reward: RewardConfig = RewardConfig()
-    reward_name: Optional[str] = None     # eval's reward name (REWARDS or module:function); None = per dataset
-    given: FrozenSet[str] = frozenset()   # "data.*" / "rollout.stop_at_newline" keys given; others per dataset
+    reward_name: str | None = None     # eval's reward name (REWARDS or module:function); None = per dataset
+    given: frozenset[str] = frozenset()   # "data.*" / "rollout.stop_at_newline" keys given; others per dataset
 
     @classmethod
-    def from_options(cls, **options) -> "EvalSettings":
+    def from_options(cls, **options) -> EvalSettings:
         """Settings from keys of OPTIONS (e.g. eval.k=4, data.template=...); a key set to None is not given.
         Values are checked by the config's own rules; an error names the command-line option."""
         options = {k: v for k, v in options.items() if v is not None}
@@ -80,11 +80,11 @@ class EvalSettings:
         return cls(**built, reward_name=reward_name, given=frozenset(options))
 
     @property
-    def n_problems(self) -> Optional[int]:
+    def n_problems(self) -> int | None:
         """None: all problems of a fixed set, DEFAULT_GENERATED from a generator."""
         return self.eval.n_problems if "eval.n_problems" in self.given else None
 
-    def replace(self, **eval_fields) -> "EvalSettings":
+    def replace(self, **eval_fields) -> EvalSettings:
         """The same settings with some eval fields replaced (and given)."""
         return dataclasses.replace(self, eval=dataclasses.replace(self.eval, **eval_fields),
                                    given=self.given | {f"eval.{k}" for k in eval_fields})
@@ -93,7 +93,7 @@ class EvalSettings:
         return (tuple(w.lower() for w in self.eval.transition_words) or TRANSITION_WORDS,
                 tuple(w.lower() for w in self.eval.reflection_words) or REFLECTION_WORDS)
 
-    def report(self, fmt: str) -> Dict:
+    def report(self, fmt: str) -> dict:
         """The flat settings block of a report."""
         e, r, d, g = self.eval, self.rollout, self.data, self.given
         return {"k": e.k, "n_problems": self.n_problems, "temperature": e.temperature, "top_p": r.top_p,
@@ -138,7 +138,7 @@ def parse_data_spec(value: str) -> DataSpec:
     raise EvalError(f"--data {value!r}: unknown dataset; expected {forms}")
 
 
-def champ_problems() -> List[Dict]:
+def champ_problems() -> list[dict]:
     """The CHAMP problems (`champ-dataset`, MIT) in natural identifier order (a fresh list of fresh dicts)."""
     return [dict(p) for p in _champ_cached()]
 
@@ -156,15 +156,15 @@ def _champ_cached():
                  for k in natsorted(ds.problems))
 
 
-def _subset(problems: List[Dict], n: Optional[int], seed: int) -> List[Dict]:
+def _subset(problems: list[dict], n: int | None, seed: int) -> list[dict]:
     if n is None or n >= len(problems):
         return problems
     keep = sorted(random.Random(seed).sample(range(len(problems)), n))
     return [problems[i] for i in keep]
 
 
-def load_eval_problems(spec: DataSpec, n_problems: Optional[int], seed: int, *, digits: int = 2,
-                       prompt_field: str = "problem", answer_field: str = "answer") -> List[Dict]:
+def load_eval_problems(spec: DataSpec, n_problems: int | None, seed: int, *, digits: int = 2,
+                       prompt_field: str = "problem", answer_field: str = "answer") -> list[dict]:
     """Generated sources (builtin:addition, builtin:word_problems, reasoning_gym:*): n_problems (default DEFAULT_GENERATED) problems; fixed sets: all, or a seeded
     subset (in file order) of n_problems."""
     try:
@@ -214,8 +214,8 @@ def make_reward(name: str, base: RewardConfig):
 class EvalDataset:
     """One dataset, ready to sample: its problems, prompt token ids and how to score them."""
     name: str
-    problems: List[Dict]
-    prompt_ids: List[List[int]]
+    problems: list[dict]
+    prompt_ids: list[list[int]]
     reward: str
     stop_at_newline: bool
     data_cfg: DataConfig   # used for the prompts
@@ -227,7 +227,7 @@ def _dataset_seed(seed: int, name: str) -> int:
 
 
 def prepare_datasets(specs: Sequence[DataSpec], settings: EvalSettings, tokenizer,
-                     run_config=None) -> List[EvalDataset]:
+                     run_config=None) -> list[EvalDataset]:
     """Problems, prompts and reward per dataset (same settings + seed -> the same problems and prompts).
     Defaults of what was not given: the run's format, else completion; for the dataset the run trained on,
     its template, system prompt, digits and newline stop; files, champ and builtin:word_problems append
@@ -266,7 +266,7 @@ def prepare_datasets(specs: Sequence[DataSpec], settings: EvalSettings, tokenize
     return out
 
 
-def check_prompt_room(datasets: Sequence["EvalDataset"], context: int, max_new_tokens: int) -> None:
+def check_prompt_room(datasets: Sequence[EvalDataset], context: int, max_new_tokens: int) -> None:
     """Raises EvalError when a prompt leaves no room for max_new_tokens response tokens in the model's context
     (positions), naming the dataset, the count and the longest prompt."""
     room = context - max_new_tokens
@@ -285,15 +285,15 @@ def check_prompt_room(datasets: Sequence["EvalDataset"], context: int, max_new_t
 class Samples:
     """k samples per problem, problem-major: sample j of problem i is entry i * k + j."""
     k: int
-    texts: List[str]
-    response_ids: List[List[int]]
-    truncated: List[bool]
-    verdicts: List[float] = field(default_factory=list)
-    has_answer: List[bool] = field(default_factory=list)
-    timed_out: List[bool] = field(default_factory=list)
+    texts: list[str]
+    response_ids: list[list[int]]
+    truncated: list[bool]
+    verdicts: list[float] = field(default_factory=list)
+    has_answer: list[bool] = field(default_factory=list)
+    timed_out: list[bool] = field(default_factory=list)
 
 
-def sample(model, tokenizer, ds: EvalDataset, settings: EvalSettings, k: Optional[int] = None) -> Samples:
+def sample(model, tokenizer, ds: EvalDataset, settings: EvalSettings, k: int | None = None) -> Samples:
     """k responses per prompt of `ds` with HFRollout, seeded per dataset (torch's global RNG is restored)."""
     k = k or settings.eval.k
     e = settings.eval

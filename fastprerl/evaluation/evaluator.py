@@ -39,14 +39,24 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ..metrics import behaviour_counts, text_table
-from .data import (REWARDS, EvalDataset, EvalError, EvalSettings, Samples, check_prompt_room, parse_data_spec,
-                   prepare_datasets, sample, score_samples)
+from .data import (
+    REWARDS,
+    EvalDataset,
+    EvalError,
+    EvalSettings,
+    Samples,
+    check_prompt_room,
+    parse_data_spec,
+    prepare_datasets,
+    sample,
+    score_samples,
+)
 from .model import load_model_on, load_tokenizer_for, resolve_model
 
 __all__ = ["BEHAVIOURS", "SUMMARY_KEYS", "pass_at_k", "avg_at_k", "mean_pass_at_k", "pass_ks", "summarise",
@@ -87,7 +97,7 @@ def mean_pass_at_k(table: Sequence[Sequence[float]], k: int) -> float:
     return sum(pass_at_k(len(row), sum(1 for v in row if v >= 1.0 - 1e-9), k) for row in table) / len(table)
 
 
-def pass_ks(k: int) -> List[int]:
+def pass_ks(k: int) -> list[int]:
     """1, 2, 4, ... up to k, and k itself."""
     out, x = [], 1
     while x < k:
@@ -96,7 +106,7 @@ def pass_ks(k: int) -> List[int]:
     return out + [k]
 
 
-def summarise(samples: Samples, settings: EvalSettings) -> Dict:
+def summarise(samples: Samples, settings: EvalSettings) -> dict:
     """The per-dataset numbers of the report (see the module doc)."""
     k, B = samples.k, len(samples.texts)
     table = [samples.verdicts[i:i + k] for i in range(0, B, k)]
@@ -120,7 +130,7 @@ def _ratio(a: float, b: float):
     return a / b if b > 0 else None
 
 
-def _overall(per: Dict[str, Dict]) -> Dict:
+def _overall(per: dict[str, dict]) -> dict:
     rows = list(per.values())
     mean = lambda xs: sum(xs) / len(xs)
     out = {"n_datasets": len(rows), "n_problems": sum(r["n_problems"] for r in rows)}
@@ -130,15 +140,15 @@ def _overall(per: Dict[str, Dict]) -> Dict:
     return out
 
 
-def with_ratios(block: Dict, base: Dict) -> Dict:
+def with_ratios(block: dict, base: dict) -> dict:
     block["behaviour_ratio"] = {b: _ratio(block["behaviour"][b], base["behaviour"][b]) for b in BEHAVIOURS}
     return block
 
 
 # ---------------------------------------------------------------------------------------------- driver
 def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSettings, *,
-             baseline: Optional[str] = None, device: str = "auto", dtype: str = "float32",
-             samples_path: Optional[str] = None) -> Dict:
+             baseline: str | None = None, device: str = "auto", dtype: str = "float32",
+             samples_path: str | None = None) -> dict:
     """Runs the evaluation and returns the report (a JSON-serialisable dict)."""
     specs = [parse_data_spec(v) for v in data_values]
     if not specs:
@@ -192,7 +202,7 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
     return report
 
 
-def _write_samples(path: str, datasets: List[EvalDataset], records: Dict[str, Samples], tokenizer):
+def _write_samples(path: str, datasets: list[EvalDataset], records: dict[str, Samples], tokenizer):
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w") as f:
@@ -217,7 +227,7 @@ def default_out(model_value: str, name: str) -> Path:
     return (p if is_run else Path(".")) / name
 
 
-def write_json(report: Dict, path) -> Path:
+def write_json(report: dict, path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
@@ -230,7 +240,7 @@ def _fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def format_table(report: Dict) -> str:
+def format_table(report: dict) -> str:
     """The console table: one row per dataset and the overall row."""
     k = report["settings"]["k"]
     has_base = "baseline" in report
@@ -252,7 +262,7 @@ def format_table(report: Dict) -> str:
     return text_table(cols, rows)
 
 
-def parse_words(text: Optional[str]) -> tuple:
+def parse_words(text: str | None) -> tuple:
     """A comma-separated keyword list ('' or None = the default list)."""
     if not text:
         return ()

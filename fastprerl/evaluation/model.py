@@ -8,7 +8,6 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
 
 from ..config import ConfigError, load_config
 from ..lora import ADAPTER_CONFIG
@@ -24,14 +23,14 @@ log = logging.getLogger("fastprerl")
 @dataclass
 class ResolvedModel:
     spec: str                       # what fastprerl.models.load_model / load_tokenizer take (LoRA: the base)
-    run_dir: Optional[Path] = None  # the run directory MODEL_OR_RUN named, if it named one
+    run_dir: Path | None = None  # the run directory MODEL_OR_RUN named, if it named one
     run_config: object = None       # that run's Config (from its config.toml), when readable
-    adapter: Optional[str] = None   # a LoRA adapter folder (PEFT's format) loaded onto `spec`
-    base_seed: Optional[int] = None  # the seed that built the base (a builtin random-init model): its run's
-    sharded: Optional[str] = None   # a torchrun run's DCP checkpoint folder whose weights load onto `spec`
+    adapter: str | None = None   # a LoRA adapter folder (PEFT's format) loaded onto `spec`
+    base_seed: int | None = None  # the seed that built the base (a builtin random-init model): its run's
+    sharded: str | None = None   # a torchrun run's DCP checkpoint folder whose weights load onto `spec`
     lora: object = None             # that run's config.LoraConfig when it trained LoRA (the DCP holds the adapter)
 
-    def report(self) -> Dict:
+    def report(self) -> dict:
         """What a report says about the model it ran."""
         if self.sharded is not None:
             return {"resolved_model": self.sharded, "base_model": self.spec}

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict
 
 from ..config import DataConfig
 from ..metrics import keep_rows_before
 from .data import EvalError, EvalSettings, make_reward, parse_data_spec, prepare_datasets, sample, score_samples
-from .evaluator import SUMMARY_KEYS, with_ratios, summarise
+from .evaluator import SUMMARY_KEYS, summarise, with_ratios
 
 
 def due(every: int, step: int, total: int) -> bool:
@@ -63,7 +62,7 @@ class PeriodicEval:
             if first:
                 self.base = json.loads(first)["datasets"]
 
-    def run(self, model, step: int) -> Dict[str, float]:
+    def run(self, model, step: int) -> dict[str, float]:
         """Evaluates `model` (its train/eval mode is restored); returns flat metrics eval/<set>/<name>."""
         per = {}
         for ds in self.datasets:

@@ -5,12 +5,12 @@ paragraphs per response), and the Avg@k of periodic evaluation when the run has 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..metrics import read_metrics
 
-PANELS: Tuple[Tuple[str, Sequence[str]], ...] = (
+PANELS: tuple[tuple[str, Sequence[str]], ...] = (
     ("reward", ("reward/mean",)),
     ("accuracy", ("reward/accuracy",)),
     ("response length (tokens)", ("rollout/response_len_mean",)),
@@ -19,9 +19,9 @@ PANELS: Tuple[Tuple[str, Sequence[str]], ...] = (
 )
 
 
-def phase_spans(rows: List[Dict]) -> List[Tuple[str, int, int]]:
+def phase_spans(rows: list[dict]) -> list[tuple[str, int, int]]:
     """(phase, first step, last step) of each run of consecutive rows with the same phase."""
-    spans: List[Tuple[str, int, int]] = []
+    spans: list[tuple[str, int, int]] = []
     for r in rows:
         ph, st = r.get("phase", ""), r["step"]
         if spans and spans[-1][0] == ph:
@@ -31,7 +31,7 @@ def phase_spans(rows: List[Dict]) -> List[Tuple[str, int, int]]:
     return spans
 
 
-def plot_run(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None) -> Path:
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Renders RUN_DIR/metrics.jsonl to a PNG (default RUN_DIR/progress.png) and returns its path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -71,12 +71,12 @@ def plot_run(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None) 
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for i, (ph, first, last) in enumerate(spans):
+        for i, (_, first, last) in enumerate(spans):
             if i % 2:
                 ax.axvspan(first - 0.5, last + 0.5, color="0.93", zorder=0)
             if i > 0:  # phase switch
                 ax.axvline(first - 0.5, color="crimson", linestyle="--", linewidth=1.2)
-    for i, (ph, first, last) in enumerate(spans):
+    for i, (ph, first, _) in enumerate(spans):
         axes[0].annotate(ph, xy=(first - 0.5 if i else first, 1.0), xycoords=("data", "axes fraction"),
                          xytext=(3, 3), textcoords="offset points", fontsize=8,
                          color="crimson" if i else "black")

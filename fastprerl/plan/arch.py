@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Tuple
 
 SHIPPED = Path(__file__).parent / "architectures"
 
@@ -33,7 +32,7 @@ def _from_dict(d: dict, where: str):
     try:
         return AutoConfig.for_model(model_type, **d)
     except (ValueError, KeyError) as e:
-        raise ArchitectureError(f"model.path: {where}: transformers cannot build model_type {model_type!r}: {e}")
+        raise ArchitectureError(f"model.path: {where}: transformers cannot build model_type {model_type!r}: {e}") from None
 
 
 def shipped_name(spec: str) -> Path:
@@ -53,7 +52,7 @@ def _hub_cache_config(spec: str):
     return Path(found) if isinstance(found, str) else None
 
 
-def load_architecture(spec: str) -> Tuple[object, str]:
+def load_architecture(spec: str) -> tuple[object, str]:
     """(transformers PretrainedConfig, where it came from) for a model.path value."""
     from ..models import BUILTINS, cache_dir, tiny_config
 

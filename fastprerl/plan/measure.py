@@ -77,7 +77,7 @@ def measure_real_step(cfg, *, prompt_tokens: int) -> dict:
     from ..objectives import SampleTerms, StepLoss
     from ..optim import make_optimizer
     from ..passes import BinPasses
-    from .step import warm_optimizer, largest_batch
+    from .step import largest_batch, warm_optimizer
 
     torch.manual_seed(cfg.run.seed)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,

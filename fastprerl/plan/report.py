@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
 
 from .arch import load_architecture
 from .rollout import RolloutPlan, plan_rollout
@@ -37,8 +37,8 @@ class Plan:
     prompt_tokens: int
     step: StepPlan
     rollout: RolloutPlan
-    phases: Dict[str, Dict[str, int]]
-    gpu_memory: Optional[int] = None
+    phases: dict[str, dict[str, int]]
+    gpu_memory: int | None = None
     notes: list = field(default_factory=list)
 
     @property
@@ -55,7 +55,7 @@ class Plan:
         return max(ph, key=ph.get)
 
     @property
-    def fits(self) -> Optional[bool]:
+    def fits(self) -> bool | None:
         if self.rollout.error:
             return False
         return None if self.gpu_memory is None else self.peak <= self.gpu_memory
@@ -110,8 +110,8 @@ class Plan:
             "step_seconds": self.step.seconds}, indent=2)
 
 
-def make_plan(cfg, *, config_name: str = "", world_size: int = 1, gpu_memory: Optional[int] = None,
-              prompt_tokens: Optional[int] = None, progress: Callable[[str], None] = None) -> Plan:
+def make_plan(cfg, *, config_name: str = "", world_size: int = 1, gpu_memory: int | None = None,
+              prompt_tokens: int | None = None, progress: Callable[[str], None] = None) -> Plan:
     arch, where = load_architecture(cfg.model.path)
     prompt = prompt_tokens or default_prompt_tokens(cfg)
     device = "cpu" if cfg.run.device == "cpu" else "cuda"

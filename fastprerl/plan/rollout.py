@@ -17,7 +17,6 @@ must hold at least one sequence of vllm_max_model_len tokens or vLLM refuses to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 import torch
 
@@ -28,9 +27,9 @@ from ..models import DTYPES
 class RolloutPlan:
     engine: int                      # bytes of the rollout engine during the rollout phase (KV cache, logits, vLLM share)
     engine_in_training: int          # bytes it still holds while the trainer steps
-    detail: Dict[str, int] = field(default_factory=dict)
+    detail: dict[str, int] = field(default_factory=dict)
     notes: list = field(default_factory=list)
-    error: Optional[str] = None      # the engine cannot start (vLLM share too small)
+    error: str | None = None      # the engine cannot start (vLLM share too small)
 
 
 def kv_bytes_per_token(arch, dtype: str) -> int:
@@ -41,7 +40,7 @@ def kv_bytes_per_token(arch, dtype: str) -> int:
 
 
 def plan_rollout(cfg, arch, *, prompt_tokens: int, weight_bytes: int, world_size: int = 1,
-                 gpu_memory: Optional[int] = None) -> RolloutPlan:
+                 gpu_memory: int | None = None) -> RolloutPlan:
     r = cfg.rollout
     per_tok = kv_bytes_per_token(arch, cfg.model.dtype)
     seq = prompt_tokens + r.max_new_tokens

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
 
 import torch
 
@@ -44,9 +44,9 @@ from .tracker import WORKSPACE, make_tracker, peak_snapshot
 @dataclass
 class StepPlan:
     """Bytes of one rank at the training step's peak, by category, and what was run."""
-    categories: Dict[str, int]            # weights, gradients, optimizer, activations, fused op workspace
+    categories: dict[str, int]            # weights, gradients, optimizer, activations, fused op workspace
     peak: int                             # device bytes at the peak
-    raw: Dict[str, int]                   # the tracker's own categories at the peak
+    raw: dict[str, int]                   # the tracker's own categories at the peak
     host_bytes: int = 0                   # optimizer offload: host memory
     opt_state: int = 0                    # bytes of the optimizer's state between steps (on the device)
     bins: list = field(default_factory=list)   # [(tokens, rows, view)] per micro-batch
@@ -80,7 +80,7 @@ def largest_batch(cfg, prompt_tokens: int, empty_token: int = 0):
                 empty_token=empty_token, max_tokens=M)
 
 
-def build_model(cfg, arch, *, attn_implementation: Optional[str] = None):
+def build_model(cfg, arch, *, attn_implementation: str | None = None):
     """The policy as models.load_model builds it, from `arch` (a PretrainedConfig), in the current
     (fake) tensor mode."""
     from transformers import AutoModelForCausalLM
@@ -134,7 +134,7 @@ def bin_index(batch):
 
 
 def run_step(cfg, model, batch, *, tracker=None, root=None, ref_model=None, optimizer=None,
-             foreach: Optional[bool] = None, impl: str = "torch", progress: Callable[[str], None] = None,
+             foreach: bool | None = None, impl: str = "torch", progress: Callable[[str], None] = None,
              index=None):
     """One training step over `batch` (every bin), as the module docstring says; gradients accumulate over
     the bins; then clipping and the optimizer step (unless optimizer is None). tracker: a tracker of
@@ -208,7 +208,7 @@ def warm_optimizer(model, optimizer):
     optimizer.zero_grad(set_to_none=True)
 
 
-def _group(raw: Dict[str, int], fsdp: bool) -> Dict[str, int]:
+def _group(raw: dict[str, int], fsdp: bool) -> dict[str, int]:
     g = lambda *names: sum(raw.get(n, 0) for n in names)  # noqa: E731
     if fsdp:
         return {"weights": g("Sharded Param", "Unsharded Param", "Buffer"),
@@ -265,9 +265,9 @@ def plan_step(cfg, arch, *, prompt_tokens: int, world_size: int = 1, device: str
                     pg_started = True
                 say(f"sharding with FSDP2 over {world_size} ranks (fake process group)")
                 shard = dict(d=_Dist(world_size), dtype=DTYPES[cfg.model.dtype], cpu_offload=cfg.dist.cpu_offload)
-                import torch.distributed.device_mesh as dm
                 from unittest import mock
 
+                import torch.distributed.device_mesh as dm
                 from torch._subclasses.fake_tensor import unset_fake_temporarily
                 real_mesh = dm.init_device_mesh
 

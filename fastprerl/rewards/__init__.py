@@ -9,11 +9,31 @@
 
 Nothing here imports torch or model code: the workers import this package.
 """
-from .answers import (DEFAULT_MODES, EXTRACT_MODES, EXTRACTORS, MATH_VERIFY, RewardResult, check_modes, extract_answer,
-                      extract_reasoning_gym_answer, guard_reason)
+from .answers import (
+                      DEFAULT_MODES,
+                      EXTRACT_MODES,
+                      EXTRACTORS,
+                      MATH_VERIFY,
+                      RewardResult,
+                      check_modes,
+                      extract_answer,
+                      extract_reasoning_gym_answer,
+                      guard_reason,
+)
 from .pool import MAX_RESPONSE_CHARS, RewardPool
-from .registry import (BUILTIN_REWARDS, USER_REWARD, MathReward, ReasoningGymReward, RewardFn, UserReward,
-                       from_config, get_reward_fn, score_batch, score_math, shutdown)
+from .registry import (
+                      BUILTIN_REWARDS,
+                      USER_REWARD,
+                      MathReward,
+                      ReasoningGymReward,
+                      RewardFn,
+                      UserReward,
+                      from_config,
+                      get_reward_fn,
+                      score_batch,
+                      score_math,
+                      shutdown,
+)
 from .scoring import Scores, score_responses
 
 __all__ = [

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 __all__ = [
     "RewardResult", "MATH_VERIFY", "EXTRACTORS", "EXTRACT_MODES", "DEFAULT_MODES", "check_modes",
@@ -112,7 +112,7 @@ def _last_answer_is(text: str) -> str | None:
     """What follows the last "the answer is" / "final answer:" / "Answer:", up to the end of that line or
     sentence; a `$...$` right after the phrase is taken whole."""
     last = None
-    for last in _ANSWER_IS.finditer(text):
+    for last in _ANSWER_IS.finditer(text):   # noqa: B007  (the last match)
         pass
     if last is None:
         return None
@@ -139,7 +139,7 @@ _NUMBER_IN_TEXT = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 def _last_number(text: str) -> str | None:
     last = None
-    for last in _NUMBER_IN_TEXT.finditer(text):
+    for last in _NUMBER_IN_TEXT.finditer(text):   # noqa: B007  (the last match)
         pass
     return None if last is None else last.group()
 

@@ -29,11 +29,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing import connection
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .answers import (
-    DEFAULT_MODES, MATH_VERIFY, MAX_ANSWER_CHARS, RewardResult, check_modes, extract_answer, guard_reason,
+    DEFAULT_MODES,
+    MATH_VERIFY,
+    MAX_ANSWER_CHARS,
+    RewardResult,
+    check_modes,
+    extract_answer,
+    guard_reason,
 )
 
 __all__ = ["RewardPool", "MAX_RESPONSE_CHARS"]

@@ -23,7 +23,8 @@ import logging
 import pickle
 import re
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .answers import DEFAULT_MODES, RewardResult, check_modes, extract_reasoning_gym_answer
 from .pool import RewardPool

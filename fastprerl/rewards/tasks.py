@@ -158,7 +158,7 @@ def warm_up() -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reasoning_gym_scorer(dataset: str):
     import reasoning_gym
 
@@ -170,7 +170,7 @@ def score_reasoning_gym(dataset: str, answer: str | None, entry: dict) -> float:
     return float(_reasoning_gym_scorer(dataset)(answer, entry))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _user_function(name: str):
     module, _, attr = name.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -25,11 +25,11 @@ import pickle
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from multiprocessing import connection
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import tasks
-
 
 # --------------------------------------------------------------------------------------------------------
 # Worker processes with a hard per-call timeout.

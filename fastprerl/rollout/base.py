@@ -9,23 +9,23 @@ default; the vLLM backend overrides them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Protocol, Set
+from typing import Protocol
 
 
 @dataclass
 class RolloutBatch:
     """B = len(prompts) * n samples, sample i belongs to prompt i // n."""
-    prompt_ids: List[List[int]]     # B lists: the prompt tokens of each sample
-    response_ids: List[List[int]]   # B lists: sampled tokens (up to and including EOS if reached)
-    behaviour_logp: List[List[float]]  # B lists: log-prob of each sampled token under the sampler (logits / T)
-    truncated: List[bool]           # B: hit max_new_tokens without EOS
+    prompt_ids: list[list[int]]     # B lists: the prompt tokens of each sample
+    response_ids: list[list[int]]   # B lists: sampled tokens (up to and including EOS if reached)
+    behaviour_logp: list[list[float]]  # B lists: log-prob of each sampled token under the sampler (logits / T)
+    truncated: list[bool]           # B: hit max_new_tokens without EOS
 
 
 class Rollout(Protocol):
     holds_weights: bool = False   # True: generate() uses the backend's own copy of the weights (sync_weights
                                   # keeps it current), so the trainer need not gather sharded weights for it
 
-    def generate(self, prompts: List[List[int]], n: int) -> RolloutBatch:
+    def generate(self, prompts: list[list[int]], n: int) -> RolloutBatch:
         """n samples of every prompt (token ids), prompt-major."""
         ...
 
@@ -43,6 +43,6 @@ class Rollout(Protocol):
         """Release the backend (nothing by default)."""
 
 
-def newline_token_ids(tokenizer) -> Set[int]:
+def newline_token_ids(tokenizer) -> set[int]:
     """Every token whose text contains a newline (the stop set of rollout.stop_at_newline)."""
     return {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}

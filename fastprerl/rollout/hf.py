@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-from typing import List
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -76,7 +75,7 @@ class HFRollout(Rollout):
         return cache
 
     @torch.no_grad()
-    def generate(self, prompts: List[List[int]], n: int) -> RolloutBatch:
+    def generate(self, prompts: list[list[int]], n: int) -> RolloutBatch:
         cfg, model = self.cfg, self.model
         dev = next(model.parameters()).device
         flat = [p for p in prompts for _ in range(n)]

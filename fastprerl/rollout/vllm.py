@@ -64,7 +64,6 @@ import random
 import shutil
 import tempfile
 import time
-from typing import List, Optional
 
 import torch
 
@@ -241,7 +240,7 @@ class VLLMRollout(Rollout):
         self.stale = True            # the engine holds random weights until the first push
         self.holds_base = False      # LoRA: the engine holds this model's frozen weights (a block push suffices)
         self.last_sync_s = 0.0
-        self.last_push_names: List[str] = []
+        self.last_push_names: list[str] = []
 
     # ------------------------------------------------------------------ weights and memory
     def sync_weights(self, model=None) -> float:
@@ -326,7 +325,7 @@ class VLLMRollout(Rollout):
         return SamplingParams(**kw)
 
     @torch.no_grad()
-    def generate(self, prompts: List[List[int]], n: int) -> RolloutBatch:
+    def generate(self, prompts: list[list[int]], n: int) -> RolloutBatch:
         self.wake()
         try:
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], self.sampling_params(n),
@@ -354,7 +353,7 @@ class VLLMRollout(Rollout):
                 trunc.append(not hit)
         return RolloutBatch(prompt_ids=flat, response_ids=resp, behaviour_logp=logps, truncated=trunc)
 
-    def greedy(self, prompts: List[List[int]], max_new_tokens: Optional[int] = None) -> List[List[int]]:
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> list[list[int]]:
         """Greedy continuations (no stop tokens) with the engine's current weights (a check of weight sync)."""
         self.wake()
         try:

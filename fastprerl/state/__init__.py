@@ -6,13 +6,45 @@
   resume.py       a Trainer's state on disk: earlier outputs set aside, which checkpoint to resume and whether
                   the config may, saving and loading the trainer, reading either format into either model
 """
-from .checkpoint import (CONFIG_TOML, DCP_METADATA, ResumeError, capture_rng, find_latest_valid, list_checkpoints,
-                         load_full, load_run_state, restore_rng, save_checkpoint, save_final, save_merged, save_model,
-                         saved_config, step_dir, verify)
-from .dcp import (is_fsdp, load_full_into_sharded, load_sharded, load_weights, save_final_sharded,
-                  save_sharded_checkpoint)
-from .resume import (RESUME_MAY_CHANGE, RUN_OUTPUTS, check_resume_config, config_changes, load_checkpoint, load_trainer,
-                     prepare_output_dir, resume_point, save_trainer, save_trainer_final, set_aside_earlier_outputs)
+from .checkpoint import (
+                         CONFIG_TOML,
+                         DCP_METADATA,
+                         ResumeError,
+                         capture_rng,
+                         find_latest_valid,
+                         list_checkpoints,
+                         load_full,
+                         load_run_state,
+                         restore_rng,
+                         save_checkpoint,
+                         save_final,
+                         save_merged,
+                         save_model,
+                         saved_config,
+                         step_dir,
+                         verify,
+)
+from .dcp import (
+                         is_fsdp,
+                         load_full_into_sharded,
+                         load_sharded,
+                         load_weights,
+                         save_final_sharded,
+                         save_sharded_checkpoint,
+)
+from .resume import (
+                         RESUME_MAY_CHANGE,
+                         RUN_OUTPUTS,
+                         check_resume_config,
+                         config_changes,
+                         load_checkpoint,
+                         load_trainer,
+                         prepare_output_dir,
+                         resume_point,
+                         save_trainer,
+                         save_trainer_final,
+                         set_aside_earlier_outputs,
+)
 
 __all__ = [
     "CONFIG_TOML", "DCP_METADATA", "ResumeError", "capture_rng", "find_latest_valid", "list_checkpoints", "load_full",

@@ -37,7 +37,6 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -66,7 +65,7 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step}"
 
 
-def list_checkpoints(root: Path) -> List[Tuple[int, Path]]:
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every folder named step_<N> under root, newest first. Says nothing of validity."""
     root = Path(root)
     if not root.is_dir():
@@ -83,7 +82,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path) -> Optional[str]:
+def verify(path: Path) -> str | None:
     """None when the checkpoint folder is complete and every file matches its manifest entry, else why not."""
     path = Path(path)
     man = path / MANIFEST
@@ -110,7 +109,7 @@ def verify(path: Path) -> Optional[str]:
     return None
 
 
-def find_latest_valid(root: Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+def find_latest_valid(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete checkpoint under root (or None) and the newer ones skipped, with the reason.
 
     Each skipped checkpoint is reported with a warning naming it."""
@@ -125,7 +124,7 @@ def find_latest_valid(root: Path) -> Tuple[Optional[Path], List[Tuple[Path, str]
 
 
 # ---------------------------------------------------------------------------------------------- RNG
-def capture_rng() -> Dict:
+def capture_rng() -> dict:
     """Every RNG state the loop draws from: python `random`, torch CPU and CUDA, numpy (when imported)."""
     st = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -137,7 +136,7 @@ def capture_rng() -> Dict:
     return st
 
 
-def restore_rng(st: Dict) -> None:
+def restore_rng(st: dict) -> None:
     version, internal, gauss = st["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(st["torch"])
@@ -186,7 +185,7 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state: Dict, config: Dict,
+def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state: dict, config: dict,
                     config_toml: str, tokenizer=None, ref_model=None, keep: int = 2) -> Path:
     """Writes checkpoint `step` atomically under root, then keeps only the newest `keep`. Returns its folder.
 
@@ -209,7 +208,7 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, state
     return seal(tmp, final, root, step, keep)
 
 
-def write_run_state(tmp: Path, *, tokenizer, scheduler, state: Dict, config: Dict, config_toml: str) -> None:
+def write_run_state(tmp: Path, *, tokenizer, scheduler, state: dict, config: dict, config_toml: str) -> None:
     """What both kinds of checkpoint hold besides weights and optimizer state."""
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -283,7 +282,7 @@ def load_full(path: Path, *, model, optimizer, ref_model=None) -> None:
         load_model(ref_model, str(path / REF_MODEL), device=str(dev))
 
 
-def load_run_state(path: Path, *, scheduler) -> Dict:
+def load_run_state(path: Path, *, scheduler) -> dict:
     """What both kinds of checkpoint hold besides weights and optimizer state: loads the scheduler state in place
     and returns the trainer state with the saved RNG states under "rng" (restore them with `restore_rng` once
     everything else is built)."""
@@ -294,11 +293,11 @@ def load_run_state(path: Path, *, scheduler) -> Dict:
     return state
 
 
-def saved_config(path: Path) -> Dict:
+def saved_config(path: Path) -> dict:
     return json.loads((Path(path) / CONFIG_JSON).read_text())
 
 
-def save_model(model, tokenizer, path: Path, state_dict: Optional[Dict] = None) -> None:
+def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
     """Model and tokenizer in Hugging Face format at `path`, written to <path>.tmp and renamed into place;
     an earlier folder at `path` is renamed to <path>.old first and deleted last, so an interruption leaves
     a complete model in `path` or, between the two renames, in <path>.old. state_dict: the weights to write

@@ -23,13 +23,21 @@ own naming) is not read into an FSDP2 model (ResumeError); a LoRA DCP checkpoint
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
 
 import torch
 
 from ..lora import is_lora
-from .checkpoint import (DCP_DIR, REF_MODEL, ResumeError, remove_stale, save_final, save_model, seal, step_dir,
-                         write_run_state)
+from .checkpoint import (
+    DCP_DIR,
+    REF_MODEL,
+    ResumeError,
+    remove_stale,
+    save_final,
+    save_model,
+    seal,
+    step_dir,
+    write_run_state,
+)
 
 
 def _policy_options(model):
@@ -40,7 +48,7 @@ def _policy_options(model):
     return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
-def sharded_state(model, optimizer, with_optim: bool, ref_model=None) -> Dict:
+def sharded_state(model, optimizer, with_optim: bool, ref_model=None) -> dict:
     """{"model", "optim", "ref"} state dicts keyed by parameter name (DTensor shards under FSDP2). An optimizer
     that has not stepped yet has no state and is left out: get_optimizer_state_dict would create it by a step
     with lr 0, which counts as a step in AdamW's bias correction. "ref": the whole KL reference model (its
@@ -55,7 +63,7 @@ def sharded_state(model, optimizer, with_optim: bool, ref_model=None) -> Dict:
     return sd
 
 
-def _set_policy(model, state: Dict, path: Path) -> None:
+def _set_policy(model, state: dict, path: Path) -> None:
     """The "model" entry into `model`; a LoRA model must get every trainable parameter (its base is frozen)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -67,8 +75,8 @@ def _set_policy(model, state: Dict, path: Path) -> None:
                           f"{list(result.unexpected_keys)[:3]})")
 
 
-def save_sharded_checkpoint(root: Path, step: int, *, dist, model, optimizer, scheduler, state: Dict,
-                            config: Dict, config_toml: str, tokenizer=None, ref_model=None, keep: int = 2) -> Path:
+def save_sharded_checkpoint(root: Path, step: int, *, dist, model, optimizer, scheduler, state: dict,
+                            config: dict, config_toml: str, tokenizer=None, ref_model=None, keep: int = 2) -> Path:
     """The torchrun kind of checkpoint (module docstring); called on every rank (dist: distributed.Dist)."""
     import torch.distributed.checkpoint as dcp
 
@@ -150,12 +158,12 @@ def load_weights(model, path: Path) -> None:
     _set_policy(model, sd["model"], path)
 
 
-def _set_full_weights(model, sd: Dict, path: Path, what: str) -> None:
+def _set_full_weights(model, sd: dict, path: Path, what: str) -> None:
     """Full tensors (a plain checkpoint's safetensors, tied weights saved under one of their names) into the
     shards of an FSDP2 model; every parameter must get a value."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    names: Dict[int, list] = {}
+    names: dict[int, list] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
     missing = [ns[0] for ns in names.values() if not any(n in sd for n in ns)]

@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import transformers
@@ -49,7 +48,7 @@ RESUME_MAY_CHANGE = (
 )
 
 # ---------------------------------------------------------------------------------------------- config check
-def _flatten(d: Dict, prefix: str = "") -> Dict:
+def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -59,7 +58,7 @@ def _flatten(d: Dict, prefix: str = "") -> Dict:
     return out
 
 
-def config_changes(saved: Dict, current: Dict, defaults: Optional[Dict] = None) -> List[Tuple[str, object, object]]:
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[tuple[str, object, object]]:
     """(key, saved value, current value) of every key that differs and may not change on resume. A key the
     saved config lacks (one added to the schema after it was written) counts as its value in `defaults`."""
     a = _flatten(json.loads(json.dumps(defaults or {})))
@@ -75,7 +74,7 @@ def config_changes(saved: Dict, current: Dict, defaults: Optional[Dict] = None) 
     return out
 
 
-def check_resume_config(path: Path, current: Dict) -> None:
+def check_resume_config(path: Path, current: dict) -> None:
     """Refuses (checkpoint.ResumeError) to resume checkpoint `path` with a config that changes what the run is."""
     changes = config_changes(ckpt.saved_config(path), current, defaults=Config().to_dict())
     if changes:
@@ -88,7 +87,7 @@ def check_resume_config(path: Path, current: Dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- a run's start
-def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Optional[Path]:
+def resume_point(root: Path, output_dir: Path, config: dict, resume: bool) -> Path | None:
     """The checkpoint a run continues from (run.resume), checked against its config (a dict); None: step 0.
     A fresh run (resume False) into a folder that holds checkpoints is refused; damaged checkpoints newer
     than the one resumed are moved aside to <name>.corrupt."""
@@ -116,8 +115,8 @@ def resume_point(root: Path, output_dir: Path, config: Dict, resume: bool) -> Op
     return path
 
 
-def set_aside_earlier_outputs(out: Path, new_config: Optional[str] = None,
-                              names: Tuple[str, ...] = RUN_OUTPUTS) -> Optional[Path]:
+def set_aside_earlier_outputs(out: Path, new_config: str | None = None,
+                              names: tuple[str, ...] = RUN_OUTPUTS) -> Path | None:
     """Moves the `names` (RUN_OUTPUTS) found in `out` to a new folder out/previous/<UTC time>/ and returns it;
     None when `out` holds none of them. A config.toml whose text is `new_config` (the one about to be written)
     stays: nothing of it would be lost."""
@@ -185,7 +184,7 @@ def _diff(a, b, prefix=""):
             yield prefix + k, x, y
 
 
-def prepare_output_dir(tr) -> Optional[Path]:
+def prepare_output_dir(tr) -> Path | None:
     """The checkpoint to resume from (None: step 0), and the check of the config file the run was started from
     (check_config_file). Writes nothing (but for damaged checkpoints set aside on resume): the folder is
     changed by `start_output_dir` once everything has loaded. Rank 0 only."""
@@ -194,7 +193,7 @@ def prepare_output_dir(tr) -> Optional[Path]:
     return resume_point(tr.ckpt_root, tr.out, cfg.to_dict(), cfg.run.resume)
 
 
-def start_output_dir(tr, resume_from: Optional[Path]) -> None:
+def start_output_dir(tr, resume_from: Path | None) -> None:
     """A fresh run sets earlier outputs aside (set_aside_earlier_outputs); a resumed one a config.toml that
     differs from its resolved config. Then config.toml: the resolved config, unless the run was started from
     that very file (left as it is); then the periodic evaluation's eval.jsonl. Rank 0 only."""
@@ -227,7 +226,7 @@ def save_trainer(tr) -> Path:
     return tr.last_checkpoint
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) -> Dict:
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) -> dict:
     """Loads weights, optimizer and scheduler state in place, from a checkpoint of either kind into either kind
     of model; returns the trainer state with the saved RNG states under "rng" (restore them with
     `checkpoint.restore_rng` once everything else is built)."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
 
 ARMS = ("grpo", "nsr_prerl", "psr_prerl", "dsrl", "dsrl_adaptive")
 OPTIONAL_ARMS = ("prerl",)
@@ -10,11 +9,11 @@ DSRL_ARMS = ("dsrl", "dsrl_adaptive")
 DEFAULT_SIGNAL = "logp/free_mean"
 
 
-def _phase(name: str, steps: int) -> Dict:
+def _phase(name: str, steps: int) -> dict:
     return {"name": name, "steps": steps, "objectives": [{"name": name, "weight": 1.0}]}
 
 
-def arm_phases(arm: str, steps: int, warmup: int, adaptive_max: int = 0) -> List[Dict]:
+def arm_phases(arm: str, steps: int, warmup: int, adaptive_max: int = 0) -> list[dict]:
     if arm == "dsrl":
         if not 0 < warmup < steps:
             raise ValueError(f"--warmup: expected 0 < warmup < steps ({steps}), got {warmup}")

@@ -6,8 +6,8 @@ study.json with everything collected.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from ..evaluation.plot import plot_run
 from .arms import DSRL_ARMS, arm_dir
@@ -16,11 +16,11 @@ THRESHOLDS = (0.4, 0.5, 0.6)
 WINDOW = 5   # moving average of the training reward for "steps to reach"
 
 # ---------------------------------------------------------------------------------------------- numbers
-def _read_jsonl(path: Path) -> List[Dict]:
+def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def moving_average(xs: Sequence[float], w: int) -> List[float]:
+def moving_average(xs: Sequence[float], w: int) -> list[float]:
     out = []
     for i in range(len(xs)):
         part = xs[max(0, i - w + 1): i + 1]
@@ -28,7 +28,7 @@ def moving_average(xs: Sequence[float], w: int) -> List[float]:
     return out
 
 
-def steps_to_reach(rewards: Sequence[float], threshold: float, w: int = WINDOW) -> Optional[int]:
+def steps_to_reach(rewards: Sequence[float], threshold: float, w: int = WINDOW) -> int | None:
     """First step whose trailing moving average (window w, full windows only) reaches threshold."""
     ma = moving_average(rewards, w)
     for i in range(w - 1, len(ma)):
@@ -37,7 +37,7 @@ def steps_to_reach(rewards: Sequence[float], threshold: float, w: int = WINDOW) 
     return None
 
 
-def arm_summary(run_dir: Path) -> Dict:
+def arm_summary(run_dir: Path) -> dict:
     rows = _read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if r.get("phase") != "eval"]
     evals = _read_jsonl(run_dir / "eval.jsonl")
@@ -72,7 +72,7 @@ def arm_summary(run_dir: Path) -> Dict:
 
 
 # ---------------------------------------------------------------------------------------------- seeds
-def spread(values: Sequence[Optional[float]]) -> Optional[Dict]:
+def spread(values: Sequence[float | None]) -> dict | None:
     """Mean, min, max and count of the values that are not None; None when there are none."""
     xs = [float(v) for v in values if v is not None]
     if not xs:
@@ -80,7 +80,7 @@ def spread(values: Sequence[Optional[float]]) -> Optional[Dict]:
     return {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def cell(values: Sequence[Optional[float]], spec: str = ".3f", of: Optional[int] = None) -> str:
+def cell(values: Sequence[float | None], spec: str = ".3f", of: int | None = None) -> str:
     """'mean [min, max]' over seeds ('mean' for one value, '-' for none); with `of`, also how many of `of`
     seeds have a value (e.g. steps to reach a threshold that some seeds never reach)."""
     sp = spread(values)
@@ -91,7 +91,7 @@ def cell(values: Sequence[Optional[float]], spec: str = ".3f", of: Optional[int]
     return txt if of is None or sp["n"] == of else f"{txt} ({sp['n']}/{of})"
 
 
-def paired(summaries: Dict[str, Dict[int, Dict]], arm: str, base: str = "grpo", key=lambda s: s["eval_avg"][-1]):
+def paired(summaries: dict[str, dict[int, dict]], arm: str, base: str = "grpo", key=lambda s: s["eval_avg"][-1]):
     """Per seed run by both arms: (seed, base value, arm value, arm - base)."""
     both = sorted(set(summaries.get(arm, {})) & set(summaries.get(base, {})))
     return [(sd, key(summaries[base][sd]), key(summaries[arm][sd]),
@@ -103,7 +103,7 @@ def _f(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
-def plot_comparison(summaries: Dict[str, Dict[int, Dict]], path: Path) -> Path:
+def plot_comparison(summaries: dict[str, dict[int, dict]], path: Path) -> Path:
     """Eval Avg@k and the training reward's moving average per arm: the mean over seeds, the band min-max."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -145,9 +145,9 @@ def plot_comparison(summaries: Dict[str, Dict[int, Dict]], path: Path) -> Path:
     return path
 
 
-def collect(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> Dict[str, Dict[int, Dict]]:
+def collect(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[int, dict]]:
     """arm -> seed -> arm_summary, for every (arm, seed) with a finished run."""
-    found: Dict[str, Dict[int, Dict]] = {}
+    found: dict[str, dict[int, dict]] = {}
     for arm in arms:
         for sd in seeds:
             d = arm_dir(out, arm, sd)
@@ -156,7 +156,7 @@ def collect(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> Dict[str, D
     return found
 
 
-def write_report(out: Path, doc: Path, meta: Dict, arms: Sequence[str], seeds: Sequence[int]) -> Path:
+def write_report(out: Path, doc: Path, meta: dict, arms: Sequence[str], seeds: Sequence[int]) -> Path:
     summaries = collect(out, arms, seeds)
     if not summaries:
         raise FileNotFoundError(f"no finished arm in {out}")
@@ -264,7 +264,7 @@ def write_report(out: Path, doc: Path, meta: Dict, arms: Sequence[str], seeds: S
               "per-token log-prob difference between the two views); arms: mean [min, max] over seeds.", "",
               "| model | seeds | mean inner | fraction negative | mean cosine | mean abs d, first 5 tokens | "
               "mean abs d, rest |", "|---|---|---|---|---|---|---|"]
-        groups: Dict[str, List[Dict]] = {}
+        groups: dict[str, list[dict]] = {}
         for name, a in align.items():
             groups.setdefault(name.split("/")[0], []).append(a)
         for name, items in groups.items():

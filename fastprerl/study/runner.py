@@ -35,8 +35,8 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 import transformers
@@ -49,6 +49,7 @@ from ..state.resume import config_changes
 from ..trainer import Trainer
 from .arms import ARMS, DEFAULT_SIGNAL, arm_dir, arm_phases
 from .report import write_report
+
 
 def arm_config(base_path: str, overrides: Sequence[str], arm: str, out: Path, steps: int, warmup: int,
                eval_every: int, seed: int = 0, adaptive_max: int = 0, checkpoint_every: int = 5):
@@ -67,7 +68,7 @@ def arm_config(base_path: str, overrides: Sequence[str], arm: str, out: Path, st
     return config_from_dict(data)
 
 
-def finished_arm_mismatch(cfg) -> Optional[str]:
+def finished_arm_mismatch(cfg) -> str | None:
     """None when the arm's run directory holds a finished run of exactly this config (the keys a resume may
     change aside), else what differs; a finished arm is reused only when it is the run asked for."""
     saved = Path(cfg.run.output_dir) / "config.toml"
@@ -103,14 +104,14 @@ def run_arm(cfg) -> str:
 
 
 
-def alignment(model_value: str, data: str, n: int, seed: int, max_new_tokens: int) -> Dict:
+def alignment(model_value: str, data: str, n: int, seed: int, max_new_tokens: int) -> dict:
     settings = EvalSettings.from_options(**{"eval.max_new_tokens": max_new_tokens, "eval.seed": seed})
     rep = run_align(model_value, [data], settings, n=n, keep_tokens=False)
     return rep["overall"]
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def parse_seeds(text: Optional[str], default: int) -> List[int]:
+def parse_seeds(text: str | None, default: int) -> list[int]:
     if not text:
         return [default]
     try:

@@ -16,7 +16,6 @@ import ast
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
 
 import pytest
 
@@ -33,11 +32,11 @@ DRIVERS = {"fastprerl.cli", "fastprerl.__main__", "fastprerl.study"}
 class Import:
     source: str      # the importing module, e.g. "fastprerl.state.dcp"
     target: str      # the imported module: "fastprerl.state.checkpoint", "torch", ...
-    names: Tuple[str, ...]   # the names taken from it (() for `import x`)
+    names: tuple[str, ...]   # the names taken from it (() for `import x`)
     line: int
 
 
-def _modules(root: Path) -> Dict[str, Path]:
+def _modules(root: Path) -> dict[str, Path]:
     """Module name -> file, for fastprerl/ and the kernel modules in kernels/ (installed as fastprerl.kernels)."""
     found = {}
     for p in sorted((root / "fastprerl").rglob("*.py")):
@@ -50,12 +49,12 @@ def _modules(root: Path) -> Dict[str, Path]:
     return found
 
 
-def _package_of(module: str, path: Path) -> List[str]:
+def _package_of(module: str, path: Path) -> list[str]:
     parts = module.split(".")
     return parts if path.name == "__init__.py" else parts[:-1]
 
 
-def imports(root: Path) -> List[Import]:
+def imports(root: Path) -> list[Import]:
     """Every import statement of every module (top level and inside functions), targets resolved to modules:
     `from .state import resume` imports the module fastprerl.state.resume, `from .state import ResumeError`
     the package fastprerl.state."""
@@ -88,15 +87,15 @@ def _within(target: str, prefixes) -> bool:
     return any(target == p or target.startswith(p + ".") for p in prefixes)
 
 
-def circles(root: Path) -> List[List[str]]:
+def circles(root: Path) -> list[list[str]]:
     """Every import circle between fastprerl modules, each once, as [a, b, ..., a]."""
-    graph: Dict[str, Set[str]] = {}
+    graph: dict[str, set[str]] = {}
     for imp in imports(root):
         if _ours(imp.target) and imp.target != imp.source:
             graph.setdefault(imp.source, set()).add(imp.target)
     found, seen = [], set()
 
-    def walk(node: str, path: List[str], on_path: Set[str]):
+    def walk(node: str, path: list[str], on_path: set[str]):
         for nxt in sorted(graph.get(node, ())):
             if nxt in on_path:
                 cycle = path[path.index(nxt):] + [nxt]
@@ -108,14 +107,14 @@ def circles(root: Path) -> List[List[str]]:
                 walk(nxt, path + [nxt], on_path | {nxt})
         done.add(node)
 
-    done: Set[str] = set()
+    done: set[str] = set()
     for start in sorted(graph):
         if start not in done:
             walk(start, [start], {start})
     return found
 
 
-def wall_breaches(root: Path) -> List[str]:
+def wall_breaches(root: Path) -> list[str]:
     """Imports across the walls, as 'source:line imports target'."""
     bad = []
     for imp in imports(root):
@@ -133,7 +132,7 @@ def wall_breaches(root: Path) -> List[str]:
     return bad
 
 
-def private_reaches(root: Path) -> List[str]:
+def private_reaches(root: Path) -> list[str]:
     """`from fastprerl.x import _name`, and `mod._name` where `mod` is an imported fastprerl module."""
     modules = _modules(root)
     bad = []
@@ -159,7 +158,7 @@ def private_reaches(root: Path) -> List[str]:
     return bad
 
 
-def imports_of(node: ast.ImportFrom, mod: str, path: Path, modules) -> List[Tuple[str, str]]:
+def imports_of(node: ast.ImportFrom, mod: str, path: Path, modules) -> list[tuple[str, str]]:
     """(bound name, module) for the names of a `from ... import` that are fastprerl modules."""
     if node.level:
         base = _package_of(mod, path)[:len(_package_of(mod, path)) - (node.level - 1)]
