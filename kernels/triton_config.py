@@ -113,7 +113,7 @@ def default_config(kind: str, M: int, V: int, H: int, dtype: torch.dtype, device
                                 block_k=_pow2_clamp(H, 16, 64), num_warps=4, num_stages=1, vocab_splits=1)
         arch = device_arch(device)
     block_m, block_n, block_k, stages = _TABLE[(_family(arch), dtype != torch.float32, kind)]
-    if M <= 16:   # the frozen-head forward spilled 3 instructions at 16 x 128 x 32 (sm_90): 16-wide K slices
+    if M <= 16:   # the frozen-head forward spills at 16 x 128 x 32 (sm_90): 16-wide K slices there
         block_m, block_k, warps = 16, min(block_k, 16 if kind == "fwd_expect" else 32), 4
     else:
         warps = 8
