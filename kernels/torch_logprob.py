@@ -1,10 +1,10 @@
 """Tiled PyTorch implementation: the CPU default and the fallback everywhere.
 
 The rows are cut into equal row blocks of at most `_ROW_BLOCK` rows and the vocabulary into tiles, so
-that one (rows x vocab) float32 logits tile stays near `_TILE_ELEMS` elements (2 MiB; tiles of 2 to 8
-MiB ran equally fast on a 2-core CPU, the smallest keeps the peak lowest). Large row blocks keep every
-matmul efficient (a matmul with a few dozen rows runs at half the rate), equal blocks mean a compacted
-row set never ends in a tiny block that still streams the whole weight.
+that one (rows x vocab) float32 logits tile stays near `_TILE_ELEMS` elements (2 MiB: larger tiles are
+no faster and raise the peak; measured: docs/KERNELS.md). Large row blocks keep every matmul efficient
+(a matmul with few rows runs well below the rate of a large one), equal blocks mean a compacted row set
+never ends in a tiny block that still streams the whole weight.
 
 Per row block:
   stats sweep    z = h W^T / T tile by tile, a logsumexp per tile merged across tiles (online max /

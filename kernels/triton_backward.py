@@ -13,16 +13,11 @@ and accumulate d_h = dz @ W and d_W = dz^T @ h.
 Inputs per row (fp32, contiguous): lse, E_p[z] (entropy only), g_lp, c = g_lse - g_lp, g_ent (entropy
 only). d_h (M, H) and d_W (V, H) are fp32, contiguous and zero-initialised.
 
-What the SASS of the fast backward shows (bf16, 128 x 128 tiles, Qwen3-4B head; tools/triton_compile_check.py):
-sm_90: 20 wgmma (HGMMA.64) for the logits tile and the two gradient products, the bf16 dz tile passed to the
-gradient wgmma through shared memory (STSM / LDSM), operands by 16-byte cp.async, 112 KB of shared memory,
-no spills. sm_80: HMMA.16816.F32.BF16 with ldmatrix, no spills at block_k = 32 (at 64, with entropy, 4 spill
-instructions). On both, the gradient accumulation is scalar fp32 reductions (REDG.E.ADD.F32 /
-RED.E.ADD.F32): every program adds a (BLOCK_M + BLOCK_N) x H fp32 slab, i.e. at N = 16384, V = 151936,
-H = 2560 about 128 x 1187 programs x 2.6 MB = ~400 GB of atomic traffic per backward, against ~5e13 FLOPs of
-matmul. That is the first thing to measure on a GPU (bench/gpu_check.sh): if the backward is far from the
-matmul rate, accumulating d_h over several vocabulary tiles per program before one atomic add (a split-K
-over V) divides that traffic by the tiles per program.
+The fast backward's gradient accumulation is fp32 atomic adds: every program adds a (BLOCK_M + BLOCK_N) x H
+fp32 slab, so its atomic traffic grows with the number of (row block, vocabulary block) programs, beside the
+matmuls. If the backward is far from the matmul rate on a GPU, accumulating d_h over several vocabulary tiles
+per program before one atomic add (a split-K over V) divides that traffic by the tiles per program. The
+SASS and the traffic estimate at the Qwen3-4B head (tools/triton_compile_check.py): docs/KERNELS.md.
 """
 from __future__ import annotations
 

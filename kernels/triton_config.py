@@ -48,13 +48,12 @@ class KernelConfig:
 
 # (block_m, block_n, block_k, num_stages) per (architecture family, 16-bit operands?, kind); 8 warps.
 # Few rows (M <= 16) take 16-row tiles with 4 warps and block_k <= 32 instead (16-row tiles use mma.sync on
-# both targets; at block_k = 64 the sm_80 fast backward spilled 204 instructions, the sm_90 d_W kernel 2).
-# Chosen by compiling every kernel for sm_90 and sm_80 with Triton 3.6 and 3.9 (tests/integration/test_triton_compile.py
-# prints registers / shared memory / spills per configuration): no 16-bit kernel spills on either target.
+# both targets; wider K slices spill there).
+# Chosen by compiling every kernel for sm_90 and sm_80 with Triton 3.6 and 3.9 (tools/triton_compile_check.py
+# prints registers / shared memory / spills per configuration) so that no 16-bit kernel spills on either target.
 # fp32 operands take the exact IEEE dot (FFMA, no tensor cores); block_k = 16 keeps its operand tiles small
-# enough that the fp32 kernels spill at most a few registers (at block_k = 32 the sm_80 fast backward
-# spilled ~480 instructions, and the 64-row d_W paths thousands, with ptxas capping them at 128 / 32
-# registers).
+# enough that the fp32 kernels spill at most a few registers. The spill counts behind each choice:
+# docs/KERNELS.md.
 _TABLE: dict[tuple[str, bool, str], tuple[int, int, int, int]] = {
     # Hopper (sm_90): wgmma (HGMMA) reads its operands from shared memory, so 128-row 16-bit tiles fit
     ("sm90", True, "fwd"): (128, 128, 64, 3),
@@ -62,15 +61,15 @@ _TABLE: dict[tuple[str, bool, str], tuple[int, int, int, int]] = {
     ("sm90", True, "bwd_dh"): (64, 128, 64, 3),
     ("sm90", True, "bwd_dw"): (64, 128, 64, 3),
     ("sm90", False, "fwd"): (64, 128, 16, 3),
-    # the frozen-head forward adds exp(z - m) @ W_tile and its fp32 read-modify-write: at the forward's 64-wide
-    # K slices it spilled 7 instructions (sm_90, 128 rows) and 4 (sm_80, with entropy); 32 / 64-row tiles do not
+    # the frozen-head forward adds exp(z - m) @ W_tile and its fp32 read-modify-write: the forward's 64-wide
+    # K slices spill there; 32-wide K slices (sm_90) / 64-row tiles (sm_80) do not
     ("sm90", True, "fwd_expect"): (128, 128, 32, 3),
     ("sm90", False, "fwd_expect"): (64, 128, 16, 3),
     ("sm90", False, "bwd"): (64, 128, 16, 3),
     ("sm90", False, "bwd_dh"): (64, 128, 16, 3),
     ("sm90", False, "bwd_dw"): (64, 128, 16, 3),
     # Ampere (sm_80): mma.sync (HMMA) keeps its operands in registers: 32-wide K slices at 128 rows
-    # (at 64 the forward with entropy spilled 105 instructions, the fast backward 4)
+    # (64-wide ones spill in the forward with entropy and in the fast backward)
     ("sm80", True, "fwd"): (128, 128, 32, 3),
     ("sm80", True, "bwd"): (128, 128, 32, 3),
     ("sm80", True, "bwd_dh"): (64, 128, 64, 3),
@@ -114,7 +113,7 @@ def default_config(kind: str, M: int, V: int, H: int, dtype: torch.dtype, device
                                 block_k=_pow2_clamp(H, 16, 64), num_warps=4, num_stages=1, vocab_splits=1)
         arch = device_arch(device)
     block_m, block_n, block_k, stages = _TABLE[(_family(arch), dtype != torch.float32, kind)]
-    if M <= 16:   # the frozen-head forward spilled 3 instructions at 16 x 128 x 32 (sm_90): 16-wide K slices
+    if M <= 16:   # the frozen-head forward spills at 16 x 128 x 32 (sm_90): 16-wide K slices there
         block_m, block_k, warps = 16, min(block_k, 16 if kind == "fwd_expect" else 32), 4
     else:
         warps = 8

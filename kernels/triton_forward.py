@@ -20,15 +20,12 @@ that the program owns (read-modify-write per K slice, as the deterministic d_h k
 (BLOCK_M x H) fp32 slab is read and written once per vocabulary tile; that traffic, not the two matmuls, is
 what to measure first on a GPU). E_p[W] = sum_s exp(m_s - lse) A_s, after the launch.
 
-What the SASS shows (compiled without a GPU for sm_90 and sm_80, Triton 3.9 and 3.6, bf16 at the Qwen3-4B
-head, M = 16384; tools/triton_compile_check.py): on sm_90 the 128-row tile runs on wgmma (HGMMA.64, async
-behind WARPGROUP.ARRIVE / DEPBAR) with both operands staged by 16-byte cp.async (LDGSTS.E.BYPASS.128) in a
-3-stage pipeline, 96 KB of shared memory, no spills (183 registers, 255 with entropy). 16-row tiles (M <= 16)
-use mma.sync (wgmma needs 64 rows per warpgroup). On sm_80: HMMA.16816.F32.BF16 fed by ldmatrix from shared
-memory, the same 16-byte cp.async; at block_k = 64 the entropy variant spilled 105 instructions, so sm_80
-takes block_k = 32 (no spills). No TMA (UTMALDG): Triton emits it only for tensor descriptors / block
-pointers, which this code does not use (their APIs differ between Triton 3.6 and 3.9); cp.async already
-moves 16 bytes per thread and instruction.
+Targets: on sm_90 the 128-row tile runs on wgmma with both operands staged by 16-byte cp.async in a
+multi-stage pipeline; 16-row tiles (M <= 16) use mma.sync (wgmma needs 64 rows per warpgroup). On sm_80
+mma.sync keeps its operands in registers, so its K slices are narrower (kernels/triton_config.py). No TMA:
+Triton emits it only for tensor descriptors / block pointers, which this code does not use (their APIs
+differ between Triton 3.6 and 3.9); cp.async already moves 16 bytes per thread and instruction. The SASS,
+registers and spills per configuration (tools/triton_compile_check.py): docs/KERNELS.md.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ environment BEFORE `triton` is first imported in the process (kernels/triton_run
 under the other setting raises a RuntimeError naming the cause). Under the interpreter bf16 / fp16 `tl.dot`
 is unreliable, so the launchers compute on fp32 copies there (gradients are still returned in the input
 dtypes). The interpreter tests run with Triton 3.9; Triton 3.6's interpreter stops on these kernels with
-"only 0-dimensional arrays can be converted to Python scalars" (so it did before the tile code was shared),
+"only 0-dimensional arrays can be converted to Python scalars",
 while its compiler builds all of them (tools/triton36_env.sh).
 """
 from __future__ import annotations

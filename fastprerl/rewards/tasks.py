@@ -14,11 +14,12 @@ thread): the pool kills a worker whose call runs past the timeout.
 
 The same (response, gold) gets the same verdict in every worker, whatever ran there before. sympy decides
 some facts (is `1 - oo**oo` zero?) by trying inference rules in an order that `sympy.core.random` shuffles
-with an unseeded generator, and some of its rules disagree: `simplify(1 - oo**oo)` gave 0 (so
-`\\infty^{\\infty}` "equalled" 1) in about one process in five, and which verdict a worker reached depended
-on what it had verified before, which depends on the load. Every call therefore starts from the same
-state: that generator reseeded, sympy's cache and math-verify's caches of parsed expressions cleared, and
-the server runs with a fixed PYTHONHASHSEED (the rules are shuffled from a set of strings).
+with an unseeded generator, and some of its rules disagree: `simplify(1 - oo**oo)` can give 0 (so
+`\\infty^{\\infty}` "equals" 1) in one process and not in another, and which verdict a worker reaches
+depends on what it verified before, which depends on the load (observed: docs/REWARDS.md). Every call
+therefore starts from the same state: that generator reseeded, sympy's cache and math-verify's caches of
+parsed expressions cleared, and the server runs with a fixed PYTHONHASHSEED (the rules are shuffled from a
+set of strings).
 
 The guards of `fastprerl.rewards.answers.guard_reason` sit in front of math-verify's LaTeX and expression
 parsers: when math-verify is about to parse a string they refuse, the verdict is 0.0 at once, what the
