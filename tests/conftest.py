@@ -4,6 +4,8 @@ import sys
 import pytest
 import torch
 
+pytest_plugins = ["reward_pools"]   # the reward tests' pool fixtures
+
 # Triton fixes the flavour of its standard library (compiled or interpreted) when `triton.language` is first
 # imported. Without CUDA the kernel tests run under the interpreter, and several libraries (peft, for one)
 # import triton as a side effect; import it interpreted here, first, so that the order in which test modules

@@ -65,3 +65,12 @@ def signal_at_step(monkeypatch, at_step: int, signals):
         return real(self, phase)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def tiny_cfg(tmp_path, *extra):
+    return load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", "reward.fn=fake_rewards:parity_reward",
+                              "logging.console=false", *extra])
+
+
+def read_jsonl(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]

@@ -6,30 +6,19 @@ import random
 import time
 
 import pytest
+from reward_pools import ALIVE
 
 from fastprerl.rewards import (
     RewardPool,
     RewardResult,
     guard_reason,
-    shutdown,
 )
 
+pytestmark = pytest.mark.usefixtures("stop_shared_pool")   # the shared pool stops with the module
+
 ADVERSARIAL_TIMEOUT = 2.0
-# A symbolic pair that needs sympy: proves the pool still answers.
-ALIVE = (r"\boxed{\frac{\sqrt{2}}{2}}", r"\sqrt{2}/2")
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with RewardPool(workers=2, timeout=5.0) as p:
-        yield p
-
-
-@pytest.fixture(scope="module", autouse=True)
-def stop_shared_pool():
-    """The module-level functions and the registry share one pool; stop it when this file is done."""
-    yield
-    shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 switch, periodic evaluation, the output folder of an earlier run moved aside, the final model replaced by
 renames, and the errors of the command line. Single steps against float64 recomputations:
 tests/unit/test_trainer.py."""
-import json
 import os
 import shutil
 from pathlib import Path
@@ -10,29 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 from fake_rewards import parity_reward
+from runs import ROOT, TINY, read_jsonl, tiny_cfg  # noqa: F401
 from transformers import AutoModelForCausalLM
 
 import fastprerl.trainer as trainer_mod
 from fastprerl.cli import main
-from fastprerl.config import load_config
 from fastprerl.metrics import behaviour_counts
 from fastprerl.models import load_tokenizer, tiny_config
 from fastprerl.state import checkpoint as ckpt
 from fastprerl.state import resume
 from fastprerl.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.toml"
 G = 4   # configs/tiny.toml: samples_per_prompt
 
 
-def tiny_cfg(tmp_path, *extra):
-    return load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", "reward.fn=fake_rewards:parity_reward",
-                              "logging.console=false", *extra])
-
-
-def read_jsonl(path):
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 # ---------------------------------------------------------------------------------------------- values

@@ -1,36 +1,13 @@
 """Logging sinks (metrics.jsonl, TensorBoard, W&B, samples), behaviour counts per step, and `fastprerl plot`."""
 import json
-import struct
 import sys
-from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from logs import FAST, TINY, png_size, row, scalars  # noqa: F401
 
 from fastprerl.cli import main
 from fastprerl.evaluation.plot import phase_spans, plot_run
 from fastprerl.metrics import MetricsLogger, read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.toml"
-FAST = ["reward.fn=fake_rewards:parity_reward", "run.threads=1", "rollout.prompts_per_step=2",
-        "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6", "logging.console=false"]
-
-
-def scalars(tb_dir: Path, tag: str):
-    acc = EventAccumulator(str(tb_dir))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def png_size(path: Path):
-    head = path.read_bytes()[:24]
-    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
-    return struct.unpack(">II", head[16:24])
-
-
-def row(step, phase="a", **kw):
-    return {"step": step, "phase": phase, "reward/mean": 0.1 * step, **kw}
 
 
 def test_resumed_logger_drops_rows_after_the_checkpoint_in_every_sink(tmp_path):

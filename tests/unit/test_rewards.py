@@ -21,25 +21,13 @@ from fastprerl.rewards import (
     get_reward_fn,
     score_batch,
     score_math,
-    shutdown,
 )
 
+pytestmark = pytest.mark.usefixtures("stop_shared_pool")   # the shared pool stops with the module
+
 STRICT = ("boxed", "gsm8k", "answer_is")
-# A symbolic pair that needs sympy: proves the pool still answers.
-ALIVE = (r"\boxed{\frac{\sqrt{2}}{2}}", r"\sqrt{2}/2")
 
 
-@pytest.fixture(scope="module")
-def pool():
-    with RewardPool(workers=2, timeout=5.0) as p:
-        yield p
-
-
-@pytest.fixture(scope="module", autouse=True)
-def stop_shared_pool():
-    """The module-level functions and the registry share one pool; stop it when this file is done."""
-    yield
-    shutdown()
 
 
 def test_importing_rewards_loads_neither_torch_nor_sympy():

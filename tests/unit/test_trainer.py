@@ -3,13 +3,12 @@ same loss and gradients with 1 bin and with many, two objectives in one phase, t
 sampling, phase switching, periodic evaluation, earlier outputs moved aside, the final model's replacement,
 start-up and in-training errors."""
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from fake_rewards import parity_reward
+from runs import ROOT, TINY, read_jsonl, tiny_cfg  # noqa: F401
 
 import fastprerl.models as models
 import fastprerl.trainer as trainer_mod
@@ -18,18 +17,9 @@ from fastprerl.config import load_config
 from fastprerl.rollout import Rollout
 from fastprerl.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny.toml"
 G = 4   # configs/tiny.toml: samples_per_prompt
 
 
-def tiny_cfg(tmp_path, *extra):
-    return load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", "reward.fn=fake_rewards:parity_reward",
-                              "logging.console=false", *extra])
-
-
-def read_jsonl(path):
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 class _Recorded(Rollout):
