@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops import compute_logprobs, token_logprobs_op
 from .reference import naive_token_logprobs
 
 log = logging.getLogger("fastprerl.kernels")
@@ -130,20 +131,10 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     n = hidden.shape[0]
     h, t = _compact(hidden, targets, rows, weight.shape[0])
     if torch.compiler.is_compiling():   # traced: one custom-op node (ops.py)
-        from .ops import token_logprobs_op
         logp, ent, lse = token_logprobs_op(h, weight, t, float(temperature), bool(with_entropy), impl)
         ent = ent if with_entropy else None
-    elif impl == "naive":
-        logp, ent, lse = naive_token_logprobs(h, weight, t, temperature, with_entropy)
-        if logp.dtype != torch.float64:
-            logp, lse = logp.float(), lse.float()
-            ent = ent.float() if ent is not None else None
-    elif impl == "torch":
-        from .torch_logprob import chunked_token_logprobs
-        logp, ent, lse = chunked_token_logprobs(h, weight, t, temperature, with_entropy)
     else:
-        from .triton_logprob import triton_token_logprobs
-        logp, ent, lse = triton_token_logprobs(h, weight, t, temperature, with_entropy, deterministic)
+        logp, ent, lse = compute_logprobs(h, weight, t, temperature, with_entropy, impl, deterministic)
     return TokenLogprobs(logp=_scatter(logp, n, rows), entropy=_scatter(ent, n, rows),
                          lse=_scatter(lse, n, rows))
 
@@ -190,7 +181,6 @@ def token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                          f"{tuple(entropy_out.shape)} on {entropy_out.device}")
     frozen = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
     if torch.compiler.is_compiling():   # traced: the log-prob custom op, then loss_fn on all rows (ops.py)
-        from .ops import token_logprobs_op
         logp, ent, _ = token_logprobs_op(h, weight, t, float(temperature), want_ent, impl)
         loss = loss_fn(logp, rows).sum()
         ent = ent if want_ent else None

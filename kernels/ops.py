@@ -25,19 +25,21 @@ from torch import Tensor
 _BLOCK = 256   # rows per block of the backward operator
 
 
-def _compute(hidden, weight, targets, temperature, with_entropy, impl):
+def compute_logprobs(hidden, weight, targets, temperature, with_entropy, impl, deterministic=False):
+    """(logp, entropy or None, lse) of every row by the resolved `impl` ("naive", "torch" or "triton"): the one
+    dispatch that the eager path (api.token_logprobs) and the custom operator share."""
     if impl == "naive":
         from .reference import naive_token_logprobs
         logp, ent, lse = naive_token_logprobs(hidden, weight, targets, temperature, with_entropy)
         if logp.dtype != torch.float64:
             logp, lse = logp.float(), lse.float()
             ent = ent.float() if ent is not None else None
-    elif impl == "triton":
-        from .triton_logprob import triton_token_logprobs
-        logp, ent, lse = triton_token_logprobs(hidden, weight, targets, temperature, with_entropy, False)
-    else:
+    elif impl == "torch":
         from .torch_logprob import chunked_token_logprobs
         logp, ent, lse = chunked_token_logprobs(hidden, weight, targets, temperature, with_entropy)
+    else:
+        from .triton_logprob import triton_token_logprobs
+        logp, ent, lse = triton_token_logprobs(hidden, weight, targets, temperature, with_entropy, deterministic)
     return logp, ent, lse
 
 
@@ -45,7 +47,7 @@ def _compute(hidden, weight, targets, temperature, with_entropy, impl):
 def token_logprobs_op(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
                       impl: str) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
-        logp, ent, lse = _compute(hidden, weight, targets, temperature, with_entropy, impl)
+        logp, ent, lse = compute_logprobs(hidden, weight, targets, temperature, with_entropy, impl)
     if ent is None:
         ent = logp.new_zeros(0)
     return logp.clone(), ent.clone(), lse.clone()

