@@ -54,12 +54,18 @@ def main(argv=None) -> int:
     st.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. run.threads=1")
     st.add_argument("--config", default="configs/dsrl.toml", help="base config (default configs/dsrl.toml)")
     st.add_argument("--steps", type=int, default=40, help="steps per arm (default 40)")
-    st.add_argument("--warmup", type=int, default=10, help="DSRL's NSR-PreRL steps (default 10)")
+    st.add_argument("--warmup", type=int, default=10, help="DSRL's NSR-PreRL steps (updates; default 10)")
+    st.add_argument("--warmup-weight", type=float, default=0.01,
+                    help="weight of the warm-up objective of dsrl, dsrl_adaptive, nsr_rl_grpo (default 0.01, the "
+                         "paper's code; dsrl_w1 uses 1.0)")
+    st.add_argument("--threshold", type=float, default=0.3,
+                    help="eval Avg@k a run must reach for 'evals to threshold' in the report (default 0.3)")
     st.add_argument("--eval-every", type=int, default=10, help="evaluation interval in steps (default 10)")
     st.add_argument("--adaptive-max", type=int, default=20,
                     help="DSRL-adaptive: the most NSR-PreRL steps before the switch (default 20)")
     st.add_argument("--arms", default=None, help="comma-separated subset of grpo,nsr_prerl,psr_prerl,dsrl,"
-                                                 "dsrl_adaptive (default: these five), or prerl")
+                                                 "dsrl_adaptive (default: these five), or prerl, dsrl_w1, "
+                                                 "nsr_rl_grpo")
     st.add_argument("--seeds", default=None, metavar="S1,S2,...",
                     help="run.seed of each repetition of every arm (default: the config's run.seed)")
     st.add_argument("--checkpoint-every", type=int, default=5,
@@ -111,7 +117,7 @@ def _sampling_args(p, k_default: int):
                    help="builtin:*, a local Hugging Face folder, a hub id, or a run directory (its final/ model, "
                         "else its newest checkpoints/step_<N>/; a LoRA run's adapter is loaded onto its base)")
     p.add_argument("--data", action="append", required=True, metavar="SOURCE",
-                   help="builtin:addition | reasoning_gym:<task> | champ | a local .jsonl/.json/.parquet/.csv with "
+                   help="builtin:addition | builtin:equations | builtin:word_problems | reasoning_gym:<task> | champ | a local .jsonl/.json/.parquet/.csv with "
                         "problem/answer fields; repeat for several datasets")
     if k_default > 1:
         p.add_argument("--k", type=int, default=k_default, help=f"samples per problem (default {k_default})")
@@ -129,12 +135,13 @@ def _sampling_args(p, k_default: int):
                         "champ append a \\boxed{} instruction)")
     p.add_argument("--system-prompt", default=None, help="system prompt (default per dataset: none)")
     p.add_argument("--stop-at-newline", action=argparse.BooleanOptionalAction, default=None,
-                   help="stop a response at its first newline (default: on for builtin:addition)")
+                   help="stop a response at its first newline (default: on for builtin:addition and builtin:equations)")
     p.add_argument("--reward", default=None,
-                   help="math (\\boxed extraction) | last_number | reasoning_gym | module:function (default: "
-                        "last_number for builtin:addition, reasoning_gym for reasoning_gym:*, math otherwise)")
+                   help="math (\\boxed extraction) | last_number | equation | reasoning_gym | module:function (default: "
+                        "last_number for builtin:addition, equation for builtin:equations, reasoning_gym for "
+                        "reasoning_gym:*, math otherwise)")
     p.add_argument("--reward-timeout", type=float, default=5.0, help="seconds per verification (default 5)")
-    p.add_argument("--digits", type=int, default=None, help="builtin:addition operand digits (default 2)")
+    p.add_argument("--digits", type=int, default=None, help="builtin:addition / builtin:equations operand digits (default 2)")
     p.add_argument("--prompt-field", default="problem", help="problem field of a local file (default problem)")
     p.add_argument("--answer-field", default="answer", help="answer field of a local file (default answer)")
     p.add_argument("--seed", type=int, default=0, help="problem subset and sampling seed (default 0)")

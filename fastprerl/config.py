@@ -191,6 +191,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     max_tokens_per_microbatch: int = 4096
     offload_optimizer_state: bool = False   # keep AdamW's moments (and its step) on the CPU
+    step_on_zero_grad: bool = True  # a step whose loss uses no rows (NSR/PSR without such samples) still steps
+                                    # AdamW on an all-zero gradient (momentum, weight decay), as the paper's code
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ Every source yields samples as dicts with at least "prompt" (text before formatt
 (gold answer text); reasoning-gym samples also carry "entry" (the generator's entry) for its own scorer.
 
   builtin:addition         "Question: What is a + b?\\nAnswer: a + b =" with `data.digits`-digit operands
+  builtin:equations        the same additions after three solved examples, answered as a whole equation
+                           (" a + b = c"): the response restates what it answers, so log P(y) without the
+                           prompt can tell a right answer from a wrong one; scored by reward.fn = "equation"
   builtin:word_problems    two-step word problems with 1-digit numbers: "Mia has a coins. Mia gets b more coins,
                            then gives c coins to a friend. How many coins does Mia have now?" (answer a + b - c)
   reasoning_gym:<task>     any reasoning-gym generator (basic_arithmetic, chain_sum, countdown, gsm_symbolic, ...)
@@ -24,7 +27,7 @@ from pathlib import Path
 
 log = logging.getLogger("fastprerl")
 
-BUILTIN_TASKS = ("builtin:addition", "builtin:word_problems")
+BUILTIN_TASKS = ("builtin:addition", "builtin:equations", "builtin:word_problems")
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _FILE_SUFFIX = re.compile(r"\.[A-Za-z]+")  # ".txt" is a file suffix; the ".5" of a hub id "org/data-1.5" is not
 
@@ -66,6 +69,33 @@ def addition_problems(n: int, digits: int, seed: int) -> list[dict]:
     for _ in range(n):
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         out.append({"prompt": f"Question: What is {a} + {b}?\nAnswer: {a} + {b} =", "answer": str(a + b)})
+    return out
+
+
+EQUATION_SHOTS = 3
+PROBE_OFFSETS = (-10, -2, -1, 1, 2, 10)
+
+
+def equation(a: int, b: int, c: int) -> str:
+    return f"{a} + {b} = {c}"
+
+
+def equation_problems(n: int, digits: int, seed: int) -> list[dict]:
+    """builtin:equations: `addition_problems`' question after EQUATION_SHOTS solved ones (drawn per problem),
+    answered with the whole equation. "answer" is that equation; "probe" holds the right response and a wrong one
+    of the same form (right sum + one of PROBE_OFFSETS, drawn per problem, kept positive), which the view
+    probe (fastprerl/evaluation/probe.py) scores with and without the prompt."""
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
+    out = []
+    for _ in range(n):
+        shots = [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in range(EQUATION_SHOTS)]
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        wrong = a + b + rng.choice([d for d in PROBE_OFFSETS if a + b + d >= 0])
+        lines = [f"Question: What is {x} + {y}?\nAnswer: {equation(x, y, x + y)}\n" for x, y in shots]
+        out.append({"prompt": "".join(lines) + f"Question: What is {a} + {b}?\nAnswer:",
+                    "answer": equation(a, b, a + b),
+                    "probe": {"right": " " + equation(a, b, a + b), "wrong": " " + equation(a, b, wrong)}})
     return out
 
 
@@ -244,6 +274,8 @@ def problems_from_source(source: str, *, n: int, seed: int, digits: int = 2, spl
     check_source(source)
     if source == "builtin:addition":
         return addition_problems(n, digits, seed)
+    if source == "builtin:equations":
+        return equation_problems(n, digits, seed)
     if source == "builtin:word_problems":
         return word_problems(n, seed)
     if source.startswith("reasoning_gym:"):

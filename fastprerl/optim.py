@@ -62,6 +62,24 @@ class CPUOffloadAdamW(torch.optim.AdamW):
                 mp.grad.zero_()
 
 
+def optimizer_step(optimizer, scheduler, model, has_rows: bool, step_on_zero_grad: bool) -> bool:
+    """The update after a step's backward. A step whose loss used no rows anywhere (an NSR or PSR phase without
+    such samples) left no gradient: with `step_on_zero_grad` (optim.step_on_zero_grad, the default) AdamW still
+    steps, on an all-zero gradient, as the paper's code does (its warm-up loss is a product with the masks, so its
+    gradient is zero, not absent): m <- beta1 m, v <- beta2 v, the step count advances, and the bias-corrected
+    momentum and the weight decay still move the weights. Without it such a step is skipped. Returns whether
+    the optimizer stepped."""
+    if not has_rows:
+        if not step_on_zero_grad:
+            return False
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    scheduler.step()
+    return True
+
+
 def make_optimizer(model, o):
     """AdamW over the model's trainable parameters (o: OptimConfig; offloaded with offload_optimizer_state) and
     its LR scheduler (constant LR, as the paper; kept so that checkpoints carry one)."""

@@ -50,7 +50,7 @@ from .data import PromptStream, fit_prompts, format_prompt, load_problems
 from .kernels import resolve_impl
 from .metrics import MetricsLogger, NoMetrics, reduce_rows, sample_records, step_metrics
 from .models import DTYPES, choose_device, context_length, empty_context_token, load_model, load_tokenizer
-from .optim import make_optimizer
+from .optim import make_optimizer, optimizer_step
 from .packing import pack, select_rows
 from .passes import BinPasses
 from .phases import Schedule
@@ -285,9 +285,8 @@ class Trainer:
                 self.step, phase.name, what, terms=terms, rows=batch.rows.numel(), bins=len(batch.bins),
                 loss=loss, grad_norm=grad_norm, **report)))
         sync_s = 0.0
-        if self.dist.all_reduce_counts({"rows": batch.rows.numel()})["rows"] > 0:
-            self.optimizer.step()
-            self.scheduler.step()
+        has_rows = self.dist.all_reduce_counts({"rows": batch.rows.numel()})["rows"] > 0
+        if optimizer_step(self.optimizer, self.scheduler, self.model, has_rows, cfg.optim.step_on_zero_grad):
             sync_s = self.rollout.sync_weights(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         t_end = time.perf_counter()

@@ -4,6 +4,7 @@
   model.py       which model an evaluation runs (spec, folder, run directory) and how it is loaded
   evaluator.py   Avg@k, pass@k, lengths, behaviour counts; `fastprerl eval`
   periodic.py    evaluation every eval.every steps of a training run
+  probe.py       with and without the prompt: log P(right) against log P(wrong) (builtin:equations)
   align.py       gradient alignment of the prompt-free and prompt-conditioned objectives; `fastprerl align`
   plot.py        one PNG of a run's progress; `fastprerl plot`
 """

@@ -34,7 +34,7 @@ DEFAULT_GENERATED = 100  # problems drawn from a generator (builtin:addition, re
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # str.format template: the problem, then the instruction (braces of \boxed{} escaped)
 MATH_TEMPLATE = "{prompt}\n\n" + MATH_INSTRUCTION.replace("{", "{{").replace("}", "}}")
-REWARDS = ("math", "last_number", "reasoning_gym")
+REWARDS = ("math", "last_number", "equation", "reasoning_gym")
 # command-line option of each settings key (error messages name the option the user typed)
 OPTIONS = {"eval.k": "--k", "eval.n_problems": "--n-problems", "eval.temperature": "--temperature",
            "eval.max_new_tokens": "--max-new-tokens", "eval.seed": "--seed", "rollout.top_p": "--top-p",
@@ -111,16 +111,18 @@ class EvalSettings:
 @dataclass(frozen=True)
 class DataSpec:
     value: str   # as given on the command line (also the dataset's name in reports)
-    kind: str    # addition | word_problems | reasoning_gym | champ | file
+    kind: str    # addition | equations | word_problems | reasoning_gym | champ | file
     arg: str = ""
 
 
 def parse_data_spec(value: str) -> DataSpec:
     """Checks one --data value without loading anything heavy; raises EvalError with the accepted forms."""
-    forms = ("builtin:addition, builtin:word_problems, reasoning_gym:<task>, champ, or a local .jsonl/.json/.parquet/.csv file "
+    forms = ("builtin:addition, builtin:equations, builtin:word_problems, reasoning_gym:<task>, champ, or a local .jsonl/.json/.parquet/.csv file "
              "with problem/answer fields")
     if value == "builtin:addition":
         return DataSpec(value, "addition")
+    if value == "builtin:equations":
+        return DataSpec(value, "equations")
     if value == "builtin:word_problems":
         return DataSpec(value, "word_problems")
     if value.startswith("reasoning_gym:"):
@@ -185,7 +187,7 @@ def load_eval_problems(spec: DataSpec, n_problems: int | None, seed: int, *, dig
 
 
 def default_reward(spec: DataSpec) -> str:
-    return {"addition": "last_number", "reasoning_gym": "reasoning_gym"}.get(spec.kind, "math")
+    return {"addition": "last_number", "equations": "equation", "reasoning_gym": "reasoning_gym"}.get(spec.kind, "math")
 
 
 def reward_config(name: str, base: RewardConfig) -> RewardConfig:
@@ -194,7 +196,7 @@ def reward_config(name: str, base: RewardConfig) -> RewardConfig:
     from `base`."""
     if name == "last_number":
         return dataclasses.replace(base, fn="math", extract=("last_number",), format_penalty=0.0)
-    if name in ("math", "reasoning_gym") or ":" in name:
+    if name in ("math", "equation", "reasoning_gym") or ":" in name:
         return dataclasses.replace(base, fn=name, extract=RewardConfig().extract, format_penalty=0.0)
     raise EvalError(f"--reward {name!r}: choose one of {list(REWARDS)} or module:function")
 
@@ -250,7 +252,7 @@ def prepare_datasets(specs: Sequence[DataSpec], settings: EvalSettings, tokenize
         if "rollout.stop_at_newline" in given:
             stop = settings.rollout.stop_at_newline
         else:
-            stop = run_stop if same_as_run and run_stop is not None else spec.kind == "addition"
+            stop = run_stop if same_as_run and run_stop is not None else spec.kind in ("addition", "equations")
         dcfg = DataConfig(source=spec.value, format=fmt, template=template, system_prompt=system)
         try:
             prompts = [list(format_prompt(p, dcfg, tokenizer)) for p in problems]

@@ -9,12 +9,15 @@ with the HF rollout backend (`fastprerl.rollout.hf.HFRollout`), scores them with
   pass@k          unbiased estimator 1 - C(n-c, k) / C(n, k) per problem (n = samples, c = fully correct
                   samples, i.e. verdict >= 1), averaged over problems; `pass_curve` holds it for
                   k' = 1, 2, 4, ..., k
+  correct         per problem, how many of its k samples are fully correct (paired comparisons of two models)
   response_len    mean response length in tokens (EOS / the stop token included)
   truncation      fraction of responses that hit --max-new-tokens without stopping
   format          fraction of responses with an extractable answer
   behaviour       mean number of transition / reflection / execution paragraphs per response
                   (`fastprerl.metrics.behaviour_counts`, the SEAL keyword rule; keyword lists are options)
   behaviour_ratio with --baseline: these means divided by the baseline model's on the same prompts
+  probe           (datasets with a view probe: builtin:equations) per view, with and without the prompt, the
+                  fraction of problems where log P(right) > log P(wrong) and both means (`probe.py`)
 
 "overall" is the unweighted mean of the per-dataset values (every benchmark counts once, as in the
 paper's "average over benchmarks").
@@ -28,6 +31,8 @@ for the dataset the run trained on, its template, system prompt, digits and newl
 
 Datasets (`--data`, repeatable):
   builtin:addition         2-digit additions in completion format (answer: the last number, stop at newline)
+  builtin:equations        the same after three solved examples, answered " a + b = c" (reward "equation")
+  builtin:word_problems    two-step word problems, \\boxed answers
   reasoning_gym:<task>     a reasoning-gym generator, scored by the task's own scorer
   champ                    the 270 CHAMP competition problems (`pip install champ-dataset`), \\boxed answers
   path.jsonl|.json|.parquet|.csv   MATH-style records with `problem` / `answer` fields, \\boxed answers
@@ -45,6 +50,7 @@ from pathlib import Path
 import torch
 
 from ..metrics import behaviour_counts, text_table
+from ..models import empty_context_token
 from .data import (
     REWARDS,
     EvalDataset,
@@ -58,6 +64,7 @@ from .data import (
     score_samples,
 )
 from .model import load_model_on, load_tokenizer_for, resolve_model
+from .probe import has_probe, view_probe
 
 __all__ = ["BEHAVIOURS", "SUMMARY_KEYS", "pass_at_k", "avg_at_k", "mean_pass_at_k", "pass_ks", "summarise",
            "with_ratios", "evaluate", "format_table", "parse_words", "settings_from_args", "run_eval_cli",
@@ -118,6 +125,7 @@ def summarise(samples: Samples, settings: EvalSettings) -> dict:
         "avg@k": avg_at_k(table),
         "pass@k": mean_pass_at_k(table, k),
         "pass_curve": {str(j): mean_pass_at_k(table, j) for j in pass_ks(k)},
+        "correct": [sum(1 for v in row if v >= 1.0 - 1e-9) for row in table],
         "response_len": sum(len(r) for r in samples.response_ids) / B,
         "truncation": sum(samples.truncated) / B,
         "format": sum(samples.has_answer) / B,
@@ -171,6 +179,9 @@ def evaluate(model_value: str, data_values: Sequence[str], settings: EvalSetting
     for ds in datasets:
         s = score_samples(sample(model, tok, ds, settings), ds, settings)
         per[ds.name] = summarise(s, settings)
+        if has_probe(ds.problems):
+            empty = getattr(getattr(resolved.run_config, "model", None), "empty_token", "auto")
+            per[ds.name]["probe"] = view_probe(model, tok, ds.problems, ds.prompt_ids, empty_context_token(tok, empty))
         records[ds.name] = s
     trans, refl = settings.keywords()
     report = {

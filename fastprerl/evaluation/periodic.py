@@ -6,8 +6,10 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..metrics import keep_rows_before
+from ..models import empty_context_token
 from .data import EvalError, EvalSettings, make_reward, parse_data_spec, prepare_datasets, sample, score_samples
 from .evaluator import SUMMARY_KEYS, summarise, with_ratios
+from .probe import has_probe, view_probe
 
 
 def due(every: int, step: int, total: int) -> bool:
@@ -19,7 +21,8 @@ class PeriodicEval:
     """`eval.every`: the numbers of `fastprerl eval` on fixed problems while a run trains.
 
     The problems and the sampling seed are fixed for the whole run (eval.seed, not the training stream's),
-    so successive evaluations differ only by the weights. Each evaluation is appended to
+    so successive evaluations differ only by the weights. A dataset whose problems carry a view probe
+    (builtin:equations) also gets the probe's numbers (probe.py), under eval/<set>/probe/<view>/<name>. Each evaluation is appended to
     <output_dir>/eval.jsonl; behaviour counts are also given as ratios against the run's first evaluation
     (the step-0 model; read back from eval.jsonl on resume). The run's own data source is scored with the
     run's reward function, other sets with `fastprerl eval`'s default for them. Sampling forks torch's RNG,
@@ -36,6 +39,7 @@ class PeriodicEval:
         self.settings = EvalSettings(eval=e, rollout=cfg.rollout, data=DataConfig(digits=cfg.data.digits),
                                      reward=cfg.reward, given=frozenset({"eval.n_problems", "data.digits"}))
         self.tok = tokenizer
+        self.empty_token = empty_context_token(tokenizer, cfg.model.empty_token)
         self.datasets = prepare_datasets(specs, self.settings, tokenizer, run_config=cfg)
         self.rewards = {}
         for ds in self.datasets:
@@ -68,6 +72,8 @@ class PeriodicEval:
         for ds in self.datasets:
             s = score_samples(sample(model, self.tok, ds, self.settings), ds, self.settings, fn=self.rewards[ds.name])
             per[ds.name] = summarise(s, self.settings)
+            if has_probe(ds.problems):
+                per[ds.name]["probe"] = view_probe(model, self.tok, ds.problems, ds.prompt_ids, self.empty_token)
         if self.base is None:
             self.base = per
         for name, block in per.items():
@@ -84,4 +90,7 @@ class PeriodicEval:
             for b, v in (block.get("behaviour_ratio") or {}).items():
                 if v is not None:
                     flat[pre + f"behaviour_ratio/{b}"] = v
+            for view in ("cond", "free"):
+                for key, v in (block.get("probe") or {}).get(view, {}).items():
+                    flat[pre + f"probe/{view}/{key}"] = v
         return flat

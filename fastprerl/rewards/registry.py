@@ -104,6 +104,32 @@ class MathReward:
                                                  format_penalty=self.format_penalty)
 
 
+_EQUATION = re.compile(r"-?\d+\+-?\d+=-?\d+")
+
+
+class EquationReward:
+    """Reward "equation" (builtin:equations): right when the response's first line is the sample's "answer"
+    equation ("23 + 34 = 57"; spaces are ignored), so only a right sum in its self-contained form counts. An
+    answer is found (`has_answer`) when that line is an equation "a + b = c" of integers, whatever its numbers.
+    Plain string work in this process: no verifier, no timeout to enforce."""
+
+    def __init__(self, *, timeout: float = 5.0, workers: int = 2, format_penalty: float = 0.0):
+        _check_penalty(format_penalty)
+        self.format_penalty = format_penalty
+
+    def __call__(self, responses: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> list[RewardResult]:
+        if len(responses) != len(samples):
+            raise ValueError(f"{len(responses)} responses but {len(samples)} samples")
+        results = []
+        for response, sample in zip(responses, samples):
+            line = "".join(response.strip().split("\n", 1)[0].split())
+            gold = "".join(str(_field(sample, "answer")).split())
+            has = bool(_EQUATION.fullmatch(line))
+            right = float(has and line == gold)
+            results.append(RewardResult(right - (0.0 if has else self.format_penalty), right, has))
+        return results
+
+
 class ReasoningGymReward:
     """Reward "reasoning_gym": the task's own `score_answer(answer, entry)`, run in the pool's workers.
 
@@ -192,12 +218,12 @@ class UserReward:
                         self.name, why, response, sample)
 
 
-BUILTIN_REWARDS = {"math": MathReward, "reasoning_gym": ReasoningGymReward}
+BUILTIN_REWARDS = {"math": MathReward, "equation": EquationReward, "reasoning_gym": ReasoningGymReward}
 USER_REWARD = re.compile(r"\w+(?:\.\w+)*:\w+")  # "package.module:function"
 
 
 def get_reward_fn(name: str, **options: Any) -> RewardFn:
-    """The reward function a config names: "math", "reasoning_gym", or "package.module:function".
+    """The reward function a config names: "math", "equation", "reasoning_gym", or "package.module:function".
 
     `options` go to its constructor: timeout and workers for every kind, format_penalty for the built-ins,
     extract for "math". Every reward function maps (responses, samples) to one RewardResult each."""

@@ -10,7 +10,11 @@ its schedule and seed replaced:
   nsr_prerl      NSR-PreRL for `steps` steps
   psr_prerl      PSR-PreRL for `steps` steps
   prerl          PreRL (every sample, prompt-free) for `steps` steps (not in the default arms)
-  dsrl           NSR-PreRL for `warmup` steps, then GRPO for the rest
+  dsrl           NSR-PreRL for `warmup` steps (weight `warmup_weight`, default 0.01 as the paper's code), then
+                 GRPO for the rest
+  dsrl_w1        the same with the warm-up weighted 1.0 (not in the default arms)
+  nsr_rl_grpo    NSR-RL (negatives in the prompt-conditioned view) for `warmup` steps, weight `warmup_weight`,
+                 then GRPO: the control that separates "pre-train space" from "negative samples" (not default)
   dsrl_adaptive  NSR-PreRL until the adaptive switch of fastprerl/phases.py ends it (at most
                  `adaptive_max` steps; signal logp/free_mean unless the base config's [schedule.adaptive]
                  names one; its min_steps / window / patience / min_delta), then GRPO for the rest
@@ -47,15 +51,16 @@ from ..evaluation.data import EvalSettings
 from ..state.checkpoint import ResumeError, list_checkpoints
 from ..state.resume import config_changes
 from ..trainer import Trainer
-from .arms import ARMS, DEFAULT_SIGNAL, arm_dir, arm_phases
+from .arms import ARMS, DEFAULT_SIGNAL, WARMUP_WEIGHT, arm_dir, arm_phases
 from .report import write_report
 
 
 def arm_config(base_path: str, overrides: Sequence[str], arm: str, out: Path, steps: int, warmup: int,
-               eval_every: int, seed: int = 0, adaptive_max: int = 0, checkpoint_every: int = 5):
+               eval_every: int, seed: int = 0, adaptive_max: int = 0, checkpoint_every: int = 5,
+               warmup_weight: float = WARMUP_WEIGHT):
     base = load_config(base_path, list(overrides))
     data = base.to_dict()
-    data["schedule"]["phases"] = arm_phases(arm, steps, warmup, adaptive_max)
+    data["schedule"]["phases"] = arm_phases(arm, steps, warmup, adaptive_max, warmup_weight)
     adaptive = data["schedule"]["adaptive"]
     adaptive["signal"] = (adaptive["signal"] or DEFAULT_SIGNAL) if arm == "dsrl_adaptive" else ""
     data["run"]["seed"] = seed
@@ -131,9 +136,12 @@ def run_study(args) -> int:
         base = load_config(args.config, list(args.overrides))
         seeds = parse_seeds(args.seeds, base.run.seed)
         for a in arms:
-            arm_phases(a, args.steps, args.warmup, args.adaptive_max)
+            arm_phases(a, args.steps, args.warmup, args.adaptive_max, args.warmup_weight)
+        if not args.warmup_weight > 0:
+            raise ValueError(f"--warmup-weight: expected a weight > 0, got {args.warmup_weight}")
         cfgs = {(a, sd): arm_config(args.config, args.overrides, a, out, args.steps, args.warmup, args.eval_every,
-                                    seed=sd, adaptive_max=args.adaptive_max, checkpoint_every=args.checkpoint_every)
+                                    seed=sd, adaptive_max=args.adaptive_max, checkpoint_every=args.checkpoint_every,
+                                    warmup_weight=args.warmup_weight)
                 for sd in seeds for a in arms}
         if args.reading and not Path(args.reading).is_file():
             raise ValueError(f"--reading: no file at {args.reading!r}; expected a text file with the reading")
@@ -186,6 +194,7 @@ def run_study(args) -> int:
             "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
             "config": args.config, "model": c0.model.path, "steps": args.steps, "warmup": args.warmup,
+            "warmup_weight": args.warmup_weight, "threshold": args.threshold,
             "adaptive_max": args.adaptive_max,
             "adaptive": {"signal": ad.signal or DEFAULT_SIGNAL, "min_steps": ad.min_steps, "window": ad.window,
                          "patience": ad.patience, "min_delta": ad.min_delta},
