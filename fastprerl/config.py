@@ -109,7 +109,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    fn: str = "math"                # math | reasoning_gym | module:function
+    fn: str = "math"                # math | equation (builtin:equations) | reasoning_gym | module:function
     # answer extraction modes ("math"), tried in order: math-verify's own extraction by default (LaTeX and
     # plain answers, boxed first); strict formats: boxed, gsm8k, answer_is, answer_tag, last_number, last_line
     extract: tuple[str, ...] = (MATH_VERIFY,)

@@ -309,6 +309,7 @@ def run_eval_cli(args) -> int:
     except EvalError as e:
         print(f"fastprerl eval: {e}", file=sys.stderr)
         return 2
+    report = {"command": "fastprerl " + " ".join(sys.argv[1:]), **report}
     out = write_json(report, args.out or default_out(args.model, "eval.json"))
     print(format_table(report))
     print(f"fastprerl eval: report written to {out}", file=sys.stderr)

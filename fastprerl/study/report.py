@@ -1,18 +1,29 @@
 """The report of `fastprerl study` (fastprerl/study/runner.py trains the arms): every number read from the arms'
-output directories (`metrics.jsonl`, `eval.jsonl`, `alignment.json`), per cell the mean over seeds and the
-range [min, max], per seed the paired difference of each DSRL arm against GRPO, a comparison figure, and
-study.json with everything collected.
+output directories (`metrics.jsonl`, `eval.jsonl`, `alignment.json`, and `gate.json`: a `fastprerl eval` report
+of the base model), per cell the mean over seeds and the range [min, max], per seed the paired difference of
+every arm against GRPO with an interval, the view probe and pass@k where the evaluation has them, a comparison
+figure, and study.json with everything collected.
+
+Intervals of a difference against GRPO: both arms are evaluated on the same problems with the same sampling
+seed, so the difference of final Avg@k is paired by problem. Its 95% interval is the percentile bootstrap over
+problems (BOOTSTRAP resamples of the problems, the same resample for both arms; per seed, and for the mean over
+seeds with each seed resampled on its own). It covers the evaluation's sampling noise for these trained
+models, not the spread of training itself; that is what the seeds show, summarised by the exact two-sided
+sign test of the per-seed differences (with 3 seeds it cannot fall below 0.25).
 """
 from __future__ import annotations
 
 import json
+import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..evaluation.plot import plot_run
-from .arms import DSRL_ARMS, arm_dir
+from .arms import arm_dir
 
 THRESHOLDS = (0.4, 0.5, 0.6)
+BOOTSTRAP = 2000
 WINDOW = 5   # moving average of the training reward for "steps to reach"
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -62,6 +73,13 @@ def arm_summary(run_dir: Path) -> dict:
         "eval_steps": [e["step"] for e in evals],
         "eval_avg": [e["datasets"][name]["avg@k"] for e in evals],
         "eval_pass": [e["datasets"][name]["pass@k"] for e in evals],
+        "eval_correct": [e["datasets"][name].get("correct") for e in evals],
+        "eval_probe": [e["datasets"][name].get("probe") for e in evals],
+        "pass_curve_last": last.get("pass_curve"),
+        "warmup": [{"step": r["step"], "phase": r["phase"], "negatives": r.get(f"samples/{r['phase']}"),
+                    "cond": r.get("logp/cond_mean"), "free": r.get("logp/free_mean")}
+                   for r in train if r["phase"] == train[0]["phase"]] if train and train[0]["phase"] != "grpo"
+        else [],
         "k": first["k"], "n_problems": first["n_problems"],
         "first": first, "last": last,
         "response_len_last": last["response_len"],
@@ -96,6 +114,37 @@ def paired(summaries: dict[str, dict[int, dict]], arm: str, base: str = "grpo", 
     both = sorted(set(summaries.get(arm, {})) & set(summaries.get(base, {})))
     return [(sd, key(summaries[base][sd]), key(summaries[arm][sd]),
              key(summaries[arm][sd]) - key(summaries[base][sd])) for sd in both]
+
+
+def sign_test(diffs: Sequence[float]) -> float:
+    """Exact two-sided sign test of the hypothesis 'no difference' (ties dropped): p = min(1, 2 P(X <= min(w, l)))
+    with X ~ Binomial(w + l, 1/2)."""
+    w, n = sum(d > 0 for d in diffs), sum(d != 0 for d in diffs)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(w, n - w) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def bootstrap_diff(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], k: int, n: int = BOOTSTRAP,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """pairs: per seed, the per-problem correct counts (of k samples) of the arm and of GRPO on the same problems.
+    Returns (mean over seeds of the Avg@k difference, 2.5th and 97.5th percentile of its bootstrap over
+    problems, each seed's problems resampled on their own, the same draw for both arms)."""
+    rng = random.Random(seed)
+
+    def diff(arm, base, idx):
+        return sum(arm[i] - base[i] for i in idx) / (k * len(idx))
+
+    point = sum(diff(a, b, range(len(a))) for a, b in pairs) / len(pairs)
+    draws = sorted(sum(diff(a, b, [rng.randrange(len(a)) for _ in a]) for a, b in pairs) / len(pairs)
+                   for _ in range(n))
+    return point, draws[int(0.025 * n)], draws[min(n - 1, int(0.975 * n))]
+
+
+def evals_to(summary: dict, threshold: float) -> int | None:
+    """The first evaluated step whose Avg@k reaches the threshold."""
+    return next((st for st, v in zip(summary["eval_steps"], summary["eval_avg"]) if v >= threshold), None)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -156,6 +205,130 @@ def collect(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict[str, d
     return found
 
 
+def gate_section(path: Path) -> list[str]:
+    """The base model's numbers on the task (a `fastprerl eval` report saved as <out>/gate.json), if any."""
+    if not path.exists():
+        return []
+    rep = json.loads(path.read_text())
+    L = ["## The gate: the base model on this task", ""]
+    if rep.get("command"):
+        L += ["Produced by", "", f"    {rep['command']}", ""]
+    for name, d in rep["datasets"].items():
+        L += [f"`{rep['model']}` on `{name}`: {d['n_problems']} problems x {d['k']} samples, Avg@{d['k']} "
+              f"{d['avg@k']:.3f}, answers in the expected form {d['format']:.3f}, pass@k "
+              + ", ".join(f"{kk}: {v:.3f}" for kk, v in d["pass_curve"].items()) + "."]
+        pr = d.get("probe")
+        if pr:
+            L += ["", "| view | problems where log P(right) > log P(wrong) | mean log P(right) | mean log P(wrong) |",
+                  "|---|---|---|---|"]
+            for view, what in (("cond", "with the prompt, log P(y|x)"), ("free", "without it, log P(y|e)")):
+                v = pr[view]
+                L.append(f"| {what} | {round(v['prefers_right'] * pr['n'])}/{pr['n']} ({v['prefers_right']:.3f}) | "
+                         f"{v['logp_right']:.2f} | {v['logp_wrong']:.2f} |")
+        L.append("")
+    return L
+
+
+def against_grpo(summaries: dict[str, dict[int, dict]], k: int, threshold: float | None) -> list[str]:
+    """Every other arm against GRPO, seed by seed, with bootstrap intervals and the sign test (module doc)."""
+    if "grpo" not in summaries or len(summaries) < 2:
+        return []
+    L = ["## Every arm against GRPO, seed by seed", "",
+         f"Paired by seed (same initial weights, prompt stream and evaluation problems): final eval Avg@{k} and the "
+         "training reward of the last 5 steps; diff = arm - GRPO; 95% interval of the eval difference by the "
+         "bootstrap over problems (module doc of fastprerl/study/report.py); p = exact two-sided sign test over "
+         "seeds." + (f" Evals to {threshold}: the first evaluated step with Avg@{k} >= {threshold}." if threshold
+                     else ""), ""]
+    for arm in summaries:
+        if arm == "grpo":
+            continue
+        ev = paired(summaries, arm)
+        if not ev:
+            continue
+        tr = {sd: t for sd, *t in paired(summaries, arm, key=lambda s: s["reward_last5"])}
+        L += [f"| seed | GRPO eval | {arm} eval | diff | 95% interval | GRPO train last 5 | {arm} train last 5 | diff |"
+              + (f" GRPO evals to {threshold} | {arm} evals to {threshold} |" if threshold else ""),
+              "|---|---|---|---|---|---|---|---|" + ("---|---|" if threshold else "")]
+        pairs = []
+        for sd, g, d, diff in ev:
+            tg, td, tdiff = tr[sd]
+            a, b = summaries[arm][sd]["eval_correct"][-1], summaries["grpo"][sd]["eval_correct"][-1]
+            ci = "-"
+            if a is not None and b is not None and len(a) == len(b):
+                pairs.append((a, b))
+                _, lo, hi = bootstrap_diff([(a, b)], k)
+                ci = f"[{lo:+.3f}, {hi:+.3f}]"
+            row = f"| {sd} | {g:.3f} | {d:.3f} | {diff:+.3f} | {ci} | {tg:.3f} | {td:.3f} | {tdiff:+.3f} |"
+            if threshold:
+                row += f" {_f(evals_to(summaries['grpo'][sd], threshold), 'd')} | " \
+                       f"{_f(evals_to(summaries[arm][sd], threshold), 'd')} |"
+            L.append(row)
+        diffs = [x[3] for x in ev]
+        pooled = "-"
+        if len(pairs) == len(ev):
+            m, lo, hi = bootstrap_diff(pairs, k)
+            pooled = f"[{lo:+.3f}, {hi:+.3f}]"
+        L += [f"| mean [min, max] | | | {cell(diffs, '+.3f')} | {pooled} | | | "
+              f"{cell([t[2] for t in tr.values()], '+.3f')} |" + (" | |" if threshold else ""), "",
+              f"{arm} above GRPO on final eval in {sum(x > 0 for x in diffs)} of {len(diffs)} seeds, equal in "
+              f"{sum(x == 0 for x in diffs)}; sign test p = {sign_test(diffs):.3f}.", ""]
+    return L
+
+
+def probe_sections(summaries: dict[str, dict[int, dict]], k: int) -> list[str]:
+    """The view probe at every evaluated step, the negatives' log-probs in both views during a warm-up, and the
+    final pass@k curve (where the evaluation recorded them)."""
+    L = []
+    runs = [s for by in summaries.values() for s in by.values()]
+    if all(p is not None for s in runs for p in s["eval_probe"]) and runs:
+        steps = sorted({st for s in runs for st in s["eval_steps"]})
+        L += ["## The mechanism: the view probe at every evaluation", "",
+              "On the evaluation problems, a right response and a wrong one of the same form, each scored with the "
+              "prompt (cond, log P(y|x)) and without it (free, log P(y|e)); fastprerl/evaluation/probe.py. "
+              "Margin = mean log P(right) - mean log P(wrong), nats per response; 'right >' = the fraction of "
+              "problems where log P(right) > log P(wrong). Mean over seeds.", "",
+              "| arm | step | free: right > | free: log P(wrong) | free: margin | cond: right > | "
+              "cond: log P(wrong) | cond: margin |", "|---|---|---|---|---|---|---|---|"]
+        for arm, by in summaries.items():
+            for st in steps:
+                at = [s["eval_probe"][s["eval_steps"].index(st)] for s in by.values() if st in s["eval_steps"]]
+                if not at:
+                    continue
+                c = lambda view, key: cell([p[view][key] for p in at])  # noqa: E731
+                mg = lambda view: cell([p[view]["logp_right"] - p[view]["logp_wrong"] for p in at], ".2f")  # noqa: E731
+                L.append(f"| {arm} | {st} | {c('free', 'prefers_right')} | "
+                         f"{cell([p['free']['logp_wrong'] for p in at], '.2f')} | {mg('free')} | "
+                         f"{c('cond', 'prefers_right')} | {cell([p['cond']['logp_wrong'] for p in at], '.2f')} | "
+                         f"{mg('cond')} |")
+        L.append("")
+    warm = {a: by for a, by in summaries.items() if all(s["warmup"] for s in by.values())}
+    if warm:
+        L += ["## During the warm-up: the negatives in both views", "",
+              "Per warm-up step, before its update: the number of negatives and the mean token log-prob of their "
+              "responses with the prompt (log P(y_t|x, y_<t)) and without it (log P(y_t|e, y_<t)), from the "
+              "metrics rows (logging.view_gap packs both views). Mean over seeds; a step without negatives has "
+              "no value.", "", "| arm | step | negatives | cond mean log-prob | free mean log-prob |",
+              "|---|---|---|---|---|"]
+        for arm, by in warm.items():
+            n = min(len(s["warmup"]) for s in by.values())
+            for i in range(n):
+                rows = [s["warmup"][i] for s in by.values()]
+                L.append(f"| {arm} | {rows[0]['step']} | {cell([r['negatives'] for r in rows], '.1f')} | "
+                         f"{cell([r['cond'] for r in rows])} | {cell([r['free'] for r in rows])} |")
+        L.append("")
+    if all(s["pass_curve_last"] for s in runs) and runs:
+        ks = list(runs[0]["pass_curve_last"])
+        L += ["## pass@k of the final models", "",
+              "Unbiased pass@k from the final evaluation's samples (k up to the samples per problem); the paper's "
+              "'reasoning horizon' reads the curve's upper end. Mean [min, max] over seeds.", "",
+              "| arm | " + " | ".join(f"pass@{x}" for x in ks) + " |", "|---|" + "---|" * len(ks)]
+        for arm, by in summaries.items():
+            L.append(f"| {arm} | " + " | ".join(cell([s["pass_curve_last"][x] for s in by.values()]) for x in ks)
+                     + " |")
+        L.append("")
+    return L
+
+
 def write_report(out: Path, doc: Path, meta: dict, arms: Sequence[str], seeds: Sequence[int]) -> Path:
     summaries = collect(out, arms, seeds)
     if not summaries:
@@ -193,6 +366,7 @@ def write_report(out: Path, doc: Path, meta: dict, arms: Sequence[str], seeds: S
          "seed). Every number below is read from the arms' output directories (`metrics.jsonl`, `eval.jsonl`, "
          f"`alignment.json`; all of it collected in [{rel(fig_dir / 'study.json')}]({rel(fig_dir / 'study.json')})). "
          "A cell is the mean over seeds and [min, max] over seeds; (m/N): only m of the N seeds have a value.", ""]
+    L += gate_section(out / "gate.json")
     L += ["## Accuracy", "",
           f"| arm | seeds | eval Avg@{k} step 0 | eval Avg@{k} final | best eval Avg@{k} | eval pass@{k} final | "
           "train reward first 5 | train reward last 5 | "
@@ -215,27 +389,8 @@ def write_report(out: Path, doc: Path, meta: dict, arms: Sequence[str], seeds: S
         per = [dict(zip(s["eval_steps"], s["eval_avg"])) for s in by.values()]
         L.append(f"| {arm} | " + " | ".join(cell([m.get(st) for m in per]) for st in steps) + " |")
     L += ["", f"![comparison]({rel(compare)})", ""]
-    dsrl_arms = [a for a in DSRL_ARMS if a in summaries]
-    if "grpo" in summaries and dsrl_arms:
-        L += ["## DSRL against GRPO, seed by seed", "",
-              f"Paired by seed (same initial weights, prompt stream and evaluation problems): final eval Avg@{k} "
-              "and the training reward of the last 5 steps; diff = DSRL arm - GRPO.", ""]
-        for arm in dsrl_arms:
-            ev = paired(summaries, arm)
-            tr = dict((sd, t) for sd, *t in paired(summaries, arm, key=lambda s: s["reward_last5"]))
-            if not ev:
-                continue
-            L += [f"| seed | GRPO eval | {arm} eval | diff | GRPO train last 5 | {arm} train last 5 | diff |",
-                  "|---|---|---|---|---|---|---|"]
-            for sd, g, d, diff in ev:
-                tg, td, tdiff = tr[sd]
-                L.append(f"| {sd} | {g:.3f} | {d:.3f} | {diff:+.3f} | {tg:.3f} | {td:.3f} | {tdiff:+.3f} |")
-            diffs = [x[3] for x in ev]
-            wins = sum(x > 0 for x in diffs)
-            L += [f"| mean [min, max] | | | {cell(diffs, '+.3f')} | | | "
-                  f"{cell([t[2] for t in tr.values()], '+.3f')} |", "",
-                  f"{arm} above GRPO on final eval in {wins} of {len(diffs)} seeds, equal in "
-                  f"{sum(x == 0 for x in diffs)}.", ""]
+    L += against_grpo(summaries, k, meta.get("threshold"))
+    L += probe_sections(summaries, k)
     if "dsrl_adaptive" in summaries:
         L += ["## Where the adaptive switch fell", "",
               "| seed | first GRPO step | reason (from the metrics row of the last NSR-PreRL step) |", "|---|---|---|"]

@@ -27,6 +27,7 @@ def test_dsrl_default_schedule():
     cfg = load_config(ROOT / "configs" / "dsrl.toml")
     first, second = cfg.schedule.phases
     assert [o.name for o in first.objectives] == ["nsr_prerl"] and 10 <= first.steps <= 25
+    assert first.objectives[0].weight == 0.01   # the paper's code: 0 * RL + 0.01 * L_pre during the warm-up
     assert [o.name for o in second.objectives] == ["grpo"]
     assert cfg.model.path == "builtin:smollm2-135m"
 
