@@ -15,7 +15,7 @@ w_t the truncated importance weight of cond tokens (algo.tis_cap; else 1). Only 
 packed (packing.select_rows), cut into bins of optim.max_tokens_per_microbatch tokens; the bins change the
 arithmetic's grouping, not the loss. Then gradient clipping and one AdamW step; the schedule picks the phase.
 
-Durability (state/resume.py, state/checkpoint.py, stops.py): a checkpoint holds everything the loop carries from one
+Durability (state/checkpointer.py, state/resume.py, stops.py): a checkpoint holds everything the loop carries from one
 step to the next, so a resumed run is bit-identical on CPU to one that never stopped. SIGINT/SIGTERM finish the
 step and write a checkpoint; a second one abandons it. A non-finite reward, loss or gradient norm stops the run
 (NonFiniteError) before the optimizer step, with the batch statistics.
@@ -58,6 +58,7 @@ from .rewards import from_config as reward_fn_from_config
 from .rewards import score_responses
 from .rollout import make_backend
 from .state import resume
+from .state.checkpointer import Checkpointer, RNGState
 from .stops import NonFiniteError, StepAbandoned, StopSignals, batch_report, check_rewards
 
 log = logging.getLogger("fastprerl")
@@ -91,7 +92,8 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         check_startup(cfg, self.device, self.dist)
-        resume_from = self.dist.on_main(lambda: resume.prepare_output_dir(self))
+        resume_from, keep_config_file = self.dist.on_main(
+            lambda: resume.prepare_output_dir(cfg, config_file, self.out, self.ckpt_root))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         random.seed(cfg.run.seed)
@@ -101,7 +103,7 @@ class Trainer:
 
         with naming("model.path", cfg.model.path):
             self.tok = load_tokenizer(cfg.model.path)
-            self.model = self._load_policy().to(self.device)
+            self.model = self.load_policy().to(self.device)
         self.empty_token = empty_context_token(self.tok, cfg.model.empty_token)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
@@ -124,12 +126,20 @@ class Trainer:
         self.reward_fn = reward_fn_from_config(cfg.reward)
         self.step = 0                       # completed steps = the index of the next step
         self.last_checkpoint: Path | None = None
+        self.checkpointer = Checkpointer(self.ckpt_root, model=self.model, tokenizer=self.tok,
+                                         optimizer=self.optimizer, scheduler=self.scheduler, config=cfg,
+                                         ref_model=self.ref_model, fsdp_root=self.root, dist=self.dist,
+                                         keep=cfg.run.keep_checkpoints)
         if resume_from is not None:
-            resume.load_trainer(self, resume_from)   # restores the RNG states last
+            state = self.checkpointer.load(resume_from)
+            self.load_state_dict(state)
+            RNGState.load_state_dict(state["rng"])   # last: everything that draws while it is built exists
+            self.last_checkpoint = resume_from
+            log.info("resuming from %s: step %d of %d", resume_from, self.step, self.schedule.total_steps)
         self.evaluator = None   # rank 0's (the other ranks take part in gathering the weights only)
         if cfg.eval.every > 0:
             self.dist.on_main(self._make_evaluator)
-        self.dist.on_main(lambda: resume.start_output_dir(self, resume_from))   # the first write
+        self.dist.on_main(lambda: self._start_output_dir(resume_from, keep_config_file))   # the first write
         self.metrics = NoMetrics()
         if self.dist.is_main:
             self.metrics = MetricsLogger(self.out, tensorboard=cfg.logging.tensorboard,
@@ -137,12 +147,17 @@ class Trainer:
                                          run_config=cfg.to_dict(),
                                          wandb_project=cfg.logging.wandb_project if cfg.logging.wandb else None)
 
-    def _load_policy(self):
+    def load_policy(self):
         """The policy as cfg.model builds it (on the CPU; LoRA: wrapped by PEFT)."""
         cfg = self.cfg
         return load_model(cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
                           seed=cfg.run.seed, gradient_checkpointing=cfg.model.gradient_checkpointing,
                           lora=cfg.model.lora)
+
+    def _start_output_dir(self, resume_from: Path | None, keep_config_file: bool) -> None:
+        resume.start_output_dir(self.out, self.cfg, resume_from, keep_config_file)
+        if self.evaluator is not None:
+            self.evaluator.open_log(self.step)
 
     def _make_evaluator(self) -> None:
         from .evaluation.periodic import PeriodicEval
@@ -190,7 +205,8 @@ class Trainer:
                         break
                 if status == "complete":
                     self._maybe_evaluate(total, write)
-                    resume.save_trainer_final(self)
+                    self.checkpointer.save_final(self.out, merge_lora=self.cfg.run.merge_lora,
+                                                 plain_model=self.load_policy)
         except StepAbandoned as e:
             status = "abandoned"
             log.warning("%s again: abandoned step %d; newest checkpoint: %s", e, self.step,
@@ -312,6 +328,21 @@ class Trainer:
         return (f"{report}\n  newest checkpoint: {self.last_checkpoint or 'none'}; metrics of the earlier steps "
                 f"are in {self.out / 'metrics.jsonl'}")
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The loop's state after `self.step` completed steps: the step, its phase, the schedule's and the prompt
+        stream's states (JSON-able). Weights, optimizer, LR scheduler and RNG are the checkpointer's."""
+        return {"step": self.step, "phase": self.schedule.phase_at(self.step - 1)[1].name,
+                "total_steps": self.schedule.total_steps, "data": self.stream.state_dict(),
+                "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["data"])
+        self.schedule.load_state_dict(state.get("schedule"))   # absent in checkpoints of fixed schedules
+
     def save_checkpoint(self) -> Path:
-        """Checkpoint of the state after `self.step` completed steps (state/resume.py, state/checkpoint.py)."""
-        return resume.save_trainer(self)
+        """Checkpoint of the state after `self.step` completed steps (state/checkpointer.py)."""
+        self.last_checkpoint = self.checkpointer.save(self.step, self.state_dict())
+        log.info("step %d: wrote %s", self.step, self.last_checkpoint)
+        return self.last_checkpoint

@@ -1,10 +1,7 @@
-"""A Trainer's state on disk: the output folder at start, the checkpoints, the resume and the final model.
+"""A run's start on disk: the output folder, which checkpoint a run resumes from, and whether its config may.
 
-A checkpoint holds everything the loop carries from one step to the next (checkpoint.py lists the contents),
-so a resumed run is bit-identical on CPU to one that never stopped. Under torchrun (the trainer's FSDP2 root
-is set) checkpoints and the final model are DCP / gathered by dcp.py; a plain process writes
-checkpoint.py's format. `load_checkpoint` reads both kinds into either kind of model. The functions named
-`*_trainer*` take the Trainer and read or set its fields.
+A checkpoint holds everything the loop carries from one step to the next (checkpointer.py saves and loads it),
+so a resumed run is bit-identical on CPU to one that never stopped.
 
 Nothing a user or an earlier run wrote is lost. A run writes to run.output_dir only once everything has loaded (a
 start that fails leaves the folder as it found it, but for damaged checkpoints moved aside on --resume). A run that
@@ -21,12 +18,8 @@ import os
 import time
 from pathlib import Path
 
-import torch
-import transformers
-
 from ..config import Config, to_toml
 from . import checkpoint as ckpt
-from . import dcp
 
 log = logging.getLogger("fastprerl")
 
@@ -184,78 +177,22 @@ def _diff(a, b, prefix=""):
             yield prefix + k, x, y
 
 
-def prepare_output_dir(tr) -> Path | None:
-    """The checkpoint to resume from (None: step 0), and the check of the config file the run was started from
-    (check_config_file). Writes nothing (but for damaged checkpoints set aside on resume): the folder is
-    changed by `start_output_dir` once everything has loaded. Rank 0 only."""
-    cfg = tr.cfg
-    tr.keep_config_file = check_config_file(tr.config_file, tr.out, cfg)
-    return resume_point(tr.ckpt_root, tr.out, cfg.to_dict(), cfg.run.resume)
+def prepare_output_dir(cfg, config_file, out: Path, ckpt_root: Path) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from (None: step 0), and whether the run was started from its own
+    run.output_dir/config.toml (check_config_file; that file is then left as it is). Writes nothing (but for
+    damaged checkpoints set aside on resume): the folder is changed by `start_output_dir` once everything has
+    loaded. Rank 0 only."""
+    keep_config_file = check_config_file(config_file, out, cfg)
+    return resume_point(ckpt_root, out, cfg.to_dict(), cfg.run.resume), keep_config_file
 
 
-def start_output_dir(tr, resume_from: Path | None) -> None:
+def start_output_dir(out: Path, cfg, resume_from: Path | None, keep_config_file: bool) -> None:
     """A fresh run sets earlier outputs aside (set_aside_earlier_outputs); a resumed one a config.toml that
     differs from its resolved config. Then config.toml: the resolved config, unless the run was started from
-    that very file (left as it is); then the periodic evaluation's eval.jsonl. Rank 0 only."""
-    text = to_toml(tr.cfg)
+    that very file (left as it is). Rank 0 only."""
+    text = to_toml(cfg)
     names = RUN_OUTPUTS if resume_from is None else ("config.toml",)
-    set_aside_earlier_outputs(tr.out, text, tuple(n for n in names if not (tr.keep_config_file and
-                                                                           n == "config.toml")))
-    tr.out.mkdir(parents=True, exist_ok=True)
-    if not tr.keep_config_file:
-        (tr.out / "config.toml").write_text(text)
-    if tr.evaluator is not None:
-        tr.evaluator.open_log(tr.step)
-
-
-def save_trainer(tr) -> Path:
-    """Checkpoint of the state after `tr.step` completed steps; sets and returns tr.last_checkpoint."""
-    state = {"step": tr.step, "phase": tr.schedule.phase_at(tr.step - 1)[1].name,
-             "total_steps": tr.schedule.total_steps, "data": tr.stream.state_dict(),
-             "schedule": tr.schedule.state_dict(),
-             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
-    common = dict(model=tr.model, tokenizer=tr.tok, optimizer=tr.optimizer, scheduler=tr.scheduler,
-                  state=state, config=tr.cfg.to_dict(), config_toml=to_toml(tr.cfg),
-                  keep=tr.cfg.run.keep_checkpoints)
-    if tr.root is not None:
-        tr.last_checkpoint = dcp.save_sharded_checkpoint(tr.ckpt_root, tr.step, dist=tr.dist,
-                                                                    ref_model=tr.ref_model, **common)
-    else:
-        tr.last_checkpoint = ckpt.save_checkpoint(tr.ckpt_root, tr.step, ref_model=tr.ref_model, **common)
-    log.info("step %d: wrote %s", tr.step, tr.last_checkpoint)
-    return tr.last_checkpoint
-
-
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, ref_model=None) -> dict:
-    """Loads weights, optimizer and scheduler state in place, from a checkpoint of either kind into either kind
-    of model; returns the trainer state with the saved RNG states under "rng" (restore them with
-    `checkpoint.restore_rng` once everything else is built)."""
-    path = Path(path)
-    if (path / ckpt.DCP_METADATA).is_file():
-        dcp.load_sharded(path, model, optimizer, ref_model)
-    elif dcp.is_fsdp(model):
-        dcp.load_full_into_sharded(path, model, optimizer, ref_model)
-    else:
-        ckpt.load_full(path, model=model, optimizer=optimizer, ref_model=ref_model)
-    return ckpt.load_run_state(path, scheduler=scheduler)
-
-
-def load_trainer(tr, path: Path) -> None:
-    """Restores the trainer from the checkpoint at `path` (the RNG states last)."""
-    state = load_checkpoint(path, model=tr.model, optimizer=tr.optimizer, scheduler=tr.scheduler,
-                            ref_model=tr.ref_model)
-    tr.step = int(state["step"])
-    tr.stream.load_state_dict(state["data"])
-    tr.schedule.load_state_dict(state.get("schedule"))   # absent in checkpoints of fixed schedules
-    ckpt.restore_rng(state["rng"])
-    tr.last_checkpoint = path
-    log.info("resuming from %s: step %d of %d", path, tr.step, tr.schedule.total_steps)
-
-
-def save_trainer_final(tr) -> None:
-    """<output_dir>/final (and final_merged/ for LoRA with run.merge_lora)."""
-    if tr.root is not None:
-        dcp.save_final_sharded(tr.model, tr.tok, tr.out, tr.dist, merge_lora=tr.cfg.run.merge_lora,
-                                          plain_model=tr._load_policy)
-    else:
-        ckpt.save_final(tr.model, tr.tok, tr.out, merge_lora=tr.cfg.run.merge_lora)
+    set_aside_earlier_outputs(out, text, tuple(n for n in names if not (keep_config_file and n == "config.toml")))
+    out.mkdir(parents=True, exist_ok=True)
+    if not keep_config_file:
+        (out / "config.toml").write_text(text)

@@ -17,6 +17,7 @@ from fastprerl.models import tiny_config
 from fastprerl.optim import CPUOffloadAdamW
 from fastprerl.state import checkpoint as ckpt
 from fastprerl.state import resume
+from fastprerl.state.checkpointer import load_checkpoint
 from fastprerl.trainer import Trainer
 
 
@@ -99,7 +100,7 @@ def test_load_restores_weights_optimizer_scheduler_and_rng(tmp_path):
             p.add_(1.0)
     random.seed(99)
     torch.manual_seed(99)
-    state = resume.load_checkpoint(path, model=fresh, optimizer=opt2, scheduler=sched2)
+    state = load_checkpoint(path, model=fresh, optimizer=opt2, scheduler=sched2)
     ckpt.restore_rng(state["rng"])
     assert state["step"] == 1 and state["data"] == {"epoch": 0, "pos": 1}
     for k, v in fresh.state_dict().items():
@@ -156,7 +157,7 @@ def test_offloaded_optimizer_state_is_loaded_without_a_copy_on_the_gpu(tmp_path)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    resume.load_checkpoint(path, model=model, optimizer=off,
+    load_checkpoint(path, model=model, optimizer=off,
                          scheduler=torch.optim.lr_scheduler.LambdaLR(off, lambda _: 1.0))
     assert torch.cuda.max_memory_allocated() - before < moments / 2
     assert {v.device.type for st in off.state.values() for v in st.values()} == {"cpu"}
