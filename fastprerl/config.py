@@ -1,8 +1,10 @@
 """Configuration: TOML -> nested frozen dataclasses. Every default lives here; unknown keys are errors.
 
 `load_config(path, overrides)` reads a TOML file, applies dotted `key=value` overrides, validates every
-field and returns a `Config`. Problems raise `ConfigError` naming the key, the expected values and, for an
-unknown key, the closest valid key; the CLI turns that into exit code 2.
+field and returns a `Config`. A field's type states its allowed values (`Literal`) and numeric bounds
+(`Annotated[..., Range]`, fastprerl/config_parse.py), which the parser checks. Problems raise `ConfigError`
+naming the key, the expected values and, for an unknown key, the closest valid key; the CLI turns that into
+exit code 2.
 """
 from __future__ import annotations
 
@@ -11,23 +13,35 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from .config_checks import check_objectives
-from .config_parse import OBJECTIVES, ConfigError, apply_override, build, parse_override_value
+from .config_parse import NON_NEGATIVE, POSITIVE, ConfigError, Range, apply_override, build, parse_override_value
 from .data import check_source, check_template
-from .objectives import VIEW_OF
-from .rewards import BUILTIN_REWARDS, MATH_VERIFY, USER_REWARD
+from .objectives import OBJECTIVES
+from .rewards import BUILTIN_REWARDS, EXTRACT_MODES, MATH_VERIFY, USER_REWARD
 
 __all__ = ["Config", "ConfigError", "OBJECTIVES", "load_config", "config_from_dict", "to_toml", "validate"]
+
+# field types that carry their constraints (checked by config_parse.build): Literal = the allowed values,
+# Annotated[..., Range] = a numeric bound
+PositiveInt = Annotated[int, POSITIVE]              # > 0
+PositiveFloat = Annotated[float, POSITIVE]          # > 0
+NonNegativeInt = Annotated[int, NON_NEGATIVE]       # >= 0
+NonNegativeFloat = Annotated[float, NON_NEGATIVE]   # >= 0
+Share = Annotated[float, Range(0.0, "<", "<=", 1.0)]    # 0 < value <= 1 (a probability mass, a memory share)
+Decay = Annotated[float, Range(0.0, "<=", "<", 1.0)]    # 0 <= value < 1 (an AdamW beta)
+ObjectiveName = Literal[tuple(OBJECTIVES)]          # fastprerl/objectives.py's table, in its order
+ExtractMode = Literal[EXTRACT_MODES]                # reward.extract's modes (fastprerl/rewards)
+KeepOrSkip = Literal["error", "skip"]
 
 
 @dataclass(frozen=True)
 class RunConfig:
     output_dir: str = "runs/dsrl"
     seed: int = 0
-    device: str = "auto"            # auto | cpu | cuda
-    threads: int = 0                # torch CPU threads; 0 = torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: NonNegativeInt = 0     # torch CPU threads; 0 = torch's default
     resume: bool = False            # continue from the newest complete checkpoint (the CLI's --resume)
     checkpoint_every: int = 0       # write a checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2       # keep the newest K checkpoints
@@ -65,11 +79,11 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "builtin:smollm2-135m"
-    dtype: str = "float32"          # float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"   # sdpa | eager | flash_attention_2 | flex_attention
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     gradient_checkpointing: bool = False
     empty_token: int | str = "auto"   # id, token string, or auto (BOS, else chat turn-start)
-    logprob_impl: str = "auto"      # auto | torch | triton | naive
+    logprob_impl: Literal["auto", "torch", "triton", "naive"] = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -79,32 +93,32 @@ class DataConfig:
     split: str = "train"
     prompt_field: str = "problem"
     answer_field: str = "answer"
-    format: str = "completion"      # completion | chat
+    format: Literal["completion", "chat"] = "completion"
     system_prompt: str = ""
     template: str = "{prompt}"      # str.format of the prompt text; {prompt} is its only field ({{ }} for braces)
-    size: int = 10000               # generated problems for builtin / reasoning_gym sources
-    digits: int = 2                 # builtin:addition operand digits
+    size: PositiveInt = 10000       # generated problems for builtin / reasoning_gym sources
+    digits: PositiveInt = 2         # builtin:addition operand digits
     shuffle: bool = True
-    bad_rows: str = "error"         # a local record that cannot be read, lacks a field or holds null: error | skip
-    long_prompts: str = "error"     # a prompt that leaves no room for rollout.max_new_tokens in the model's
-                                    # context: error | skip (left out, counted)
+    bad_rows: KeepOrSkip = "error"      # a local record that cannot be read, lacks a field or holds null
+    long_prompts: KeepOrSkip = "error"  # a prompt that leaves no room for rollout.max_new_tokens in the model's
+                                        # context (skip: left out, counted)
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    backend: str = "hf"             # hf | vllm
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 4
-    max_new_tokens: int = 12
-    temperature: float = 1.0
-    top_p: float = 1.0
+    backend: Literal["hf", "vllm"] = "hf"
+    prompts_per_step: PositiveInt = 8
+    samples_per_prompt: PositiveInt = 4
+    max_new_tokens: PositiveInt = 12
+    temperature: PositiveFloat = 1.0
+    top_p: Share = 1.0
     stop_at_newline: bool = False
-    generation_batch_size: int = 64  # sequences per generate() call (hf backend)
+    generation_batch_size: PositiveInt = 64  # sequences per generate() call (hf backend)
     # vllm backend (fastprerl/rollout/vllm.py): an in-process engine colocated with the trainer
-    vllm_gpu_memory_utilization: float = 0.25   # engine's share of the GPU memory (on CPU: of the RAM)
+    vllm_gpu_memory_utilization: Share = 0.25   # engine's share of the GPU memory (on CPU: of the RAM)
     vllm_sleep: bool = True         # free the engine's KV cache and weights between rollouts (CUDA only)
     vllm_enforce_eager: bool = False    # no CUDA graphs (less memory, slower decoding); CPU is always eager
-    vllm_max_model_len: int = 0     # prompt + response tokens per sequence; 0 = the model's max positions
+    vllm_max_model_len: NonNegativeInt = 0  # prompt + response tokens per sequence; 0 = the model's max positions
 
 
 @dataclass(frozen=True)
@@ -112,36 +126,36 @@ class RewardConfig:
     fn: str = "math"                # math | equation (builtin:equations) | reasoning_gym | module:function
     # answer extraction modes ("math"), tried in order: math-verify's own extraction by default (LaTeX and
     # plain answers, boxed first); strict formats: boxed, gsm8k, answer_is, answer_tag, last_number, last_line
-    extract: tuple[str, ...] = (MATH_VERIFY,)
-    timeout: float = 5.0
-    workers: int = 2
-    format_penalty: float = 0.0
+    extract: tuple[ExtractMode, ...] = (MATH_VERIFY,)
+    timeout: PositiveFloat = 5.0
+    workers: PositiveInt = 2
+    format_penalty: NonNegativeFloat = 0.0
 
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
+    clip_eps_low: NonNegativeFloat = 0.2
+    clip_eps_high: NonNegativeFloat = 0.2
     dual_clip_c: float = 10.0
-    adv_norm: str = "std"           # std | mean   (GRPO advantages)
-    negative_rule: str = "group_advantage"   # group_advantage | reward_threshold
+    adv_norm: Literal["std", "mean"] = "std"   # GRPO advantages
+    negative_rule: Literal["group_advantage", "reward_threshold"] = "group_advantage"
     reward_threshold: float = 0.5
-    w_reinforce_lambda: float = 0.1
-    kl_coef: float = 0.0            # k3 KL to a reference model on log P(y|x); 0 = off
-    old_logp: str = "detached"      # detached (on-policy, ratio 1) | rollout (behaviour log-probs)
-    tis_cap: float = 0.0            # truncated importance sampling vs the sampler's log-probs; 0 = off
+    w_reinforce_lambda: NonNegativeFloat = 0.1
+    kl_coef: NonNegativeFloat = 0.0     # k3 KL to a reference model on log P(y|x); 0 = off
+    old_logp: Literal["detached", "rollout"] = "detached"   # detached: on-policy, ratio 1; rollout: behaviour log-probs
+    tis_cap: NonNegativeFloat = 0.0     # truncated importance sampling vs the sampler's log-probs; 0 = off
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    name: str = "grpo"
+    name: ObjectiveName = "grpo"
     weight: float = 1.0
 
 
 @dataclass(frozen=True)
 class PhaseConfig:
     name: str = "grpo"
-    steps: int = 20
+    steps: PositiveInt = 20
     objectives: tuple[ObjectiveConfig, ...] = (ObjectiveConfig(),)
 
 
@@ -183,13 +197,13 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    max_tokens_per_microbatch: int = 4096
+    lr: PositiveFloat = 1e-6
+    weight_decay: NonNegativeFloat = 0.01
+    beta1: Decay = 0.9
+    beta2: Decay = 0.999
+    eps: NonNegativeFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0
+    max_tokens_per_microbatch: PositiveInt = 4096
     offload_optimizer_state: bool = False   # keep AdamW's moments (and its step) on the CPU
     step_on_zero_grad: bool = True  # a step whose loss uses no rows (NSR/PSR without such samples) still steps
                                     # AdamW on an all-zero gradient (momentum, weight decay), as the paper's code
@@ -202,7 +216,7 @@ class LoggingConfig:
     entropy: bool = True
     view_gap: bool = False          # also score log P(y|x) vs log P(y) during pre-train-space phases
     tensorboard: bool = False
-    samples_every: int = 0          # write completion samples every N steps (0 = never)
+    samples_every: NonNegativeInt = 0   # write completion samples every N steps (0 = never)
     wandb: bool = False             # also log to Weights & Biases (needs `wandb`; WANDB_MODE=offline works offline)
     wandb_project: str = "fastprerl"
 
@@ -211,12 +225,12 @@ class LoggingConfig:
 class EvalConfig:
     """Periodic evaluation during training (fastprerl.evaluation.PeriodicEval): before the first step, every
     `every` steps and after the last one, on fixed problems and a fixed sampling seed."""
-    every: int = 0                  # evaluate every N steps (0 = off)
+    every: NonNegativeInt = 0       # evaluate every N steps (0 = off)
     data: tuple[str, ...] = ()      # eval sets as `fastprerl eval --data` takes them; () = the run's data source
-    n_problems: int = 64
-    k: int = 4                      # samples per problem (Avg@k, pass@k)
-    temperature: float = 1.0
-    max_new_tokens: int = 0         # 0 = rollout.max_new_tokens
+    n_problems: PositiveInt = 64
+    k: PositiveInt = 4              # samples per problem (Avg@k, pass@k)
+    temperature: PositiveFloat = 1.0
+    max_new_tokens: NonNegativeInt = 0  # 0 = rollout.max_new_tokens
     seed: int = 1234                # problems drawn / generated and sampling seed (not the training stream's)
     transition_words: tuple[str, ...] = ()   # behaviour keywords; () = fastprerl.metrics.TRANSITION_WORDS
     reflection_words: tuple[str, ...] = ()   # () = fastprerl.metrics.REFLECTION_WORDS
@@ -278,10 +292,10 @@ def validate(cfg: Config) -> Config:
         if ad.min_steps > first.steps:
             raise ConfigError(f"schedule.adaptive.min_steps: expected at most schedule.phases[0].steps "
                               f"({first.steps}, the phase's maximum), got {ad.min_steps}")
-        if not any(VIEW_OF[o.name] == "free" for o in first.objectives):
+        if not any(OBJECTIVES[o.name].view == "free" for o in first.objectives):
             raise ConfigError(f"schedule.adaptive.signal: {ad.signal!r} is measured on prompt-free rows; "
                               f"schedule.phases[0] ({first.name!r}) has no prompt-free objective "
-                              f"(prerl, nsr_prerl, psr_prerl)")
+                              f"({', '.join(n for n, o in OBJECTIVES.items() if o.view == 'free')})")
     if cfg.algo.clip_eps_low >= 1:
         raise ConfigError(f"algo.clip_eps_low: expected a value < 1, got {cfg.algo.clip_eps_low}")
     if cfg.algo.dual_clip_c <= 1:
@@ -338,11 +352,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {ov!r}: expected key=value, e.g. optim.lr=1e-6")
         k, v = ov.split("=", 1)
         apply_override(Config, data, k.strip(), parse_override_value(v.strip()))
-    return validate(build(Config, data, "", ""))
+    return validate(build(Config, data, ""))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return validate(build(Config, json.loads(json.dumps(data)), "", ""))
+    return validate(build(Config, json.loads(json.dumps(data)), ""))
 
 
 def to_toml(cfg: Config) -> str:

@@ -3,14 +3,22 @@ from the configured batch. Every problem is a `ConfigError` naming the key and w
 from __future__ import annotations
 
 from .config_parse import ConfigError
+from .objectives import OBJECTIVES
 
-# objectives that learn from differences within a prompt's group of samples: with one sample per prompt
-# (rollout.samples_per_prompt = 1) their advantages are 0 or their masks empty, so they train nothing
-_GROUP_OBJECTIVES = {"prerl": "mean-centred advantages r_i - mean_g r",
-                     "nsr_prerl": "negatives: a wrong answer in a group with a right one",
-                     "psr_prerl": "positives: a right answer in a group with a wrong one",
-                     "nsr_rl": "negatives: a wrong answer in a group with a right one",
-                     "psr_rl": "positives: a right answer in a group with a wrong one"}
+# what an objective compares within a prompt's group of samples (its samples, else its advantage): with one
+# sample per prompt (rollout.samples_per_prompt = 1) its advantages are 0 or its mask empty, so it trains nothing
+_GROUP_SAMPLES = {"negatives": "negatives: a wrong answer in a group with a right one",
+                  "positives": "positives: a right answer in a group with a wrong one"}
+_GROUP_ADVANTAGES = {"mean_centred": "mean-centred advantages r_i - mean_g r"}
+
+
+def _compares_group(obj, algo) -> str | None:
+    """Why the objective `obj` (objectives.Objective) needs two or more samples per prompt, or None."""
+    if obj.samples != "all":   # NSR / PSR masks compare a prompt's samples only under "group_advantage"
+        return _GROUP_SAMPLES[obj.samples] if algo.negative_rule == "group_advantage" else None
+    if obj.advantage == "grpo" and algo.adv_norm == "mean":
+        return "advantages r_i - mean_g r (algo.adv_norm = \"mean\")"
+    return _GROUP_ADVANTAGES.get(obj.advantage)
 
 
 def check_objectives(cfg) -> None:
@@ -33,14 +41,10 @@ def check_objectives(cfg) -> None:
         if G > 1:
             continue
         for j, o in enumerate(ph.objectives):
-            why = _GROUP_OBJECTIVES.get(o.name)
-            if o.name in ("nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl") \
-                    and cfg.algo.negative_rule != "group_advantage":
-                why = None
-            if o.name == "grpo" and cfg.algo.adv_norm == "mean":
-                why = "advantages r_i - mean_g r (algo.adv_norm = \"mean\")"
+            obj = OBJECTIVES.get(o.name)
+            why = _compares_group(obj, cfg.algo) if obj is not None else None
             if why and o.weight != 0:
                 raise ConfigError(f"rollout.samples_per_prompt: {key}[{j}] is {o.name!r} (phase {ph.name!r}), "
                                   f"which compares the samples of a prompt ({why}); with 1 sample per prompt it "
                                   f"trains nothing. Expected rollout.samples_per_prompt >= 2"
-                                  + (" (or algo.negative_rule = \"reward_threshold\")" if "sr_" in o.name else ""))
+                                  + (" (or algo.negative_rule = \"reward_threshold\")" if obj.samples != "all" else ""))

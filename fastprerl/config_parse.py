@@ -1,6 +1,9 @@
 """Reading raw TOML values into the config dataclasses (fastprerl/config.py): types, allowed values and
 ranges per key, unknown keys with the closest valid one, and dotted `key=value` overrides. Every problem is a
-`ConfigError` naming the key and what was expected."""
+`ConfigError` naming the key and what was expected.
+
+A field's constraints are in its type: `Literal[...]` for its allowed values (inside a tuple: of every item),
+`Annotated[int | float, Range(...)]` for a numeric bound (POSITIVE: > 0, NON_NEGATIVE: >= 0)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,43 +13,51 @@ import math
 import operator
 import tomllib
 import typing
-from typing import Any, Union
-
-from .rewards import EXTRACT_MODES
-
-OBJECTIVES = ("grpo", "prerl", "nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl", "w_reinforce")
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 
 class ConfigError(ValueError):
     pass
 
 
-CHOICES = {
-    "run.device": ("auto", "cpu", "cuda"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
-    "model.logprob_impl": ("auto", "torch", "triton", "naive"),
-    "data.format": ("completion", "chat"),
-    "rollout.backend": ("hf", "vllm"),
-    "algo.adv_norm": ("std", "mean"),
-    "algo.negative_rule": ("group_advantage", "reward_threshold"),
-    "algo.old_logp": ("detached", "rollout"),
-    "objective.name": OBJECTIVES,
-    "reward.extract": EXTRACT_MODES,
-    "data.bad_rows": ("error", "skip"),
-    "data.long_prompts": ("error", "skip"),
-}
-POSITIVE = {"rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
-            "rollout.temperature", "rollout.generation_batch_size", "reward.timeout", "reward.workers",
-            "optim.lr", "optim.max_tokens_per_microbatch", "data.size", "data.digits", "phase.steps",
-            "eval.n_problems", "eval.k", "eval.temperature"}
-NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "algo.clip_eps_low", "algo.clip_eps_high",
-                "algo.kl_coef", "algo.w_reinforce_lambda", "run.threads", "logging.samples_every",
-                "optim.eps", "reward.format_penalty", "algo.tis_cap", "rollout.vllm_max_model_len",
-                "eval.every", "eval.max_new_tokens"}
-RANGES = {"rollout.top_p": (0.0, "<", "<=", 1.0), "rollout.vllm_gpu_memory_utilization": (0.0, "<", "<=", 1.0),
-          "optim.beta1": (0.0, "<=", "<", 1.0), "optim.beta2": (0.0, "<=", "<", 1.0)}   # lo op value op hi
 _COMPARE = {"<": operator.lt, "<=": operator.le}
+_AT_LEAST = {"<": ">", "<=": ">="}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric bound of a field, `Annotated[float, Range(...)]`: lo lo_op value (hi_op hi); ops "<" or "<=".
+    Without hi_op / hi the bound is one-sided: value > lo ("<") or value >= lo ("<=")."""
+    lo: float
+    lo_op: str
+    hi_op: str | None = None
+    hi: float | None = None
+
+    def holds(self, value) -> bool:
+        return _COMPARE[self.lo_op](self.lo, value) and (self.hi_op is None or _COMPARE[self.hi_op](value, self.hi))
+
+    def expected(self) -> str:
+        if self.hi_op is None:
+            return f"a value {_AT_LEAST[self.lo_op]} {self.lo}"
+        return f"{self.lo} {self.lo_op} value {self.hi_op} {self.hi}"
+
+
+POSITIVE = Range(0, "<")        # value > 0
+NON_NEGATIVE = Range(0, "<=")   # value >= 0
+
+
+def _constraints(tp) -> tuple[Any, tuple | None, list[Range]]:
+    """A field type without its constraints, its allowed values (Literal; None: any) and its ranges (Annotated):
+    Annotated[int, POSITIVE] -> (int, None, [POSITIVE]); Literal["a", "b"] -> (str, ("a", "b"), [])."""
+    ranges = []
+    if typing.get_origin(tp) is Annotated:
+        tp, *meta = typing.get_args(tp)
+        ranges = [m for m in meta if isinstance(m, Range)]
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        return type(choices[0]), choices, ranges
+    return tp, None, ranges
 
 
 def _type_name(tp) -> str:
@@ -92,26 +103,23 @@ def _closest(name: str, options, prefix: str = "") -> str:
     return f" (did you mean {prefix + m[0]!r}?)" if m else ""
 
 
-def _check_value(key: str, short: str, value):
-    if short in CHOICES and value not in CHOICES[short]:
-        raise ConfigError(f"{key}: expected one of {list(CHOICES[short])}, got {value!r}")
-    if short in POSITIVE and not value > 0:
-        raise ConfigError(f"{key}: expected a value > 0, got {value!r}")
-    if short in NON_NEGATIVE and value < 0:
-        raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
-    if short in RANGES:
-        lo, lo_op, hi_op, hi = RANGES[short]
-        if not (_COMPARE[lo_op](lo, value) and _COMPARE[hi_op](value, hi)):
-            raise ConfigError(f"{key}: expected {lo} {lo_op} value {hi_op} {hi}, got {value!r}")
+def _check_value(key: str, tp, value):
+    """The constraints of the field type `tp` (Literal choices, Annotated ranges) on the coerced `value`."""
+    _, choices, ranges = _constraints(tp)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+    for r in ranges:
+        if not r.holds(value):
+            raise ConfigError(f"{key}: expected {r.expected()}, got {value!r}")
 
 
-def build(cls, data: dict[str, Any], prefix: str, short_prefix: str):
-    """An instance of the dataclass `cls` from the table `data` (keys under `prefix`; `short_prefix` is the
-    prefix of the rules in CHOICES / POSITIVE / ...: "phase." for every phase, "objective." for every objective)."""
+def build(cls, data: dict[str, Any], prefix: str):
+    """An instance of the dataclass `cls` from the table `data` (keys under `prefix`), each value checked against
+    its field's type and the constraints in it (Literal, Annotated)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for k in data:
         if k not in fields:
             raise ConfigError(f"unknown key {prefix + k!r}{_closest(k, fields, prefix)}; "
@@ -120,26 +128,26 @@ def build(cls, data: dict[str, Any], prefix: str, short_prefix: str):
     for name, _f in fields.items():
         if name not in data:
             continue
-        key, short = prefix + name, short_prefix + name
+        key = prefix + name
         tp, val = hints[name], data[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = build(tp, val, key + ".", name + ".")
-        elif typing.get_origin(tp) in (tuple, tuple) and not dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            kwargs[name] = build(tp, val, key + ".")
+        elif typing.get_origin(tp) is tuple and not dataclasses.is_dataclass(typing.get_args(tp)[0]):
             inner = typing.get_args(tp)[0]
+            plain = _constraints(inner)[0]
             if not isinstance(val, list):
-                raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {type(val).__name__}")
-            kwargs[name] = tuple(_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(val))
+                raise ConfigError(f"{key}: expected a list of {_type_name(plain)}, got {type(val).__name__}")
+            kwargs[name] = tuple(_coerce(f"{key}[{i}]", plain, v) for i, v in enumerate(val))
             for i, v in enumerate(kwargs[name]):
-                _check_value(f"{key}[{i}]", short, v)
-        elif typing.get_origin(tp) in (tuple, tuple):
+                _check_value(f"{key}[{i}]", inner, v)
+        elif typing.get_origin(tp) is tuple:
             inner = typing.get_args(tp)[0]
             if not isinstance(val, list):
                 raise ConfigError(f"{key}: expected a list of tables, got {type(val).__name__}")
-            sub = "phase." if inner.__name__ == "PhaseConfig" else "objective."
-            kwargs[name] = tuple(build(inner, v, f"{key}[{i}].", sub) for i, v in enumerate(val))
+            kwargs[name] = tuple(build(inner, v, f"{key}[{i}].") for i, v in enumerate(val))
         else:
-            kwargs[name] = _coerce(key, tp, val)
-            _check_value(key, short, kwargs[name])
+            kwargs[name] = _coerce(key, _constraints(tp)[0], val)
+            _check_value(key, tp, kwargs[name])
     return cls(**kwargs)
 
 

@@ -33,6 +33,11 @@ Per-token policy loss (PPO clip with dual-clip, identical for every objective; o
   View: "cond" objectives (grpo, nsr_rl, psr_rl, w_reinforce) score log P(y_t | x, y_<t);
         "free" objectives (prerl, nsr_prerl, psr_prerl) score log P(y_t | e, y_<t).
 
+The objectives table (`OBJECTIVES`, name -> `Objective`) states the above once per objective: its view
+("cond" | "free"), its samples ("all" | "negatives" | "positives") and its advantage ("grpo" |
+"mean_centred" | "w_reinforce"). `sample_terms` dispatches on these fields, and the config (allowed names,
+the checks of fastprerl/config_checks.py, the adaptive switch's prompt-free test) reads them from it.
+
 Truncated importance sampling (algo.tis_cap = C > 0; off by default)
   The rollout engine (vLLM) and the trainer compute log-probs with different kernels, so the sampler's
   beh_t differs slightly from the trainer's logp_t of the same weights. With TIS every per-token policy
@@ -62,8 +67,31 @@ from dataclasses import dataclass
 
 import torch
 
-VIEW_OF = {"grpo": "cond", "nsr_rl": "cond", "psr_rl": "cond", "w_reinforce": "cond",
-           "prerl": "free", "nsr_prerl": "free", "psr_prerl": "free"}
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective (module docstring): the log-prob it scores, the samples it uses, their advantage."""
+    name: str
+    view: str          # "cond": log P(y_t | x, y_<t) | "free": log P(y_t | e, y_<t)
+    samples: str       # "all" | "negatives" | "positives" (masks under algo.negative_rule)
+    advantage: str     # "grpo" (algo.adv_norm) | "mean_centred" (r_i - mean_g r) | "w_reinforce"
+
+    def __post_init__(self):
+        if (self.view not in ("cond", "free") or self.samples not in ("all", "negatives", "positives")
+                or self.advantage not in ("grpo", "mean_centred", "w_reinforce")):
+            raise ValueError(f"objective {self.name!r}: view {self.view!r}, samples {self.samples!r} or "
+                             f"advantage {self.advantage!r} is not one of the known kinds")
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("grpo", "cond", "all", "grpo"),
+    Objective("prerl", "free", "all", "mean_centred"),
+    Objective("nsr_prerl", "free", "negatives", "mean_centred"),
+    Objective("psr_prerl", "free", "positives", "mean_centred"),
+    Objective("nsr_rl", "cond", "negatives", "grpo"),
+    Objective("psr_rl", "cond", "positives", "grpo"),
+    Objective("w_reinforce", "cond", "all", "w_reinforce"),
+)}
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -89,6 +117,17 @@ def mean_centred_advantages(rewards: torch.Tensor, group_size: int):
     return (r - r.mean(dim=1, keepdim=True)).view(-1).float()
 
 
+def _advantages(kind: str, rewards: torch.Tensor, group_size: int, adv_norm: str, threshold: float,
+                w_lambda: float) -> torch.Tensor:
+    """(B,) float32 per-sample advantages of the kind named by Objective.advantage (module docstring)."""
+    if kind == "grpo":
+        return grpo_advantages(rewards, group_size, adv_norm)
+    if kind == "mean_centred":
+        return mean_centred_advantages(rewards, group_size)
+    correct = rewards >= threshold   # "w_reinforce": lambda for a correct sample, -1 otherwise
+    return torch.where(correct, torch.full_like(rewards, w_lambda), torch.full_like(rewards, -1.0))
+
+
 @dataclass(frozen=True)
 class SampleTerms:
     """Per-sample advantage and mask of one objective: A (B,) float32, mask (B,) bool."""
@@ -102,24 +141,19 @@ def sample_terms(name: str, rewards: torch.Tensor, group_size: int, *, adv_norm:
                  w_lambda: float = 0.1, verdicts: torch.Tensor | None = None) -> SampleTerms:
     """rewards (B,): the scores optimised; verdicts (B,): the verifier's `correct` (default: the rewards),
     which decide right and wrong for the NSR / PSR masks (module docstring)."""
-    if name not in VIEW_OF:
-        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(VIEW_OF)}")
-    view = VIEW_OF[name]
+    obj = OBJECTIVES.get(name)
+    if obj is None:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
     rewards = rewards.float()
-    everyone = torch.ones_like(rewards, dtype=torch.bool)
-    if name == "grpo":
-        return SampleTerms(grpo_advantages(rewards, group_size, adv_norm), everyone, view)
-    if name == "w_reinforce":
-        correct = rewards >= threshold
-        return SampleTerms(torch.where(correct, torch.full_like(rewards, w_lambda),
-                                       torch.full_like(rewards, -1.0)), everyone, view)
-    if name == "prerl":
-        return SampleTerms(mean_centred_advantages(rewards, group_size), everyone, view)
-    negative = name.startswith("nsr")
+    if obj.samples == "all":
+        everyone = torch.ones_like(rewards, dtype=torch.bool)
+        return SampleTerms(_advantages(obj.advantage, rewards, group_size, adv_norm, threshold, w_lambda),
+                           everyone, obj.view)
+    negative = obj.samples == "negatives"
     if negative_rule == "reward_threshold":
         mask = rewards < threshold if negative else rewards >= threshold
         adv = torch.full_like(rewards, -1.0 if negative else 1.0)
-        return SampleTerms(torch.where(mask, adv, torch.zeros_like(adv)), mask, view)
+        return SampleTerms(torch.where(mask, adv, torch.zeros_like(adv)), mask, obj.view)
     if negative_rule != "group_advantage":
         raise ValueError(f"negative_rule must be 'group_advantage' or 'reward_threshold', got {negative_rule!r}")
     right = _groups(rewards if verdicts is None else verdicts.float(), group_size) >= threshold   # (P, G)
@@ -127,10 +161,9 @@ def sample_terms(name: str, rewards: torch.Tensor, group_size: int, *, adv_norm:
         mask = (~right & right.any(dim=1, keepdim=True)).view(-1)
     else:          # a right answer in a group that has a wrong one
         mask = (right & (~right).any(dim=1, keepdim=True)).view(-1)
-    adv = mean_centred_advantages(rewards, group_size) if name.endswith("prerl") else \
-        grpo_advantages(rewards, group_size, adv_norm)
+    adv = _advantages(obj.advantage, rewards, group_size, adv_norm, threshold, w_lambda)
     adv = adv.clamp(max=0.0) if negative else adv.clamp(min=0.0)
-    return SampleTerms(torch.where(mask, adv, torch.zeros_like(adv)), mask, view)
+    return SampleTerms(torch.where(mask, adv, torch.zeros_like(adv)), mask, obj.view)
 
 
 def phase_terms(objectives, rewards: torch.Tensor, group_size: int, algo,

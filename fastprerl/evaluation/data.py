@@ -71,7 +71,7 @@ class EvalSettings:
             sections[section][name] = list(value) if isinstance(value, tuple) else value
         types = {"eval": EvalConfig, "rollout": RolloutConfig, "data": DataConfig, "reward": RewardConfig}
         try:
-            built = {s: build(types[s], d, s + ".", s + ".") for s, d in sections.items()}
+            built = {s: build(types[s], d, s + ".") for s, d in sections.items()}
         except ConfigError as e:
             msg = str(e)
             for key, flag in OPTIONS.items():
