@@ -77,14 +77,14 @@ def test_overrides_apply_with_types():
     (['data.template="no prompt"'], "data.template: expected {prompt} as the only replacement field"),
     (["data.source=data/problems.txt"], "data.source: 'data/problems.txt' looks like a local file, but local "
                                         "files must end in one of ['.jsonl', '.json', '.parquet', '.csv']"),
-    (["reward.fn=mathh"], "reward.fn: expected a builtin reward (math, reasoning_gym) or 'module:function', "
+    (["reward.fn=mathh"], "reward.fn: expected a builtin reward (math, equation, reasoning_gym) or 'module:function', "
                           "got 'mathh'"),
     (["reward.fn=:parity_reward"], "reward.fn: expected a builtin reward"),
     (["reward.fn=fake_rewards:"], "reward.fn: expected a builtin reward"),
     (['reward.extract=["boxed", "nonsense"]'], "reward.extract[1]: expected one of ['boxed', 'gsm8k', 'answer_is',"),
     (["reward.extract=[]"], "reward.extract: expected at least one extraction mode"),
     (["data.source=builtin:additon"], "data.source: unknown builtin 'builtin:additon'; choose one of ['builtin:addition', "
-     "'builtin:word_problems']"),
+     "'builtin:equations', 'builtin:word_problems']"),
     (["model.path=./no/such/model"], "model.path: no folder at './no/such/model'; expected a local model folder"),
     (["model.path=/no/such/model"], "model.path: no folder at '/no/such/model'"),
 ])
