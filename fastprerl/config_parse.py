@@ -12,6 +12,7 @@ import difflib
 import math
 import operator
 import tomllib
+import types
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
@@ -67,7 +68,7 @@ def _type_name(tp) -> str:
 def _coerce(key: str, tp, value):
     """Check/convert one scalar value against the field type `tp`."""
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:   # Optional[int] and int | str alike
         for alt in typing.get_args(tp):
             try:
                 return _coerce(key, alt, value)

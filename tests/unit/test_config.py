@@ -80,6 +80,7 @@ def test_overrides_apply_with_types():
     (["reward.fn=mathh"], "reward.fn: expected a builtin reward (math, equation, reasoning_gym) or 'module:function', "
                           "got 'mathh'"),
     (["reward.fn=:parity_reward"], "reward.fn: expected a builtin reward"),
+    (["model.empty_token=1.5"], "model.empty_token: expected one of types ['int', 'str'], got 1.5"),
     (["reward.fn=fake_rewards:"], "reward.fn: expected a builtin reward"),
     (['reward.extract=["boxed", "nonsense"]'], "reward.extract[1]: expected one of ['boxed', 'gsm8k', 'answer_is',"),
     (["reward.extract=[]"], "reward.extract: expected at least one extraction mode"),
