@@ -1,5 +1,10 @@
-"""The micro-batch passes of a training step over the packed bins (packing.active_bins): the policy's forward +
-fused log-prob loss + backward, and the KL reference model's log-probs without a graph.
+"""The model's forwards over the packed bins (packing.py builds the stream and its indices, this module runs the
+model on them) and the micro-batch passes of a training step: the policy's forward + fused log-prob loss +
+backward, and the KL reference model's log-probs without a graph.
+
+`bin_hidden` is one forward of the model body over one bin, `bin_rows` picks the hidden states of the bin's
+response rows, and `bins` is the loop over the bins that hold rows: the training pass, the reference model's
+pass and `fastprerl align` all take their hidden states from these.
 
 In a plain process a pass calls fn(model) directly. Under torchrun it runs inside the model's FSDP2 root
 (distributed.LossRoot: the weights are gathered for the call), and every process runs as many passes as the
@@ -8,12 +13,66 @@ log-prob, so they add exactly 0 to every gradient and let that process take part
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 
+from .attention import packed_attention_kwargs, use_varlen_attention
 from .kernels import token_logprobs_no_grad, token_loss
-from .models import lm_head_weight
+from .models import decoder_of, lm_head_weight
 from .objectives import LossDiagnostics, StepLoss
-from .packing import active_bins, bin_rows, pack
+from .packing import PackedBatch, active_bins, pack
+
+
+def bin_hidden(model, batch: PackedBatch, b: int, per_sequence_attention: bool = True) -> torch.Tensor:
+    """Final hidden states (L_b, H) of bin b: one forward of the model body, no LM head.
+
+    Attention is causal within each packed sequence: flash-attn varlen when the model uses
+    flash_attention_2, per-sequence SDPA for SDPA models (see attention.py; the model is switched to
+    it on first use), otherwise (eager, sliding windows) a block-diagonal mask over this bin only,
+    derived by transformers from the restarting position ids. per_sequence_attention=False keeps an
+    SDPA model on that dense-mask path (for comparisons)."""
+    s, e = batch.bins[b]
+    dev = next(model.parameters()).device
+    ids = batch.input_ids[s:e].to(dev).unsqueeze(0)
+    pos = batch.position_ids[s:e].to(dev).unsqueeze(0)
+    impl = use_varlen_attention(model) if per_sequence_attention else model.config._attn_implementation
+    out = decoder_of(model)(input_ids=ids, position_ids=pos, use_cache=False,
+                            **packed_attention_kwargs(impl, batch.bin_seq_lens(b), dev))
+    return out.last_hidden_state[0]
+
+
+def packed_hidden(model, batch: PackedBatch, per_sequence_attention: bool = True) -> torch.Tensor:
+    """Hidden states (T, H) of the whole stream, bin by bin (see `bin_hidden`)."""
+    if not batch.bins:
+        p = next(model.parameters())
+        return p.new_zeros(0, model.config.hidden_size)
+    return torch.cat([bin_hidden(model, batch, b, per_sequence_attention) for b in range(len(batch.bins))],
+                     dim=0)
+
+
+class BinRows(NamedTuple):
+    """The rows of one bin: ridx (r,) indices into the R packed rows, hidden (r, H) their final hidden states
+    (on the model's device), targets (r,) their tokens (same device)."""
+    ridx: torch.Tensor
+    hidden: torch.Tensor
+    targets: torch.Tensor
+
+
+def bin_rows(model, batch: PackedBatch, b: int) -> BinRows:
+    """The rows of bin b with their final hidden states: one forward of the model body (`bin_hidden`)."""
+    ridx = batch.bin_row_index(b)
+    hid = bin_hidden(model, batch, b)
+    h = hid.index_select(0, (batch.rows[ridx] - batch.bins[b][0]).to(hid.device))
+    return BinRows(ridx, h, batch.targets[ridx].to(hid.device))
+
+
+def bins(model, batch: PackedBatch) -> Iterator[BinRows]:
+    """One forward of the model body per bin that holds response rows (`bin_hidden`), in stream order.
+    Gradients flow when the caller's grad mode allows them."""
+    for b in active_bins(batch):
+        yield bin_rows(model, batch, b)
 
 
 class BinPasses:
