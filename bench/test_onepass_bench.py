@@ -16,8 +16,8 @@ for every response token of every sample, and
   fwd+bwd   loss = sum w * (log P(y_t | x, y_<t) + log P(y_t | e, y_<t)), backward into the model.
 Providers:
   fastprerl_onepass            fastprerl.packing.pack (both views, the trainer's default bin budget
-                               max_tokens=4096) + packed_hidden (model body only; causal SDPA per
-                               packed sequence, see fastprerl/attention.py) + ONE
+                               max_tokens=4096) + fastprerl.passes.packed_hidden (model body only;
+                               causal SDPA per packed sequence, see fastprerl/attention.py) + ONE
                                token_logprobs(impl="torch") call over the response rows
   fastprerl_onepass_dense_mask the same with packed_hidden(per_sequence_attention=False): SDPA over
                                the whole bin with transformers' block-diagonal mask (the bin^2
@@ -143,7 +143,8 @@ def build(case: Case):
     if case.provider.startswith("fastprerl_onepass"):
         kernels = harness.import_kernels()
         from fastprerl.models import lm_head_weight
-        from fastprerl.packing import pack, packed_hidden
+        from fastprerl.packing import pack
+        from fastprerl.passes import packed_hidden
 
         max_tokens = int(case.params.get("max_tokens", 4096))
         per_seq = not case.params.get("dense_mask", False)

@@ -6,7 +6,8 @@ The house, drivers first (an arrow of imports points down this list, never up):
   evaluation/           `fastprerl eval`, `align`, `plot`, and the periodic evaluation of a run
   state/                checkpoints in both formats (plain, DCP), the run folder at start, exact resume
   rollout/              sampling backends (HF generate, vLLM) behind one interface
-  passes.py, packing.py, attention.py   the micro-batch passes over the packed varlen stream
+  passes.py             the model's forwards over the packed bins and the micro-batch passes of a step
+  packing.py, attention.py   the packed varlen stream and its indices; per-sequence attention
   config.py, config_parse.py   TOML -> frozen dataclasses, every default, overrides, config-key errors
   distributed.py        torchrun: process group, FSDP2, collectives
   models.py, lora.py, data.py, metrics.py, optim.py, phases.py, stops.py   one job each (their docstrings)

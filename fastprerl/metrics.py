@@ -8,6 +8,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -161,14 +162,20 @@ def read_metrics(path) -> list[dict]:
     return rows
 
 
+class StepMetrics(NamedTuple):
+    """The metrics row of one step and, per mean in it, the number of items it is taken over (`reduce_rows`)."""
+    row: dict
+    weights: dict[str, int]
+
+
 def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: list[bool], texts: list[str], batch,
                  loss: float, grad_norm: float, diag, entropy, behaviour, terms, tis_cap: float,
-                 view_gap: bool, weights: dict[str, int] | None = None) -> dict:
-    """The metrics row of one training step (without step, phase and perf/*). rewards (B,), resp_lens (B,);
-    scores: fastprerl.rewards.Scores; batch: the step's PackedBatch (R rows); diag: its LossDiagnostics;
-    entropy (R,) or None; behaviour (R,) the sampler's log-probs of the rows; terms: name -> SampleTerms.
-    weights: when given, filled with the number of items each mean is taken over (`reduce_rows`)."""
-    weights = {} if weights is None else weights
+                 view_gap: bool) -> StepMetrics:
+    """The metrics row of one training step (without step, phase and perf/*) and the item counts of its means.
+    rewards (B,), resp_lens (B,); scores: fastprerl.rewards.Scores; batch: the step's PackedBatch (R rows);
+    diag: its LossDiagnostics; entropy (R,) or None; behaviour (R,) the sampler's log-probs of the rows;
+    terms: name -> SampleTerms."""
+    weights = {}
     B = len(texts)
     groups = rewards.view(-1, group_size)
     gmin, gmax = groups.min(1).values, groups.max(1).values
@@ -228,7 +235,7 @@ def step_metrics(*, group_size: int, rewards, scores, resp_lens, truncated: list
     for kind in ("transition", "reflection", "execution"):
         m[f"behaviour/{kind}"] = sum(c[kind] for c in counts) / B
         weights[f"behaviour/{kind}"] = B
-    return m
+    return StepMetrics(m, weights)
 
 
 SUMMED = ("reward/timeouts", "reward/errors", "groups/all_solved", "groups/none_solved", "loss/", "samples/",

@@ -8,21 +8,18 @@ Only the samples selected for a view are packed at all.
 
 The stream is cut into bins of at most `max_tokens` tokens (a sequence never straddles two bins; one
 longer than the budget gets a bin of its own). A bin is one micro-batch: one model forward with
-causal attention inside each packed sequence (see `bin_hidden`). `bins` is the one loop over them: the
-training pass, the reference model's pass and `fastprerl align` all take their hidden states from it.
+causal attention inside each packed sequence. This module is index work only (the stream, its bins, which
+rows each bin scores: `active_bins`, `PackedBatch.bin_row_index`); the forwards over the bins are in
+passes.py (`bin_hidden`, `bins`).
 
 Row selection (`select_rows`): which samples each view packs, from the step's loss terms.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
-
-from .attention import packed_attention_kwargs, use_varlen_attention
-from .models import decoder_of
 
 VIEWS = ("cond", "free")  # log P(y|x) and log P(y)
 
@@ -155,56 +152,6 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *
     return batch
 
 
-def bin_hidden(model, batch: PackedBatch, b: int, per_sequence_attention: bool = True) -> torch.Tensor:
-    """Final hidden states (L_b, H) of bin b: one forward of the model body, no LM head.
-
-    Attention is causal within each packed sequence: flash-attn varlen when the model uses
-    flash_attention_2, per-sequence SDPA for SDPA models (see attention.py; the model is switched to
-    it on first use), otherwise (eager, sliding windows) a block-diagonal mask over this bin only,
-    derived by transformers from the restarting position ids. per_sequence_attention=False keeps an
-    SDPA model on that dense-mask path (for comparisons)."""
-    s, e = batch.bins[b]
-    dev = next(model.parameters()).device
-    ids = batch.input_ids[s:e].to(dev).unsqueeze(0)
-    pos = batch.position_ids[s:e].to(dev).unsqueeze(0)
-    impl = use_varlen_attention(model) if per_sequence_attention else model.config._attn_implementation
-    out = decoder_of(model)(input_ids=ids, position_ids=pos, use_cache=False,
-                            **packed_attention_kwargs(impl, batch.bin_seq_lens(b), dev))
-    return out.last_hidden_state[0]
-
-
-def packed_hidden(model, batch: PackedBatch, per_sequence_attention: bool = True) -> torch.Tensor:
-    """Hidden states (T, H) of the whole stream, bin by bin (see `bin_hidden`)."""
-    if not batch.bins:
-        p = next(model.parameters())
-        return p.new_zeros(0, model.config.hidden_size)
-    return torch.cat([bin_hidden(model, batch, b, per_sequence_attention) for b in range(len(batch.bins))],
-                     dim=0)
-
-
-class BinRows(NamedTuple):
-    """The rows of one bin: ridx (r,) indices into the R packed rows, hidden (r, H) their final hidden states
-    (on the model's device), targets (r,) their tokens (same device)."""
-    ridx: torch.Tensor
-    hidden: torch.Tensor
-    targets: torch.Tensor
-
-
-def bins(model, batch: PackedBatch) -> Iterator[BinRows]:
-    """One forward of the model body per bin that holds response rows (`bin_hidden`), in stream order.
-    Gradients flow when the caller's grad mode allows them."""
-    for b in active_bins(batch):
-        yield bin_rows(model, batch, b)
-
-
 def active_bins(batch: PackedBatch) -> list[int]:
     """The bins that hold response rows, in stream order."""
     return [b for b in range(len(batch.bins)) if batch.bin_row_index(b).numel()]
-
-
-def bin_rows(model, batch: PackedBatch, b: int) -> BinRows:
-    """The rows of bin b with their final hidden states: one forward of the model body (`bin_hidden`)."""
-    ridx = batch.bin_row_index(b)
-    hid = bin_hidden(model, batch, b)
-    h = hid.index_select(0, (batch.rows[ridx] - batch.bins[b][0]).to(hid.device))
-    return BinRows(ridx, h, batch.targets[ridx].to(hid.device))

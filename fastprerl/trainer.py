@@ -308,11 +308,10 @@ class Trainer:
         t_end = time.perf_counter()
 
         # --- metrics
-        weights = {}
-        m = step_metrics(group_size=G, rewards=rewards, scores=scores, resp_lens=resp_lens, truncated=roll.truncated,
-                         texts=texts, batch=batch, loss=loss, grad_norm=grad_norm, diag=diag, entropy=entropy,
-                         behaviour=behaviour, terms=terms, tis_cap=cfg.algo.tis_cap, view_gap=cfg.logging.view_gap,
-                         weights=weights)
+        m, weights = step_metrics(group_size=G, rewards=rewards, scores=scores, resp_lens=resp_lens,
+                                  truncated=roll.truncated, texts=texts, batch=batch, loss=loss, grad_norm=grad_norm,
+                                  diag=diag, entropy=entropy, behaviour=behaviour, terms=terms,
+                                  tis_cap=cfg.algo.tis_cap, view_gap=cfg.logging.view_gap)
         m.update({"perf/rollout_s": t_roll - t0, "perf/reward_s": t_rew - t_roll, "perf/train_s": t_end - t_rew,
                   "perf/step_s": t_end - t0, "perf/weight_sync_s": sync_s})
         if self.dist.enabled:   # one row of the whole step from every process's row of its samples

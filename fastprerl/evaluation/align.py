@@ -10,7 +10,7 @@ trains), or those whose name matches a regex:
 and the per-token log-prob differences  d_t = log p(y_t | x, y_<t) - log p(y_t | e, y_<t).
 
 How: `fastprerl.packing.pack` puts [x; y] and [e; y] of one rollout in one packed bin, one forward of the
-model body (`bin_hidden`) gives both views' hidden states, one fused `fastprerl.kernels.token_logprobs`
+model body (`fastprerl.passes.bins`) gives both views' hidden states, one fused `fastprerl.kernels.token_logprobs`
 call gives every response token's log-prob in both views without (tokens x vocab) logits, and two
 `torch.autograd.grad` calls (one per view, the graph kept for the second) give the two gradients.
 
@@ -32,7 +32,8 @@ import torch
 from ..kernels import token_logprobs
 from ..metrics import text_table
 from ..models import empty_context_token, lm_head_weight
-from ..packing import bins, pack
+from ..packing import pack
+from ..passes import bins
 from .data import EvalError, check_prompt_room, parse_data_spec, prepare_datasets, sample, score_samples
 from .evaluator import default_out, settings_from_args, write_json
 from .model import load_model_on, load_tokenizer_for, resolve_model

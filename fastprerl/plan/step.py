@@ -11,7 +11,7 @@ What runs (the trainer's step, trainer.Trainer.train_step, from the packed batch
     packing.pack, responses of rollout.max_new_tokens tokens after prompts of `prompt_tokens` tokens, in both
     views (prompt-conditioned [x; y] and prompt-free [e; y]), as many as fill optim.max_tokens_per_microbatch
     (at most the step's prompts_per_step x samples_per_prompt samples);
-  - per bin, the trainer's micro-batch forward (packing.bin_hidden: the model body over the packed bin,
+  - per bin, the trainer's micro-batch forward (passes.bin_hidden: the model body over the packed bin,
     per-sequence attention), the fused log-prob loss (kernels.token_loss with the policy-gradient loss of
     objectives.policy_loss, + objectives.k3_kl when the KL is on, per-token coefficients as StepLoss forms
     them), backward; gradients accumulate over the bins;
@@ -142,7 +142,7 @@ def run_step(cfg, model, batch, *, tracker=None, root=None, ref_model=None, opti
     from ..kernels import token_logprobs_no_grad, token_loss
     from ..models import lm_head_weight
     from ..objectives import k3_kl, policy_loss
-    from ..packing import bin_hidden
+    from ..passes import bin_hidden
 
     ws = tracker.workspace if tracker is not None else contextlib.nullcontext
     algo, T = cfg.algo, cfg.rollout.temperature

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from fastprerl.config import ConfigError, load_config
 from fastprerl.kernels import token_logprobs_no_grad
 from fastprerl.models import load_model
-from fastprerl.packing import bins, pack
+from fastprerl.packing import pack
+from fastprerl.passes import bins
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parents[1]   # the support modules (fake_rewards, ...)

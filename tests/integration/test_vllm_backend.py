@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from fastprerl.config import RolloutConfig  # noqa: E402
 from fastprerl.kernels import token_logprobs  # noqa: E402
 from fastprerl.models import lm_head_weight, load_tokenizer, tiny_config  # noqa: E402
-from fastprerl.packing import bin_hidden, pack  # noqa: E402
+from fastprerl.packing import pack  # noqa: E402
+from fastprerl.passes import bin_hidden  # noqa: E402
 from fastprerl.rollout import make_backend  # noqa: E402
 
 ENGINE_VS_TRAINER_TOL = 1e-4   # max |engine - trainer| log-prob, nats, fp32 (measured: see README)

@@ -8,7 +8,8 @@ import torch
 from fastprerl.kernels import token_loss
 from fastprerl.models import lm_head_weight, load_model
 from fastprerl.optim import CPUOffloadAdamW
-from fastprerl.packing import bins, pack
+from fastprerl.packing import pack
+from fastprerl.passes import bins
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"

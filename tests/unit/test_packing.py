@@ -5,7 +5,8 @@ from transformers import AutoModelForCausalLM
 
 from fastprerl.kernels import token_logprobs
 from fastprerl.models import tiny_config
-from fastprerl.packing import pack, packed_hidden
+from fastprerl.packing import pack
+from fastprerl.passes import packed_hidden
 
 E = 1  # empty-context token id used in these tests
 
