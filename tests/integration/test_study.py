@@ -9,7 +9,7 @@ import pytest
 
 from fastprerl.cli import main
 from fastprerl.study import arm_phases
-from fastprerl.study.report import cell, moving_average, paired, steps_to_reach
+from fastprerl.study.stats import cell, moving_average, paired, steps_to_reach
 
 ROOT = Path(__file__).resolve().parents[2]
 

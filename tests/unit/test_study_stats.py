@@ -2,7 +2,7 @@
 import pytest
 
 from fastprerl.study import arm_phases
-from fastprerl.study.report import bootstrap_diff, evals_to, sign_test
+from fastprerl.study.stats import bootstrap_diff, evals_to, sign_test
 
 
 def _sched(arm, **kw):
