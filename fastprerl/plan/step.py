@@ -151,7 +151,6 @@ def run_step(cfg, model, batch, *, tracker=None, root=None, ref_model=None, opti
 
     ref = {}
     if ref_model is not None:   # the reference model's log-probs of every bin, without a graph
-        ref_on = (lambda fn: fn(ref_model)) if root is None else None
         with torch.no_grad():
             for b in todo:
                 if tracker is not None:
@@ -160,7 +159,6 @@ def run_step(cfg, model, batch, *, tracker=None, root=None, ref_model=None, opti
                 h = hid.index_select(0, rel[b].to(hid.device))
                 ref[b] = token_logprobs_no_grad(h, lm_head_weight(ref_model), batch.targets[idx[b]].to(h.device),
                                                 temperature=T, impl=impl).logp
-        del ref_on
 
     for k, b in enumerate(todo):
         if progress:
