@@ -197,6 +197,21 @@ def probe_sections(summaries: dict[str, dict[int, dict]], k: int) -> list[str]:
     return L
 
 
+def schedules(meta: dict, arms: Sequence[str]) -> str:
+    """The warm-up schedules of the study's arms, in words."""
+    w = meta.get("warmup_weight", 1.0)
+    parts = []
+    for arm, first, weight in (("dsrl", "NSR-PreRL", w), ("dsrl_w1", "NSR-PreRL", 1.0), ("nsr_rl_grpo", "NSR-RL", w)):
+        if arm in arms:
+            parts.append(f"{arm}: {meta['warmup']} {first} steps weighted {weight}, then GRPO")
+    if "dsrl_adaptive" in arms:
+        ad = meta["adaptive"]
+        parts.append(f"DSRL-adaptive: NSR-PreRL weighted {w} for {ad['min_steps']} to {meta['adaptive_max']} steps "
+                     f"by the rule of fastprerl/phases.py with signal {ad['signal']}, window {ad['window']}, "
+                     f"patience {ad['patience']}, min_delta {ad['min_delta']}, then GRPO")
+    return "; ".join(parts) or "one objective each"
+
+
 def write_report(out: Path, doc: Path, meta: dict, arms: Sequence[str], seeds: Sequence[int]) -> Path:
     summaries = collect(out, arms, seeds)
     if not summaries:
@@ -223,10 +238,7 @@ def write_report(out: Path, doc: Path, meta: dict, arms: Sequence[str], seeds: S
          f"on {meta['machine']} ({meta['date']}; {threads_txt}); torch {meta['torch']}, "
          f"transformers {meta['transformers']}. "
          f"Base config `{meta['config']}` ({meta['model']}, task `{runs[0]['eval_set']}`), "
-         f"{meta['steps']} steps per arm (DSRL: {meta['warmup']} NSR-PreRL steps, then GRPO; DSRL-adaptive: "
-         f"NSR-PreRL for {meta['adaptive']['min_steps']} to {meta['adaptive_max']} steps by the rule of "
-         f"fastprerl/phases.py with signal {meta['adaptive']['signal']}, window {meta['adaptive']['window']}, "
-         f"patience {meta['adaptive']['patience']}, min_delta {meta['adaptive']['min_delta']}, then GRPO), "
+         f"{meta['steps']} steps per arm ({schedules(meta, summaries)}), "
          f"{meta['prompts']} prompts x {meta['samples']} samples per step, lr {meta['lr']}, "
          f"seeds {', '.join(map(str, meta['seeds']))}. "
          f"Evaluation every {meta['eval_every']} steps on {n} fixed problems x {k} samples "

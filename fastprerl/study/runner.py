@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -189,7 +190,7 @@ def run_study(args) -> int:
                 path.write_text(json.dumps(done, indent=1))
     c0 = next(iter(cfgs.values()))
     ad = cfgs.get(("dsrl_adaptive", seeds[0]), c0).schedule.adaptive
-    meta = {"command": "fastprerl study " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "fastprerl study",
+    meta = {"command": "fastprerl study " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "fastprerl study",
             "title": args.title,
             "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
