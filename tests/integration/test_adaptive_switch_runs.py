@@ -4,9 +4,10 @@ import json
 import signal
 
 import pytest
-from runs import metric_rows, phases_config, run_in_process, signal_at_step
 
 from fastprerl.state import checkpoint as ckpt
+
+from runs import metric_rows, phases_config, run_in_process, signal_at_step
 
 SIG = "logp/free_mean"
 ADAPTIVE = ["schedule.adaptive.signal=logp/free_mean", "schedule.adaptive.min_steps=2", "schedule.adaptive.window=2",

@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
-from logs import FAST, TINY, png_size, row, scalars  # noqa: F401
 
 from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.metrics import MetricsLogger, read_metrics
 from fastprerl.trainer import Trainer
+
+from logs import FAST, TINY, png_size, row, scalars  # noqa: F401
 
 
 def _wandb_history_item(key: str, value_json: str) -> bytes:

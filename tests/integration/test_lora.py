@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from runs import metric_rows as rows
-from runs import run_in_process
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -20,6 +18,9 @@ from fastprerl.kernels import token_logprobs_no_grad
 from fastprerl.models import load_model
 from fastprerl.packing import pack
 from fastprerl.passes import bins
+
+from runs import metric_rows as rows
+from runs import run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parents[1]   # the support modules (fake_rewards, ...)

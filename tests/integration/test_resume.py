@@ -12,6 +12,13 @@ import time
 
 import pytest
 import torch
+
+from fastprerl.cli import main
+from fastprerl.config import load_config
+from fastprerl.optim import CPUOffloadAdamW
+from fastprerl.state import checkpoint as ckpt
+from fastprerl.trainer import Trainer
+
 from runs import (
     FAST,
     ROOT,
@@ -22,12 +29,6 @@ from runs import (
     run_in_process,
     signal_at_step,
 )
-
-from fastprerl.cli import main
-from fastprerl.config import load_config
-from fastprerl.optim import CPUOffloadAdamW
-from fastprerl.state import checkpoint as ckpt
-from fastprerl.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ import random
 import time
 
 import pytest
-from reward_pools import ALIVE
 
 from fastprerl.rewards import (
     RewardPool,
     RewardResult,
     guard_reason,
 )
+
+from reward_pools import ALIVE
 
 pytestmark = pytest.mark.usefixtures("stop_shared_pool")   # the shared pool stops with the module
 

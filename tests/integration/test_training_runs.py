@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_rewards import parity_reward
-from runs import ROOT, TINY, read_jsonl, tiny_cfg  # noqa: F401
 from transformers import AutoModelForCausalLM
 
 import fastprerl.trainer as trainer_mod
@@ -19,6 +17,9 @@ from fastprerl.models import load_tokenizer, tiny_config
 from fastprerl.state import checkpoint as ckpt
 from fastprerl.state import resume
 from fastprerl.trainer import Trainer
+
+from fake_rewards import parity_reward
+from runs import ROOT, TINY, read_jsonl, tiny_cfg  # noqa: F401
 
 G = 4   # configs/tiny.toml: samples_per_prompt
 

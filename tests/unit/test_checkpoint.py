@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-from runs import FAST, TINY, metric_rows
 from transformers import AutoModelForCausalLM
 
 import fastprerl.objectives as objectives
@@ -19,6 +18,8 @@ from fastprerl.state import checkpoint as ckpt
 from fastprerl.state import resume
 from fastprerl.state.checkpointer import load_checkpoint
 from fastprerl.trainer import Trainer
+
+from runs import FAST, TINY, metric_rows
 
 
 # ---------------------------------------------------------------------------------------------- unit level

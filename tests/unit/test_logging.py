@@ -3,11 +3,12 @@ import json
 import sys
 
 import pytest
-from logs import FAST, TINY, png_size, row, scalars  # noqa: F401
 
 from fastprerl.cli import main
 from fastprerl.evaluation.plot import phase_spans, plot_run
 from fastprerl.metrics import MetricsLogger, read_metrics
+
+from logs import FAST, TINY, png_size, row, scalars  # noqa: F401
 
 
 def test_resumed_logger_drops_rows_after_the_checkpoint_in_every_sink(tmp_path):

@@ -1,7 +1,6 @@
 """fastprerl.kernels torch path against the float64 oracle (error bound relative to naive's own error)."""
 import pytest
 import torch
-from tolerances import TOL, max_err
 
 from fastprerl.kernels import (
     naive_token_logprobs,
@@ -9,6 +8,8 @@ from fastprerl.kernels import (
     token_logprobs_no_grad,
     token_loss,
 )
+
+from tolerances import TOL, max_err
 
 SHAPES = [(1, 16, 50), (37, 61, 1000), (64, 32, 257)]
 ROWS = ["all", "none", "random", "negatives"]

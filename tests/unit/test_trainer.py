@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from fake_rewards import parity_reward
-from runs import ROOT, TINY, read_jsonl, tiny_cfg  # noqa: F401
 
 import fastprerl.models as models
 import fastprerl.trainer as trainer_mod
@@ -16,6 +14,9 @@ from fastprerl.cli import main
 from fastprerl.config import load_config
 from fastprerl.rollout import Rollout
 from fastprerl.trainer import Trainer
+
+from fake_rewards import parity_reward
+from runs import ROOT, TINY, read_jsonl, tiny_cfg  # noqa: F401
 
 G = 4   # configs/tiny.toml: samples_per_prompt
 

@@ -31,11 +31,11 @@ if INTERPRET and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     triton = pytest.importorskip("triton")
-    from tolerances import TOL, max_err
-
     from fastprerl.kernels import token_logprobs, token_loss, triton_runtime
     from fastprerl.kernels import triton_logprob as tlp
     from fastprerl.kernels.reference import naive_token_logprobs
+
+    from tolerances import TOL, max_err
 finally:
     if _prev_flag is None:
         os.environ.pop("TRITON_INTERPRET", None)

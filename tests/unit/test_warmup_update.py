@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from runs import FAST, TINY
 
 from fastprerl.config import OptimConfig, load_config
 from fastprerl.optim import make_optimizer, optimizer_step
 from fastprerl.trainer import Trainer
+
+from runs import FAST, TINY
 
 LR, WD, B1, B2, EPS = 1e-3, 0.01, 0.9, 0.999, 1e-8
 
