@@ -13,6 +13,6 @@ from .stats import arm_summary, bootstrap_diff, collect, moving_average, paired,
 
 __all__ = [
     "ARMS", "DEFAULT_SIGNAL", "DSRL_ARMS", "OPTIONAL_ARMS", "arm_dir", "arm_phases", "arm_summary",
-    "bootstrap_diff", "collect", "moving_average", "paired", "sign_test", "steps_to_reach", "write_report", "arm_config", "finished_arm_mismatch",
-    "parse_seeds", "run_arm", "run_study",
+    "bootstrap_diff", "collect", "moving_average", "paired", "sign_test", "steps_to_reach", "write_report",
+    "arm_config", "finished_arm_mismatch", "parse_seeds", "run_arm", "run_study",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..evaluation.plot import plot_run
-from .arms import arm_dir
+from .arms import arm_dir, arm_phases
 from .stats import (
     THRESHOLDS,
     WINDOW,
@@ -198,17 +198,21 @@ def probe_sections(summaries: dict[str, dict[int, dict]], k: int) -> list[str]:
 
 
 def schedules(meta: dict, arms: Sequence[str]) -> str:
-    """The warm-up schedules of the study's arms, in words."""
-    w = meta.get("warmup_weight", 1.0)
+    """The phases of the study's arms with more than one (from arms.arm_phases), in words."""
     parts = []
-    for arm, first, weight in (("dsrl", "NSR-PreRL", w), ("dsrl_w1", "NSR-PreRL", 1.0), ("nsr_rl_grpo", "NSR-RL", w)):
-        if arm in arms:
-            parts.append(f"{arm}: {meta['warmup']} {first} steps weighted {weight}, then GRPO")
-    if "dsrl_adaptive" in arms:
-        ad = meta["adaptive"]
-        parts.append(f"DSRL-adaptive: NSR-PreRL weighted {w} for {ad['min_steps']} to {meta['adaptive_max']} steps "
-                     f"by the rule of fastprerl/phases.py with signal {ad['signal']}, window {ad['window']}, "
-                     f"patience {ad['patience']}, min_delta {ad['min_delta']}, then GRPO")
+    for arm in arms:
+        phases = arm_phases(arm, meta["steps"], meta["warmup"], meta["adaptive_max"], meta["warmup_weight"])
+        if len(phases) < 2:
+            continue
+        (warm,), ph = phases[0]["objectives"], phases[0]
+        text = (f"{arm}: {ph['steps']} {ph['name']} steps weighted {warm['weight']}, then "
+                + ", then ".join(p["name"] for p in phases[1:]))
+        if arm == "dsrl_adaptive":
+            ad = meta["adaptive"]
+            text += (f" (the switch after {ad['min_steps']} to {ph['steps']} steps by the rule of fastprerl/phases.py "
+                     f"with signal {ad['signal']}, window {ad['window']}, patience {ad['patience']}, "
+                     f"min_delta {ad['min_delta']})")
+        parts.append(text)
     return "; ".join(parts) or "one objective each"
 
 
