@@ -42,7 +42,8 @@ def test_wandb_sink_logs_every_row_offline_and_keeps_the_run_id_on_resume(tmp_pa
     again.log(row(1, **{"reward/mean": 7.5}))
     again.close()
     assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
-    files = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    # a resume within the same second as the first run goes to offline-run-<time>-<id>-1/
+    files = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"))
     assert any(_wandb_history_item("reward/mean", "7.5") in f.read_bytes() for f in files)
 
 
